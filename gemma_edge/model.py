@@ -1,0 +1,231 @@
+"""A plain, export-ready Gemma 1/2/3 text decoder reading and writing a static KV cache.
+
+    logits = model(tokens [1, T], input_pos [T])   # -> [1, T, vocab]
+
+One call can prefill T tokens; the next calls decode one token each at the following positions.
+No shape grows: every cache is preallocated at build time (see cache.py). The model holds no
+tokenizer and no sampler, and does not branch on quantization or export target: exporters
+rewrite it with pure functions instead.
+
+Gemma's quirks, each mirrored from the reference implementation:
+- RMSNorm multiplies by (1 + weight), computed in float32: the weights are stored zero-centred.
+- Embeddings are multiplied by sqrt(hidden_size) rounded to the model's dtype (in bf16,
+  sqrt(2048) = 45.25 becomes 45.25; sqrt(3072) = 55.43 becomes 55.5).
+- Queries are scaled by query_pre_attn_scalar**-0.5 (Gemma 2/3), which need not be head_dim.
+- Gemma 2 soft-caps attention scores and final logits with cap * tanh(x / cap).
+- Gemma 2/3 add RMSNorms after attention and around the feed-forward ("sandwich" norms);
+  Gemma 3 also RMS-normalizes each query and key head before RoPE, and uses a different RoPE
+  base on sliding (local) and full (global) layers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gemma_edge.cache import KVCache
+from gemma_edge.config import FULL, SLIDING, GemmaConfig, check_max_seq_len
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))  # zero-centred: the scale is 1 + weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * (1.0 + self.weight.float())).type_as(x)
+
+
+class FeedForward(nn.Module):
+    """GeGLU: down(gelu(gate(x)) * up(x))."""
+
+    def __init__(self, config: GemmaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.approximate = "tanh" if config.hidden_activation == "gelu_pytorch_tanh" else "none"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate=self.approximate) * self.up_proj(x))
+
+
+def rope_table(config: GemmaConfig, layer_type: str, max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [max_seq_len, head_dim] in float32, computed exactly as the reference does."""
+    base = config.rope_theta if layer_type == FULL else config.rope_local_base_freq
+    inv_freq = 1.0 / (base ** (torch.arange(0, config.head_dim, 2, dtype=torch.int64).float() / config.head_dim))
+    if layer_type == FULL:
+        inv_freq = inv_freq / config.rope_scaling_factor  # "linear" RoPE scaling (Gemma 3 4B+)
+    freqs = torch.arange(max_seq_len).float()[:, None] * inv_freq[None, :]  # [max_seq_len, head_dim / 2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [max_seq_len, head_dim]: halves rotate together
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [1, heads, T, head_dim]; cos, sin [T, head_dim]. Rotate-half layout, as Gemma checkpoints use."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GemmaConfig, layer_type: str, max_seq_len: int, dtype: torch.dtype):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = config.attention_scale
+        self.softcap = config.attn_logit_softcapping
+        # Sliding layers keep only the last `sliding_window` keys, so their cache is a ring.
+        self.window = config.sliding_window if layer_type == SLIDING else None
+        ring = bool(self.window) and self.window < max_seq_len
+        h, d = config.hidden_size, config.head_dim
+        self.q_proj = nn.Linear(h, self.num_heads * d, bias=False)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=False)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
+        self.q_norm = RMSNorm(d, config.rms_norm_eps) if config.use_qk_norm else None
+        self.k_norm = RMSNorm(d, config.rms_norm_eps) if config.use_qk_norm else None
+        self.cache = KVCache(self.num_kv_heads, self.window if ring else max_seq_len, d, dtype, ring)
+
+    def forward(self, x: torch.Tensor, input_pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        t = x.shape[1]
+        q = self.q_proj(x).view(1, t, self.num_heads, self.head_dim).transpose(1, 2)  # [1, heads, T, d]
+        k = self.k_proj(x).view(1, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [1, kv, T, d]
+        v = self.v_proj(x).view(1, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [1, kv, T, d]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = self._attend(q, k, v, input_pos)  # [1, heads, T, d]
+        self.cache.update(input_pos, k, v)
+        return self.o_proj(out.transpose(1, 2).reshape(1, t, self.num_heads * self.head_dim))
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """Attend over two blocks: what the cache held before this call, then this call's keys.
+
+        Reading the cache before writing it lets a prefill longer than a sliding layer's ring see
+        every key it needs, and neither block is copied into the other.
+        """
+        t, size, groups = q.shape[2], self.cache.k.shape[2], self.num_heads // self.num_kv_heads
+        # Query heads sharing a kv head are stacked along the sequence axis, so the kv heads are
+        # used as they are instead of being repeated: head h reads kv head h // groups.
+        qg = q.contiguous().view(1, self.num_kv_heads, groups * t, self.head_dim)  # [1, kv, groups*T, d]
+        scores = torch.cat((qg @ self.cache.k.transpose(2, 3), qg @ k.transpose(2, 3)), dim=-1)
+        scores = scores.reshape(1, self.num_heads, t, size + t) * self.scale  # [1, heads, T, size+T]
+        if self.softcap is not None:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
+        scores = scores.masked_fill(~self._visible(input_pos), float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        probs = probs.reshape(1, self.num_kv_heads, groups * t, size + t)
+        p_cached, p_new = probs.split([size, t], dim=-1)  # split, not slices: no shape guards in export
+        out = p_cached @ self.cache.v + p_new @ v  # [1, kv, groups*T, d]
+        return out.view(1, self.num_heads, t, self.head_dim)
+
+    def _visible(self, input_pos: torch.Tensor) -> torch.Tensor:
+        """[T, size+T] bool: which cached and new keys each query may see."""
+        q_pos = input_pos[:, None]  # [T, 1]
+        cached = self.cache.pos[None, :]  # [1, size]; -1 = empty
+        # A cached entry counts only if it precedes this call: re-prefilling from an earlier
+        # position (a rewound chat) must not see the stale entries it is about to overwrite.
+        old = (cached >= 0) & (cached < input_pos[0])
+        new = input_pos[None, :] <= q_pos  # causal within the call
+        if self.window is not None:  # a key is visible while q - key < window
+            old = old & (cached > q_pos - self.window)
+            new = new & (input_pos[None, :] > q_pos - self.window)
+        return torch.cat((old.expand(q_pos.shape[0], -1), new), dim=-1)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: GemmaConfig, layer_type: str, max_seq_len: int, dtype: torch.dtype):
+        super().__init__()
+        self.layer_type = layer_type
+        eps = config.rms_norm_eps
+        self.attn_norm = RMSNorm(config.hidden_size, eps)
+        self.attn = Attention(config, layer_type, max_seq_len, dtype)
+        self.ffn_norm = RMSNorm(config.hidden_size, eps)
+        self.mlp = FeedForward(config)
+        # Gemma 2/3 normalize each sub-block's output before adding it to the residual.
+        self.attn_post_norm = RMSNorm(config.hidden_size, eps) if config.use_post_norms else None
+        self.ffn_post_norm = RMSNorm(config.hidden_size, eps) if config.use_post_norms else None
+
+    def forward(self, x: torch.Tensor, input_pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = self.attn(self.attn_norm(x), input_pos, cos, sin)
+        if self.attn_post_norm is not None:
+            h = self.attn_post_norm(h)
+        x = x + h
+        h = self.mlp(self.ffn_norm(x))
+        if self.ffn_post_norm is not None:
+            h = self.ffn_post_norm(h)
+        return x + h
+
+
+class Gemma(nn.Module):
+    def __init__(self, config: GemmaConfig, max_seq_len: int, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.config = config
+        self.max_seq_len = check_max_seq_len(config, max_seq_len)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, t, max_seq_len, dtype) for t in config.layer_types)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # Gemma ties the output projection to the embedding; an untied checkpoint gets its own.
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        for layer_type in sorted(set(config.layer_types)):
+            self.register_buffer(f"rope_cos_{layer_type}", torch.empty(max_seq_len, config.head_dim), persistent=False)  # [max_seq_len, head_dim]
+            self.register_buffer(f"rope_sin_{layer_type}", torch.empty(max_seq_len, config.head_dim), persistent=False)
+        self.register_buffer("embed_scale", torch.empty(()), persistent=False)
+        self.to(dtype)
+        self.init_buffers()
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Fill the derived buffers (RoPE tables, embedding scale, empty caches).
+
+        Kept apart from __init__ so a model built on the meta device and then allocated with
+        to_empty() gets correct buffers without initializing its weights.
+        """
+        for layer_type in sorted(set(self.config.layer_types)):
+            cos, sin = rope_table(self.config, layer_type, self.max_seq_len)
+            getattr(self, f"rope_cos_{layer_type}").copy_(cos)  # computed in float32, rounded to dtype
+            getattr(self, f"rope_sin_{layer_type}").copy_(sin)
+        # float32 first, then the model dtype: the same two roundings as the reference.
+        self.embed_scale.copy_(torch.tensor(self.config.embedding_scale, dtype=torch.float32))
+        self.reset_cache()
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """[vocab, hidden]: the embedding when tied."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | int) -> torch.Tensor:
+        """tokens [1, T] int64 at positions input_pos [T] (consecutive) -> logits [1, T, vocab]."""
+        if isinstance(input_pos, int):
+            input_pos = torch.arange(input_pos, input_pos + tokens.shape[1], device=tokens.device)
+        dtype = self.embed_tokens.weight.dtype
+        x = self.embed_tokens(tokens) * self.embed_scale.to(dtype)  # sqrt(hidden), rounded to dtype
+        rope = {t: (getattr(self, f"rope_cos_{t}")[input_pos].to(dtype), getattr(self, f"rope_sin_{t}")[input_pos].to(dtype))
+                for t in sorted(set(self.config.layer_types))}
+        for layer in self.layers:
+            x = layer(x, input_pos, *rope[layer.layer_type])
+        logits = F.linear(self.norm(x), self.output_weight)
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+    @property
+    def can_rewind(self) -> bool:
+        """Whether a prefill may restart at any earlier position and stay exact.
+
+        Appending (the next position) and restarting at 0 are always exact. A ring has already
+        overwritten the keys before an earlier position, so with one, restart at 0 instead.
+        """
+        return not any(layer.attn.cache.ring for layer in self.layers)
+
+    def reset_cache(self) -> None:
+        for layer in self.layers:
+            layer.attn.cache.reset()
+
+
+__all__ = ["Gemma", "RMSNorm", "rope_table", "apply_rope"]

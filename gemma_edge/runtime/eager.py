@@ -1,0 +1,25 @@
+"""The eager PyTorch model as a backend: the reference every export is held to."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from gemma_edge.model import Gemma
+
+
+class EagerBackend:
+    def __init__(self, model: Gemma):
+        self.model = model.eval()
+        self.max_seq_len = model.max_seq_len
+
+    @torch.no_grad()
+    def forward(self, token_ids: Sequence[int], start_pos: int) -> np.ndarray:
+        tokens = torch.as_tensor(np.asarray(token_ids, dtype=np.int64))[None, :]
+        logits = self.model(tokens, torch.arange(start_pos, start_pos + tokens.shape[1]))
+        return logits[0].float().numpy()
+
+    def reset(self) -> None:
+        self.model.reset_cache()
