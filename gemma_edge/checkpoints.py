@@ -166,7 +166,7 @@ def load_model(source: str | os.PathLike | Checkpoint, max_seq_len: int,
         _randomize(model, ckpt.seed)
     else:
         _load_safetensors(model, ckpt.hf_dir)
-    return model.eval()
+    return model.eval().requires_grad_(False)  # inference and export only
 
 
 def _randomize(model: Gemma, seed: int) -> None:
@@ -303,6 +303,7 @@ def _convert_gguf(path: Path, folder: Path) -> None:
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=folder.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared like any other
     try:
         try:
             model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)

@@ -11,17 +11,17 @@ from gemma_edge.errors import ConfigError, GemmaEdgeError
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     from gemma_edge.checkpoints import load_model, resolve
     from gemma_edge.parity import check_against_reference
     from gemma_edge.reference import load_reference, reference_from_model
+    from gemma_edge.commands.ui import progress, results
     from gemma_edge.runtime.eager import EagerBackend
 
     if args.new_tokens < 1:
         raise ConfigError(f"--new-tokens must be at least 1, got {args.new_tokens}")
-    console = Console(stderr=True)
+    console = progress()
     with console.status(f"Resolving {args.model} (a GGUF is dequantized once, then cached)"):
         ckpt = resolve(args.model)
     with console.status("Loading gemma-edge's model"):
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     with console.status(f"Prefilling {len(prompt)} tokens and decoding {args.new_tokens} in both models"):
         report = check_against_reference(EagerBackend(model), reference, prompt, args.new_tokens)
 
-    out = Console()
+    out = results()
     table = Table(title=f"gemma-edge vs transformers: {args.model} ({ckpt.config.family}, float32)")
     table.add_column("check")
     table.add_column("measured", justify="right")

@@ -6,8 +6,9 @@ import argparse
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.table import Table
+
+    from gemma_edge.commands.ui import results
 
     from gemma_edge.config import VARIANTS
 
@@ -18,5 +19,5 @@ def run(args: argparse.Namespace) -> int:
         table.add_row(name, c.family, str(c.num_hidden_layers), str(c.hidden_size),
                       f"{c.num_attention_heads} / {c.num_key_value_heads}", str(c.head_dim), str(c.vocab_size),
                       str(c.sliding_window or "-"), f"{c.num_parameters() / 1e6:,.1f}M")
-    Console().print(table)
+    results().print(table)
     return 0

@@ -1,0 +1,214 @@
+"""Loading: Hugging Face folders (single, sharded, bf16), GGUF, random variants, and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import make_checkpoint
+from gemma_edge.checkpoints import load_model, resolve, weight_names
+from gemma_edge.config import VARIANTS
+from gemma_edge.errors import CheckpointError, ConfigError, UnsupportedModelError
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _state(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_every_tensor_lands_where_the_table_says(tiny_checkpoints):
+    folder = tiny_checkpoints["tiny-gemma2"]
+    tensors = load_file(str(folder / "model.safetensors"))
+    model = load_model(folder, 16)
+    params = dict(model.named_parameters())
+    table = weight_names(model.config)
+    assert set(table) == set(tensors)  # tied head: no lm_head.weight in the file or the table
+    for hf_name, ours in table.items():
+        assert torch.equal(params[ours], tensors[hf_name]), hf_name
+
+
+def test_sharded_checkpoint_loads_the_same_weights(tiny_checkpoints, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    src = tiny_checkpoints["tiny-gemma3"]
+    AutoModelForCausalLM.from_pretrained(src).save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 2
+    one, sharded = load_model(src, 16), load_model(tmp_path, 16)
+    for (name, a), b in zip(one.named_parameters(), sharded.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_bf16_checkpoint_loads_into_either_dtype(tmp_path):
+    folder = make_checkpoint("tiny-gemma", tmp_path / "bf16", dtype=torch.bfloat16)
+    stored = load_file(str(folder / "model.safetensors"))["model.layers.0.mlp.up_proj.weight"]
+    assert stored.dtype == torch.bfloat16
+    fp32 = load_model(folder, 16, torch.float32).layers[0].mlp.up_proj.weight
+    bf16 = load_model(folder, 16, torch.bfloat16).layers[0].mlp.up_proj.weight
+    assert fp32.dtype == torch.float32 and torch.equal(fp32, stored.float())
+    assert bf16.dtype == torch.bfloat16 and torch.equal(bf16, stored)
+
+
+def test_tied_checkpoint_with_identical_lm_head_is_accepted(tiny_checkpoints, tmp_path):
+    folder = _copy(tiny_checkpoints["tiny-gemma"], tmp_path / "ckpt")
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    load_model(folder, 16)
+    tensors["lm_head.weight"] += 1.0
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="lm_head.weight differs from the embedding"):
+        load_model(folder, 16)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: one clear error naming the problem, never a traceback from inside torch.
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(CheckpointError, match="no config.json"):
+        resolve(tmp_path)
+
+
+def test_missing_path():
+    with pytest.raises(CheckpointError, match="no such file or folder"):
+        resolve("/no/such/model")
+
+
+def test_llama_folder_is_rejected_by_name(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    with pytest.raises(UnsupportedModelError, match="'llama' is not supported"):
+        resolve(tmp_path)
+
+
+def test_config_that_is_not_json(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        resolve(tmp_path)
+
+
+def test_missing_tensor_is_named(tiny_checkpoints, tmp_path):
+    folder = _copy(tiny_checkpoints["tiny-gemma3"], tmp_path / "ckpt")
+    tensors = load_file(str(folder / "model.safetensors"))
+    del tensors["model.layers.2.self_attn.k_norm.weight"]
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"missing tensor model\.layers\.2\.self_attn\.k_norm\.weight"):
+        load_model(folder, 16)
+
+
+def test_extra_tensor_is_named(tiny_checkpoints, tmp_path):
+    folder = _copy(tiny_checkpoints["tiny-gemma"], tmp_path / "ckpt")
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors["model.layers.0.self_attn.rotary.weight"] = torch.zeros(3)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"unexpected tensor model\.layers\.0\.self_attn\.rotary\.weight"):
+        load_model(folder, 16)
+
+
+def test_misshapen_tensor_is_named(tiny_checkpoints, tmp_path):
+    folder = _copy(tiny_checkpoints["tiny-gemma-mha"], tmp_path / "ckpt")
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors["model.layers.1.mlp.up_proj.weight"] = torch.zeros(99, 48)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.up_proj\.weight has shape \[99, 48\], expected \[100, 48\]"):
+        load_model(folder, 16)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_safetensors(tiny_checkpoints, tmp_path, damage):
+    folder = _copy(tiny_checkpoints["tiny-gemma"], tmp_path / "ckpt")
+    file = folder / "model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00garbage" * 100)
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_model(folder, 16)
+
+
+def test_pickled_weights_are_never_loaded(tiny_checkpoints, tmp_path):
+    folder = _copy(tiny_checkpoints["tiny-gemma"], tmp_path / "ckpt")
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"would run code if unpickled")
+    with pytest.raises(CheckpointError, match="never unpickles"):
+        load_model(folder, 16)
+
+
+@pytest.mark.parametrize("bad", [0, 257])
+def test_max_seq_len_out_of_range_is_a_config_error(tiny_checkpoints, bad):
+    with pytest.raises(ConfigError, match="max_seq_len"):
+        load_model(tiny_checkpoints["tiny-gemma"], bad)
+
+
+def _write_gguf(path: Path, arch: str) -> Path:
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("arch, message", [("llama", "GGUF architecture 'llama' is not supported"),
+                                           ("gemma", "Gemma 1 GGUF files cannot be read")])
+def test_gguf_of_another_architecture(tmp_path, monkeypatch, arch, message):
+    monkeypatch.setenv("GEMMA_EDGE_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(UnsupportedModelError, match=message):
+        resolve(_write_gguf(tmp_path / f"{arch}.gguf", arch))
+    assert not (tmp_path / "cache" / "gguf").exists() or not any((tmp_path / "cache" / "gguf").iterdir())
+
+
+def test_corrupt_gguf(tmp_path, monkeypatch):
+    monkeypatch.setenv("GEMMA_EDGE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF" + b"\xff" * 64)
+    with pytest.raises(CheckpointError, match="not a readable GGUF"):
+        resolve(tmp_path / "bad.gguf")
+
+
+# ----------------------------------------------------------------------------------------------
+# random:<variant>: full-size shapes without a checkpoint.
+
+def test_random_variant_is_reproducible():
+    a, b = load_model("random:tiny-gemma2", 16), load_model("random:tiny-gemma2", 16)
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    assert a.layers[0].mlp.up_proj.weight.std() == pytest.approx(0.02, rel=0.05)
+
+
+def test_unknown_random_variant():
+    with pytest.raises(ConfigError, match="unknown variant 'gemma-13b'; valid: gemma-2b"):
+        resolve("random:gemma-13b")
+
+
+def _peak_rss_gib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, params", [("gemma-2b", 2_506_172_416), ("gemma-7b", 8_537_680_896)])
+def test_full_size_random_gemma_in_bf16(name, params):
+    """The published shapes, materialized in bf16 (5 GB / 17 GB) within a 24 GiB machine, and runnable."""
+    model = load_model(f"random:{name}", 64, torch.bfloat16)
+    assert sum(p.numel() for p in model.parameters()) == params
+    config = VARIANTS[name]
+    attn = model.layers[0].attn
+    assert tuple(attn.q_proj.weight.shape) == (config.num_attention_heads * 256, config.hidden_size)
+    assert tuple(attn.k_proj.weight.shape) == (config.num_key_value_heads * 256, config.hidden_size)
+    with torch.no_grad():
+        logits = model(torch.tensor([[2, 651, 6037, 576]]), 0)
+        step = model(torch.tensor([[235265]]), 4)
+    assert logits.shape == (1, 4, 256_000) and step.shape == (1, 1, 256_000)
+    assert torch.isfinite(logits).all() and torch.isfinite(step).all()
+    assert _peak_rss_gib() < 22

@@ -1,0 +1,85 @@
+"""The gemma-edge command, run through its installed entry point."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+GEMMA_EDGE = str(Path(sys.executable).with_name("gemma-edge"))
+
+
+def run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([GEMMA_EDGE, *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("verb", [[], ["check"], ["variants"]])
+def test_help(verb):
+    result = run(*verb, "--help")
+    assert result.returncode == 0
+    assert "usage: gemma-edge" in result.stdout
+
+
+def test_no_verb_is_a_usage_error():
+    result = run()
+    assert result.returncode == 2 and "usage:" in result.stderr
+
+
+def test_variants_lists_published_shapes():
+    result = run("variants")
+    assert result.returncode == 0
+    for name in ("gemma-2b", "gemma-7b", "gemma-2-2b", "gemma-3-270m", "gemma-3-1b", "tiny-gemma3"):
+        assert name in result.stdout
+    assert "8,537.7M" in result.stdout  # Gemma 7B with embeddings
+
+
+def test_check_passes_on_a_tiny_checkpoint(tiny_checkpoints, tmp_path):
+    report = tmp_path / "report.json"
+    result = run("check", str(tiny_checkpoints["tiny-gemma2"]), "--max-seq-len", "64", "--new-tokens", "16",
+                 "--json", str(report))
+    assert result.returncode == 0, result.stderr
+    assert "identical" in result.stdout and "FAIL" not in result.stdout
+    data = json.loads(report.read_text())
+    assert data["passed"] and data["greedy_ours"] == data["greedy_reference"] and len(data["greedy_ours"]) == 16
+    assert data["prefill_max_abs"] < 1e-4 and data["decode_max_abs"] < 1e-4
+
+
+def test_check_random_variant():
+    result = run("check", "random:tiny-gemma", "--max-seq-len", "64")
+    assert result.returncode == 0, result.stderr
+    assert "identical" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["check", "/no/such/folder"], "no such file or folder"),
+    (["check", "random:gemma-13b"], "unknown variant 'gemma-13b'"),
+    (["check", "random:tiny-gemma", "--max-seq-len", "0"], "max_seq_len must be a positive integer"),
+    (["check", "random:tiny-gemma", "--max-seq-len", "100000"], "exceeds the model's context"),
+    (["check", "random:tiny-gemma", "--max-seq-len", "20"], "exceed --max-seq-len 20"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message):
+    result = run(*args)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("gemma-edge: error:")]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_llama_folder_exit_2(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    result = run("check", str(tmp_path))
+    assert result.returncode == 2 and "'llama' is not supported" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_check_the_built_in_real_model(tmp_path):
+    """The README's main job at this stage: the real Gemma 3 270M, end to end."""
+    report = tmp_path / "report.json"
+    result = run("check", "--json", str(report), timeout=900)
+    assert result.returncode == 0, result.stderr
+    assert "largest city in France" in result.stdout  # the greedy continuation is printed
+    assert json.loads(report.read_text())["passed"]
