@@ -22,8 +22,13 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def _state(model) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in model.state_dict().items()}
+def _edited(src: Path, dst: Path, edit) -> Path:
+    """A copy of the checkpoint at src whose tensors went through edit(dict) before saving."""
+    folder = _copy(src, dst)
+    tensors = load_file(str(folder / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
 
 
 def test_every_tensor_lands_where_the_table_says(tiny_checkpoints):
@@ -60,13 +65,14 @@ def test_bf16_checkpoint_loads_into_either_dtype(tmp_path):
 
 
 def test_tied_checkpoint_with_identical_lm_head_is_accepted(tiny_checkpoints, tmp_path):
-    folder = _copy(tiny_checkpoints["tiny-gemma"], tmp_path / "ckpt")
-    tensors = load_file(str(folder / "model.safetensors"))
-    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    load_model(folder, 16)
-    tensors["lm_head.weight"] += 1.0
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    def same_head(t):
+        t["lm_head.weight"] = t["model.embed_tokens.weight"].clone()
+
+    def other_head(t):
+        t["lm_head.weight"] = t["model.embed_tokens.weight"] + 1.0
+
+    load_model(_edited(tiny_checkpoints["tiny-gemma"], tmp_path / "same", same_head), 16)
+    folder = _edited(tiny_checkpoints["tiny-gemma"], tmp_path / "other", other_head)
     with pytest.raises(CheckpointError, match="lm_head.weight differs from the embedding"):
         load_model(folder, 16)
 
@@ -97,28 +103,22 @@ def test_config_that_is_not_json(tmp_path):
 
 
 def test_missing_tensor_is_named(tiny_checkpoints, tmp_path):
-    folder = _copy(tiny_checkpoints["tiny-gemma3"], tmp_path / "ckpt")
-    tensors = load_file(str(folder / "model.safetensors"))
-    del tensors["model.layers.2.self_attn.k_norm.weight"]
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    folder = _edited(tiny_checkpoints["tiny-gemma3"], tmp_path / "ckpt",
+                     lambda t: t.pop("model.layers.2.self_attn.k_norm.weight"))
     with pytest.raises(CheckpointError, match=r"missing tensor model\.layers\.2\.self_attn\.k_norm\.weight"):
         load_model(folder, 16)
 
 
 def test_extra_tensor_is_named(tiny_checkpoints, tmp_path):
-    folder = _copy(tiny_checkpoints["tiny-gemma"], tmp_path / "ckpt")
-    tensors = load_file(str(folder / "model.safetensors"))
-    tensors["model.layers.0.self_attn.rotary.weight"] = torch.zeros(3)
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    folder = _edited(tiny_checkpoints["tiny-gemma"], tmp_path / "ckpt",
+                     lambda t: t.update({"model.layers.0.self_attn.rotary.weight": torch.zeros(3)}))
     with pytest.raises(CheckpointError, match=r"unexpected tensor model\.layers\.0\.self_attn\.rotary\.weight"):
         load_model(folder, 16)
 
 
 def test_misshapen_tensor_is_named(tiny_checkpoints, tmp_path):
-    folder = _copy(tiny_checkpoints["tiny-gemma-mha"], tmp_path / "ckpt")
-    tensors = load_file(str(folder / "model.safetensors"))
-    tensors["model.layers.1.mlp.up_proj.weight"] = torch.zeros(99, 48)
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    folder = _edited(tiny_checkpoints["tiny-gemma-mha"], tmp_path / "ckpt",
+                     lambda t: t.update({"model.layers.1.mlp.up_proj.weight": torch.zeros(99, 48)}))
     with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.up_proj\.weight has shape \[99, 48\], expected \[100, 48\]"):
         load_model(folder, 16)
 
