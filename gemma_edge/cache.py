@@ -8,9 +8,11 @@ Every shape is fixed when the model is built, so an exported program never grows
   p % size. On Gemma 3 (window 512, 5 of every 6 layers sliding) this cuts cache memory at a 32k
   context about 5x. A ring has one spare slot more (see `update`).
 
-`pos` records the absolute position each slot holds (-1: empty). Attention masks by it, which is
-what makes the ring, and re-prefilling from an earlier position (a chat turn that rewinds the
-cache), exact.
+The cache holds no record of what it holds: positions 0..start-1 are taken to have been written
+in order, which is how generation uses it (a prefill from 0, then one position after another).
+So the position in every slot follows from `start` alone (`positions`). That matters on device:
+ExecuTorch gives mutated buffers no initial value, so a "slot is empty" marker could not be
+trusted, while slots at or past `start` are masked whatever they contain.
 """
 
 from __future__ import annotations
@@ -24,29 +26,34 @@ class KVCache(nn.Module):
         super().__init__()
         self.size = size
         self.ring = ring
-        slots = size + 1 if ring else size
-        shape = (1, kv_heads, slots, head_dim)
+        self.slots = size + 1 if ring else size
+        shape = (1, kv_heads, self.slots, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)  # [1, kv_heads, slots, head_dim]
         self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)  # [1, kv_heads, slots, head_dim]
-        self.register_buffer("pos", torch.full((slots,), -1, dtype=torch.long), persistent=False)  # [slots]
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write k, v [1, kv_heads, T, head_dim] for the consecutive positions input_pos [T]."""
-        slots, held = input_pos, input_pos
+        slots = input_pos
         if self.ring:
             # A prefill longer than the ring maps several positions to one slot, and which write
             # wins would be undefined. Positions that a later one of this call displaces go to the
-            # spare slot instead, marked empty: every shape stays static (no slicing by T).
+            # spare slot instead, which is never read: every shape stays static (no slicing by T).
             live = input_pos > input_pos[-1] - self.size
             slots = torch.where(live, input_pos % self.size, self.size)
-            held = torch.where(live, input_pos, -1)
         self.k.index_copy_(2, slots, k)
         self.v.index_copy_(2, slots, v)
-        self.pos.index_copy_(0, slots, held)
+
+    def positions(self, start: torch.Tensor) -> torch.Tensor:
+        """[slots] int64: the position each slot holds once 0..start-1 were written; < 0 or >= start: none."""
+        slot = torch.arange(self.slots, device=self.k.device)
+        if not self.ring:
+            return slot
+        last = start - 1  # the newest position written; a slot holds the newest p <= last with p % size == slot
+        held = last - torch.remainder(last - slot, self.size)
+        return torch.where(slot < self.size, held, -1)  # the spare slot holds nothing
 
     def reset(self) -> None:
-        """Forget every position. k and v are zeroed too: a masked slot still takes part in
-        probs @ v with weight 0, and 0 * NaN from uninitialized memory would poison the output."""
-        self.pos.fill_(-1)
+        """Zero the buffers. Not needed for correctness (a prefill from 0 masks every slot); it keeps
+        uninitialized memory (possibly NaN, and 0 * NaN = NaN in probs @ v) out of the eager model."""
         self.k.zero_()
         self.v.zero_()

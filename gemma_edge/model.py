@@ -92,7 +92,8 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(d, config.rms_norm_eps) if config.use_qk_norm else None
         self.cache = KVCache(self.num_kv_heads, self.window if ring else max_seq_len, d, dtype, ring)
 
-    def forward(self, x: torch.Tensor, input_pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, input_pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                visible: torch.Tensor) -> torch.Tensor:
         t = x.shape[1]
         q = self.q_proj(x).view(1, t, self.num_heads, self.head_dim).transpose(1, 2)  # [1, heads, T, d]
         k = self.k_proj(x).view(1, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [1, kv, T, d]
@@ -100,38 +101,42 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = self._attend(q, k, v, input_pos)  # [1, heads, T, d]
+        out = self._attend(q, k, v, visible)  # [1, heads, T, d]
         self.cache.update(input_pos, k, v)
         return self.o_proj(out.transpose(1, 2).reshape(1, t, self.num_heads * self.head_dim))
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         """Attend over two blocks: what the cache held before this call, then this call's keys.
 
         Reading the cache before writing it lets a prefill longer than a sliding layer's ring see
         every key it needs, and neither block is copied into the other.
         """
-        t, size, groups = q.shape[2], self.cache.k.shape[2], self.num_heads // self.num_kv_heads
+        t, slots, groups = q.shape[2], self.cache.slots, self.num_heads // self.num_kv_heads
         # Query heads sharing a kv head are stacked along the sequence axis, so the kv heads are
         # used as they are instead of being repeated: head h reads kv head h // groups.
         qg = q.contiguous().view(1, self.num_kv_heads, groups * t, self.head_dim)  # [1, kv, groups*T, d]
         scores = torch.cat((qg @ self.cache.k.transpose(2, 3), qg @ k.transpose(2, 3)), dim=-1)
-        scores = scores.reshape(1, self.num_heads, t, size + t) * self.scale  # [1, heads, T, size+T]
+        scores = scores.reshape(1, self.num_heads, t, slots + t) * self.scale  # [1, heads, T, slots+T]
         if self.softcap is not None:
             scores = torch.tanh(scores / self.softcap) * self.softcap
-        scores = scores.masked_fill(~self._visible(input_pos), float("-inf"))
+        scores = scores.masked_fill(~visible, float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        probs = probs.reshape(1, self.num_kv_heads, groups * t, size + t)
-        p_cached, p_new = probs.split([size, t], dim=-1)  # split, not slices: no shape guards in export
+        probs = probs.reshape(1, self.num_kv_heads, groups * t, slots + t)
+        p_cached, p_new = probs.split([slots, t], dim=-1)  # split, not slices: no shape guards in export
         out = p_cached @ self.cache.v + p_new @ v  # [1, kv, groups*T, d]
         return out.view(1, self.num_heads, t, self.head_dim)
 
-    def _visible(self, input_pos: torch.Tensor) -> torch.Tensor:
-        """[T, size+T] bool: which cached and new keys each query may see."""
+    def visible(self, input_pos: torch.Tensor) -> torch.Tensor:
+        """[T, slots+T] bool: which cached and new keys each query may see.
+
+        The same for every layer of one type, so the model computes it once per type.
+        """
         q_pos = input_pos[:, None]  # [T, 1]
-        cached = self.cache.pos[None, :]  # [1, size]; -1 = empty
-        # A cached entry counts only if it precedes this call: re-prefilling from an earlier
-        # position (a rewound chat) must not see the stale entries it is about to overwrite.
-        old = (cached >= 0) & (cached < input_pos[0])
+        start = input_pos[0]
+        cached = self.cache.positions(start)[None, :]  # [1, slots]
+        # Only what precedes this call: re-prefilling from an earlier position (a rewound chat)
+        # must not see the stale entries it is about to overwrite.
+        old = (cached >= 0) & (cached < start)
         new = input_pos[None, :] <= q_pos  # causal within the call
         if self.window is not None:  # a key is visible while q - key < window
             old = old & (cached > q_pos - self.window)
@@ -152,8 +157,9 @@ class DecoderLayer(nn.Module):
         self.attn_post_norm = RMSNorm(config.hidden_size, eps) if config.use_post_norms else None
         self.ffn_post_norm = RMSNorm(config.hidden_size, eps) if config.use_post_norms else None
 
-    def forward(self, x: torch.Tensor, input_pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = self.attn(self.attn_norm(x), input_pos, cos, sin)
+    def forward(self, x: torch.Tensor, input_pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                visible: torch.Tensor) -> torch.Tensor:
+        h = self.attn(self.attn_norm(x), input_pos, cos, sin, visible)
         if self.attn_post_norm is not None:
             h = self.attn_post_norm(h)
         x = x + h
@@ -195,22 +201,30 @@ class Gemma(nn.Module):
         self.embed_scale.copy_(torch.tensor(self.config.embedding_scale, dtype=torch.float32))
         self.reset_cache()
 
-    @property
-    def output_weight(self) -> torch.Tensor:
-        """[vocab, hidden]: the embedding when tied."""
-        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | int) -> torch.Tensor:
         """tokens [1, T] int64 at positions input_pos [T] (consecutive) -> logits [1, T, vocab]."""
         if isinstance(input_pos, int):
             input_pos = torch.arange(input_pos, input_pos + tokens.shape[1], device=tokens.device)
+        return self.logits(self.hidden_states(tokens, input_pos))
+
+    def hidden_states(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """The decoder stack, writing the caches: [1, T, hidden], before the final norm."""
         dtype = self.embed_tokens.weight.dtype
         x = self.embed_tokens(tokens) * self.embed_scale.to(dtype)  # sqrt(hidden), rounded to dtype
-        rope = {t: (getattr(self, f"rope_cos_{t}")[input_pos].to(dtype), getattr(self, f"rope_sin_{t}")[input_pos].to(dtype))
-                for t in sorted(set(self.config.layer_types))}
+        # RoPE rows and attention masks depend only on the layer type: computed once per type.
+        per_type = {}
         for layer in self.layers:
-            x = layer(x, input_pos, *rope[layer.layer_type])
-        logits = F.linear(self.norm(x), self.output_weight)
+            t = layer.layer_type
+            if t not in per_type:
+                per_type[t] = (getattr(self, f"rope_cos_{t}")[input_pos], getattr(self, f"rope_sin_{t}")[input_pos],
+                               layer.attn.visible(input_pos))
+            x = layer(x, input_pos, *per_type[t])
+        return x
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[1, T, hidden] -> [1, T, vocab]: final norm, output projection, Gemma 2's soft-cap."""
+        head = self.lm_head if self.lm_head is not None else (lambda h: F.linear(h, self.embed_tokens.weight))
+        logits = head(self.norm(hidden))
         cap = self.config.final_logit_softcapping
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
