@@ -27,12 +27,14 @@ class KVCache(nn.Module):
         self.size = size
         self.ring = ring
         self.slots = size + 1 if ring else size
-        shape = (1, kv_heads, self.slots, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)  # [1, kv_heads, slots, head_dim]
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)  # [1, kv_heads, slots, head_dim]
+        # Batch 1 is implied: 3-D buffers let attention run as batched matmuls over kv heads,
+        # which XNNPACK takes whole (4-D matmuls decompose into expand + view it does not).
+        shape = (kv_heads, self.slots, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)  # [kv_heads, slots, head_dim]
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)  # [kv_heads, slots, head_dim]
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write k, v [1, kv_heads, T, head_dim] for the consecutive positions input_pos [T]."""
+        """Write k, v [kv_heads, T, head_dim] for the consecutive positions input_pos [T]."""
         slots = input_pos
         if self.ring:
             # A prefill longer than the ring maps several positions to one slot, and which write
@@ -40,8 +42,8 @@ class KVCache(nn.Module):
             # spare slot instead, which is never read: every shape stays static (no slicing by T).
             live = input_pos > input_pos[-1] - self.size
             slots = torch.where(live, input_pos % self.size, self.size)
-        self.k.index_copy_(2, slots, k)
-        self.v.index_copy_(2, slots, v)
+        self.k.index_copy_(1, slots, k)
+        self.v.index_copy_(1, slots, v)
 
     def positions(self, start: torch.Tensor) -> torch.Tensor:
         """[slots] int64: the position each slot holds once 0..start-1 were written; < 0 or >= start: none."""

@@ -12,7 +12,6 @@ but never initialized, so a 7B checkpoint is never held twice. Pickles are never
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -26,6 +25,7 @@ import torch
 
 from gemma_edge.config import GemmaConfig, check_model_type, variant
 from gemma_edge.errors import CheckpointError, MissingDependencyError, UnsupportedModelError
+from gemma_edge.files import sha256_file
 from gemma_edge.model import Gemma
 
 BUILTIN = "gemma-3-270m"
@@ -277,7 +277,7 @@ def gguf_architecture(path: Path) -> str:
 
 
 def _from_gguf(path: Path, source: str) -> Checkpoint:
-    folder = cache_dir() / "gguf" / _sha256(path)[:16]
+    folder = cache_dir() / "gguf" / sha256_file(path)[:16]
     if not (folder / "config.json").is_file():
         arch = gguf_architecture(path)
         if arch not in GGUF_ARCHITECTURES:
@@ -287,14 +287,6 @@ def _from_gguf(path: Path, source: str) -> Checkpoint:
                 f"{path}: GGUF architecture {arch!r} is not supported; valid: {', '.join(GGUF_ARCHITECTURES)}{hint}")
         _convert_gguf(path, folder)
     return Checkpoint(source, read_hf_config(folder), folder)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _convert_gguf(path: Path, folder: Path) -> None:

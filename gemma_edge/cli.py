@@ -23,6 +23,12 @@ def _check(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _export(args: argparse.Namespace) -> int:
+    from gemma_edge.commands.export import run
+
+    return run(args)
+
+
 def _variants(args: argparse.Namespace) -> int:
     from gemma_edge.commands.variants import run
 
@@ -48,6 +54,21 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--max-seq-len", type=int, default=256, help="KV cache length in tokens (default: %(default)s)")
     check.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
     check.set_defaults(func=_check)
+
+    export = verbs.add_parser(
+        "export", help="export MODEL to an ExecuTorch (.pte) folder with a static KV cache",
+        description="Export MODEL with int8/int4 weights and a static KV cache to OUTDIR: the program, "
+                    "the tokenizer and gemma_edge.json (settings, I/O contract, SHA-256 of every file).")
+    export.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    export.add_argument("--format", default="pte", help="pte (ExecuTorch, XNNPACK); onnx is planned (default: %(default)s)")
+    export.add_argument("--quant", default="int4", help="linear layers: fp32, int8 or int4 (default: %(default)s)")
+    export.add_argument("--group-size", type=int, default=32, help="int4 columns per scale (default: %(default)s)")
+    export.add_argument("--embedding-quant", default=None,
+                        help="none, int8 or int4 (default: int8 for --quant int8, int4 for int4, none for fp32)")
+    export.add_argument("--max-seq-len", type=int, default=1024, help="KV cache length in tokens (default: %(default)s)")
+    export.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder to create")
+    export.add_argument("--overwrite", action="store_true", help="replace OUTDIR if it exists (only once the new export is complete)")
+    export.set_defaults(func=_export)
 
     variants = verbs.add_parser("variants", help="list the named architectures (for random:<variant>)",
                                 description="List the named Gemma architectures with their shapes and parameter counts.")

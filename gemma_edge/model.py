@@ -35,9 +35,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))  # zero-centred: the scale is 1 + weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
+        # In float32 (the casts are skipped when x already is: no no-op nodes in exported graphs).
+        h = x if x.dtype == torch.float32 else x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (h * (1.0 + self.weight.float())).type_as(x)
+        weight = self.weight if self.weight.dtype == torch.float32 else self.weight.float()
+        h = h * (1.0 + weight)
+        return h if x.dtype == torch.float32 else h.type_as(x)
 
 
 class FeedForward(nn.Module):
@@ -65,11 +68,23 @@ def rope_table(config: GemmaConfig, layer_type: str, max_seq_len: int) -> tuple[
     return emb.cos(), emb.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [1, heads, T, head_dim]; cos, sin [T, head_dim]. Rotate-half layout, as Gemma checkpoints use."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def rotate_half_matrix(head_dim: int) -> torch.Tensor:
+    """R [head_dim, head_dim] with x @ R.T == cat(-x2, x1) for x = cat(x1, x2)."""
+    half = head_dim // 2
+    r = torch.zeros(head_dim, head_dim)
+    r[torch.arange(half), torch.arange(half) + half] = -1.0  # out[i] = -x[i + half]
+    r[torch.arange(half) + half, torch.arange(half)] = 1.0  # out[i + half] = x[i]
+    return r
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotate: torch.Tensor) -> torch.Tensor:
+    """x [heads, T, head_dim]; cos, sin [T, head_dim]. Rotate-half layout, as Gemma checkpoints use.
+
+    The half rotation is a product with a signed permutation matrix: exact (one nonzero term per
+    output), and a linear layer XNNPACK runs inside its graph, where slicing a dynamic-length
+    tensor would split the graph.
+    """
+    return x * cos + F.linear(x, rotate) * sin
 
 
 class Attention(nn.Module):
@@ -93,43 +108,45 @@ class Attention(nn.Module):
         self.cache = KVCache(self.num_kv_heads, self.window if ring else max_seq_len, d, dtype, ring)
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                visible: torch.Tensor) -> torch.Tensor:
-        t = x.shape[1]
-        q = self.q_proj(x).view(1, t, self.num_heads, self.head_dim).transpose(1, 2)  # [1, heads, T, d]
-        k = self.k_proj(x).view(1, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [1, kv, T, d]
-        v = self.v_proj(x).view(1, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [1, kv, T, d]
+                mask: torch.Tensor, rotate: torch.Tensor) -> torch.Tensor:
+        # Batch 1: heads lead, so attention is batched 3-D matmuls. Shapes use -1 for the token
+        # count, which keeps reshapes of a dynamic T exportable to XNNPACK.
+        h, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        q = self.q_proj(x).view(-1, h, d).transpose(0, 1)  # [heads, T, d]
+        k = self.k_proj(x).view(-1, kv, d).transpose(0, 1)  # [kv, T, d]
+        v = self.v_proj(x).view(-1, kv, d).transpose(0, 1)  # [kv, T, d]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = self._attend(q, k, v, visible)  # [1, heads, T, d]
+        q, k = apply_rope(q, cos, sin, rotate), apply_rope(k, cos, sin, rotate)
+        out = self._attend(q, k, v, mask)  # [heads, T, d]
         self.cache.update(input_pos, k, v)
-        return self.o_proj(out.transpose(1, 2).reshape(1, t, self.num_heads * self.head_dim))
+        return self.o_proj(out.transpose(0, 1).reshape(-1, h * d))  # [T, hidden]
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Attend over two blocks: what the cache held before this call, then this call's keys.
 
         Reading the cache before writing it lets a prefill longer than a sliding layer's ring see
         every key it needs, and neither block is copied into the other.
         """
-        t, slots, groups = q.shape[2], self.cache.slots, self.num_heads // self.num_kv_heads
+        slots, t = self.cache.slots, k.shape[1]
         # Query heads sharing a kv head are stacked along the sequence axis, so the kv heads are
         # used as they are instead of being repeated: head h reads kv head h // groups.
-        qg = q.contiguous().view(1, self.num_kv_heads, groups * t, self.head_dim)  # [1, kv, groups*T, d]
-        scores = torch.cat((qg @ self.cache.k.transpose(2, 3), qg @ k.transpose(2, 3)), dim=-1)
-        scores = scores.reshape(1, self.num_heads, t, slots + t) * self.scale  # [1, heads, T, slots+T]
-        if self.softcap is not None:
+        qg = q.contiguous().view(self.num_kv_heads, -1, self.head_dim)  # [kv, groups*T, d]
+        # bmm, not @: matmul lowers to expand + view + bmm, and XNNPACK rejects views of a dynamic T.
+        scores = torch.cat((torch.bmm(qg, self.cache.k.transpose(1, 2)), torch.bmm(qg, k.transpose(1, 2))), dim=-1) * self.scale
+        if self.softcap is not None:  # [kv, groups*T, slots+T]
             scores = torch.tanh(scores / self.softcap) * self.softcap
-        scores = scores.masked_fill(~visible, float("-inf"))
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        probs = probs.reshape(1, self.num_kv_heads, groups * t, slots + t)
+        scores = scores + mask  # 0 where visible, -inf elsewhere
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype) if q.dtype != torch.float32 else torch.softmax(scores, dim=-1)
         p_cached, p_new = probs.split([slots, t], dim=-1)  # split, not slices: no shape guards in export
-        out = p_cached @ self.cache.v + p_new @ v  # [1, kv, groups*T, d]
-        return out.view(1, self.num_heads, t, self.head_dim)
+        out = torch.bmm(p_cached, self.cache.v) + torch.bmm(p_new, v)  # [kv, groups*T, d]
+        return out.view(self.num_heads, -1, self.head_dim)
 
-    def visible(self, input_pos: torch.Tensor) -> torch.Tensor:
-        """[T, slots+T] bool: which cached and new keys each query may see.
+    def mask(self, input_pos: torch.Tensor) -> torch.Tensor:
+        """[groups*T, slots+T] additive mask: 0 for the keys each query may see, -inf elsewhere.
 
-        The same for every layer of one type, so the model computes it once per type.
+        The same for every layer of one type, so the model computes it once per type; additive,
+        so that applying it is an add, which XNNPACK runs inside its delegated graph.
         """
         q_pos = input_pos[:, None]  # [T, 1]
         start = input_pos[0]
@@ -141,7 +158,9 @@ class Attention(nn.Module):
         if self.window is not None:  # a key is visible while q - key < window
             old = old & (cached > q_pos - self.window)
             new = new & (input_pos[None, :] > q_pos - self.window)
-        return torch.cat((old.expand(q_pos.shape[0], -1), new), dim=-1)
+        visible = torch.cat((old.expand(q_pos.shape[0], -1), new), dim=-1)  # [T, slots+T]
+        mask = torch.zeros(visible.shape, dtype=self.cache.k.dtype).masked_fill(~visible, float("-inf"))
+        return mask.repeat(self.num_heads // self.num_kv_heads, 1)  # one copy per query head of a group
 
 
 class DecoderLayer(nn.Module):
@@ -158,8 +177,8 @@ class DecoderLayer(nn.Module):
         self.ffn_post_norm = RMSNorm(config.hidden_size, eps) if config.use_post_norms else None
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                visible: torch.Tensor) -> torch.Tensor:
-        h = self.attn(self.attn_norm(x), input_pos, cos, sin, visible)
+                mask: torch.Tensor, rotate: torch.Tensor) -> torch.Tensor:
+        h = self.attn(self.attn_norm(x), input_pos, cos, sin, mask, rotate)
         if self.attn_post_norm is not None:
             h = self.attn_post_norm(h)
         x = x + h
@@ -183,6 +202,7 @@ class Gemma(nn.Module):
             self.register_buffer(f"rope_cos_{layer_type}", torch.empty(max_seq_len, config.head_dim), persistent=False)  # [max_seq_len, head_dim]
             self.register_buffer(f"rope_sin_{layer_type}", torch.empty(max_seq_len, config.head_dim), persistent=False)
         self.register_buffer("embed_scale", torch.empty(()), persistent=False)
+        self.register_buffer("rope_rotate", torch.empty(config.head_dim, config.head_dim), persistent=False)
         self.to(dtype)
         self.init_buffers()
 
@@ -199,6 +219,7 @@ class Gemma(nn.Module):
             getattr(self, f"rope_sin_{layer_type}").copy_(sin)
         # float32 first, then the model dtype: the same two roundings as the reference.
         self.embed_scale.copy_(torch.tensor(self.config.embedding_scale, dtype=torch.float32))
+        self.rope_rotate.copy_(rotate_half_matrix(self.config.head_dim))
         self.reset_cache()
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | int) -> torch.Tensor:
@@ -210,16 +231,17 @@ class Gemma(nn.Module):
     def hidden_states(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         """The decoder stack, writing the caches: [1, T, hidden], before the final norm."""
         dtype = self.embed_tokens.weight.dtype
-        x = self.embed_tokens(tokens) * self.embed_scale.to(dtype)  # sqrt(hidden), rounded to dtype
+        # Batch 1: the residual stream is [T, hidden] inside the stack.
+        x = self.embed_tokens(tokens[0]) * self.embed_scale.to(dtype)  # sqrt(hidden), rounded to dtype
         # RoPE rows and attention masks depend only on the layer type: computed once per type.
         per_type = {}
         for layer in self.layers:
             t = layer.layer_type
             if t not in per_type:
                 per_type[t] = (getattr(self, f"rope_cos_{t}")[input_pos], getattr(self, f"rope_sin_{t}")[input_pos],
-                               layer.attn.visible(input_pos))
-            x = layer(x, input_pos, *per_type[t])
-        return x
+                               layer.attn.mask(input_pos))
+            x = layer(x, input_pos, *per_type[t], self.rope_rotate)
+        return x.unsqueeze(0)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[1, T, hidden] -> [1, T, vocab]: final norm, output projection, Gemma 2's soft-cap."""

@@ -118,7 +118,7 @@ def test_cache_shapes_are_static_and_sliding_layers_use_a_ring():
     for layer, kind in zip(model.layers, config.layer_types):
         cache = layer.attn.cache
         slots = WINDOW + 1 if kind == SLIDING else MAX_SEQ_LEN  # a ring has one spare slot
-        assert tuple(cache.k.shape) == (1, config.num_key_value_heads, slots, config.head_dim)
+        assert tuple(cache.k.shape) == (config.num_key_value_heads, slots, config.head_dim)
         shapes[id(cache)] = tuple(cache.k.shape)
     ids = _ids(40, config.vocab_size)
     _prefill_then_decode(model, ids, 30)
@@ -132,7 +132,7 @@ def test_ring_cuts_gemma3_cache_memory_at_32k_context():
     config = VARIANTS["gemma-3-270m"]
     with torch.device("meta"):
         model = Gemma(config, config.max_position_embeddings)
-    ring_slots = sum(layer.attn.cache.k.shape[2] for layer in model.layers)
+    ring_slots = sum(layer.attn.cache.k.shape[1] for layer in model.layers)
     full_slots = config.num_hidden_layers * config.max_position_embeddings
     assert full_slots / ring_slots > 5.0  # measured: 5.8x
 

@@ -28,7 +28,7 @@ def greedy(backend: Backend, prompt_ids: Sequence[int], max_new_tokens: int,
         raise GemmaEdgeError(f"the prompt has {len(prompt)} tokens but the cache holds {backend.max_seq_len}; "
                              "shorten it or export with a larger --max-seq-len")
     backend.reset()
-    logits = backend.forward(prompt, 0)[-1]
+    logits = backend.forward_last(prompt, 0)
     out: list[int] = []
     kept: list[np.ndarray] = []
     pos = len(prompt)
@@ -41,5 +41,5 @@ def greedy(backend: Backend, prompt_ids: Sequence[int], max_new_tokens: int,
             return GenerationResult(out, "stop", kept)
         if len(out) >= max_new_tokens or pos >= backend.max_seq_len:
             return GenerationResult(out, "length", kept)
-        logits = backend.forward([token], pos)[-1]
+        logits = backend.forward_last([token], pos)
         pos += 1

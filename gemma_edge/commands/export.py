@@ -1,0 +1,50 @@
+"""gemma-edge export: a checkpoint to an ExecuTorch or ONNX folder."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+from pathlib import Path
+
+from gemma_edge.errors import ConfigError
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from gemma_edge.checkpoints import resolve
+    from gemma_edge.commands.ui import progress, results
+    from gemma_edge.config import check_max_seq_len
+    from gemma_edge.exporters.settings import ExportSettings
+
+    settings = ExportSettings(format=args.format, quant=args.quant, group_size=args.group_size,
+                              embedding_quant=args.embedding_quant, max_seq_len=args.max_seq_len)
+    if args.format != "pte":
+        raise ConfigError(f"--format {args.format} is not available yet; valid now: pte")
+    console = progress()
+    out = Path(args.output)
+
+    @contextlib.contextmanager
+    def stage(name: str):
+        start = time.perf_counter()
+        with console.status(f"{name} ..."):
+            yield
+        console.print(f"[green]✓[/green] {name} ({time.perf_counter() - start:.1f} s)")
+
+    with stage(f"resolve {args.model}"):
+        ckpt = resolve(args.model)
+    check_max_seq_len(ckpt.config, settings.max_seq_len)
+    from gemma_edge.exporters.executorch import export_pte
+
+    result = export_pte(ckpt, settings, out, overwrite=args.overwrite, stage=stage)
+
+    table = Table(title=f"Exported {args.model} -> {out}")
+    for col in ("file", "size", "sha256"):
+        table.add_column(col, justify="right" if col == "size" else "left")
+    for name, info in result.manifest["files"].items():
+        table.add_row(name, f"{info['bytes'] / 2**20:,.1f} MiB", info["sha256"][:16])
+    table.add_row("quantization", f"{settings.quant} / emb {settings.embedding_quant}", f"group {settings.group_size}")
+    table.add_row("time", f"{sum(result.seconds.values()):.1f} s", ", ".join(f"{k} {v:.0f}s" for k, v in result.seconds.items()))
+    results().print(table)
+    return 0

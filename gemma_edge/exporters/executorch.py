@@ -1,0 +1,129 @@
+"""Export to an ExecuTorch program (.pte) for the XNNPACK CPU backend.
+
+    OUTDIR/model.pte        forward(tokens [1, T], input_pos [T]) -> logits [1, vocab] of the last position,
+                            T from 1 to max_seq_len; the KV cache lives in the program's mutable buffers
+    OUTDIR/tokenizer.json   (and tokenizer.model where the source has one)
+    OUTDIR/gemma_edge.json  the manifest
+
+The program also carries the constant methods ExecuTorch's own LLM runner reads (get_max_seq_len,
+get_eos_ids, ...), so the same folder runs in the stock runner and Android's LlmModule.
+
+Only the last position's logits are returned: a method with a dynamic length up to max_seq_len that
+returned every row would make ExecuTorch plan max_seq_len x vocab floats (1 GB for Gemma 3 at 1024
+tokens), and the output projection for every prompt token would double the cost of a prefill.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ContextManager
+
+import torch
+from torch import nn
+
+from gemma_edge.checkpoints import Checkpoint, load_model
+from gemma_edge.exporters.manifest import copy_tokenizer, special_tokens, versions, write_manifest
+from gemma_edge.exporters.rewrites import replace_rmsnorm_mean_with_linear
+from gemma_edge.exporters.settings import ExportSettings
+from gemma_edge.exporters.torchao_quant import quantize_for_xnnpack
+from gemma_edge.exporters.tracing import export_model
+from gemma_edge.files import staged_folder
+from gemma_edge.model import Gemma
+
+PTE_FILE = "model.pte"
+Stage = Callable[[str], ContextManager]
+
+
+class LastTokenLogits(nn.Module):
+    """The runner's contract around the model: logits of the last position only, [1, vocab]."""
+
+    def __init__(self, model: Gemma):
+        super().__init__()
+        self.model = model
+        self.max_seq_len = model.max_seq_len
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        hidden = self.model.hidden_states(tokens, input_pos)  # [1, T, hidden]
+        return self.model.logits(hidden[:, -1, :])  # [1, vocab]
+
+
+def runner_metadata(model: Gemma, settings: ExportSettings, stop_ids: list[int]) -> dict[str, object]:
+    """Constant methods read by ExecuTorch's LLM runner (extension/llm/runner, Android LlmModule)."""
+    c = model.config
+    return {
+        "get_max_seq_len": settings.max_seq_len,  # longest single call: prefill chunks up to this
+        "get_max_context_len": settings.max_seq_len,  # positions the cache holds
+        "get_vocab_size": c.vocab_size,
+        "get_bos_id": c.bos_token_id,
+        "get_eos_ids": stop_ids,  # eos and <end_of_turn>: a chat turn ends generation
+        "use_kv_cache": True,
+        "use_sdpa_with_kv_cache": False,
+        "enable_dynamic_shape": True,  # one call per prompt chunk, not per token
+        "get_n_layers": c.num_hidden_layers,
+        "get_n_kv_heads": c.num_key_value_heads,
+        "get_head_dim": c.head_dim,  # stated, not hidden/heads: 256 on Gemma 7B, not 192
+        "get_dim": c.hidden_size,
+    }
+
+
+def lower_to_executorch(model: Gemma, metadata: dict[str, object]) -> bytes:
+    """torch.export -> edge dialect with XNNPACK delegation -> ExecuTorch program bytes."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
+
+    program = export_model(LastTokenLogits(replace_rmsnorm_mean_with_linear(model)))
+    # IR validity checks re-trace the whole graph; export_llama skips them too.
+    edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()], constant_methods=metadata,
+                                       compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True))
+    # Quant fusion turns torchao's dequantize + embedding into ExecuTorch's quantized embedding kernels.
+    config = ExecutorchBackendConfig(do_quant_fusion_and_const_prop=True, extract_delegate_segments=True,
+                                     memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False))
+    return edge.to_executorch(config).buffer
+
+
+@dataclass
+class ExportResult:
+    folder: Path
+    manifest: dict
+    seconds: dict[str, float]  # per stage
+
+
+def export_pte(ckpt: Checkpoint, settings: ExportSettings, outdir: Path, overwrite: bool = False,
+               stage: Stage = lambda name: contextlib.nullcontext()) -> ExportResult:
+    seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def timed(name: str):
+        start = time.perf_counter()
+        with stage(name):
+            yield
+        seconds[name] = time.perf_counter() - start
+
+    with staged_folder(outdir, overwrite) as tmp:
+        with timed("load"):
+            model = load_model(ckpt, settings.max_seq_len)
+        with timed("quantize"):
+            plan = quantize_for_xnnpack(model, settings)
+        stop_ids = special_tokens(ckpt)["stop_token_ids"]
+        with timed("trace and lower"):
+            data = lower_to_executorch(model, runner_metadata(model, settings, stop_ids))
+        with timed("write"):
+            (tmp / PTE_FILE).write_bytes(data)
+            tokenizer = copy_tokenizer(ckpt, tmp)
+            manifest = write_manifest(
+                tmp, ckpt, settings,
+                quantization={"layers": plan},
+                io={"program": PTE_FILE, "method": "forward",
+                    "inputs": [{"name": "tokens", "dtype": "int64", "shape": [1, "T"]},
+                               {"name": "input_pos", "dtype": "int64", "shape": ["T"]}],
+                    "outputs": [{"name": "logits", "dtype": "float32", "shape": [1, model.config.vocab_size],
+                                 "rows": "last position only"}],
+                    "tokens_per_call": [1, settings.max_seq_len],
+                    "kernels": ["executorch.kernels.quantized"] if settings.embedding_quant != "none" else []},
+                tokenizer={"files": tokenizer},
+                versions=versions("torch", "executorch", "torchao", "transformers"))
+    return ExportResult(Path(outdir), manifest, seconds)

@@ -1,0 +1,80 @@
+"""gemma_edge.json: what an export folder holds, how it was made, and how to drive it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from gemma_edge import __version__
+from gemma_edge.checkpoints import Checkpoint
+from gemma_edge.exporters.settings import ExportSettings
+from gemma_edge.files import sha256_file
+
+MANIFEST = "gemma_edge.json"
+END_OF_TURN = "<end_of_turn>"  # Gemma's chat turns end here; instruction-tuned models stop on it
+
+
+def special_tokens(ckpt: Checkpoint) -> dict[str, Any]:
+    """bos/eos/pad from the config; <end_of_turn> from the tokenizer when it has one."""
+    config = ckpt.config
+    end_of_turn = None
+    for f in ckpt.tokenizer_files:
+        if f.name == "tokenizer.json":
+            from tokenizers import Tokenizer
+
+            end_of_turn = Tokenizer.from_file(str(f)).token_to_id(END_OF_TURN)
+    stop = list(config.eos_token_id) + ([end_of_turn] if end_of_turn is not None and end_of_turn not in config.eos_token_id else [])
+    return {"bos_token_id": config.bos_token_id, "eos_token_ids": list(config.eos_token_id),
+            "pad_token_id": config.pad_token_id, "end_of_turn_id": end_of_turn, "stop_token_ids": stop}
+
+
+def copy_tokenizer(ckpt: Checkpoint, folder: Path) -> list[str]:
+    names = []
+    for f in ckpt.tokenizer_files:
+        shutil.copyfile(f, folder / f.name)
+        names.append(f.name)
+    return names
+
+
+def versions(*packages: str) -> dict[str, str]:
+    found = {"gemma-edge": __version__}
+    for p in packages:
+        try:
+            found[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def write_manifest(folder: Path, ckpt: Checkpoint, settings: ExportSettings, **sections: Any) -> dict[str, Any]:
+    """Write gemma_edge.json with a SHA-256 of every other file in the folder."""
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+             for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    manifest = {
+        "gemma_edge_manifest": 1,
+        "format": settings.format,
+        "source": ckpt.source,
+        "config": ckpt.config.to_dict(),
+        "export": settings.to_dict(),
+        "max_seq_len": settings.max_seq_len,
+        "special_tokens": special_tokens(ckpt),
+        **sections,
+        "files": files,
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    from gemma_edge.errors import GemmaEdgeError
+
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise GemmaEdgeError(f"{folder}: no {MANIFEST}; is this a folder written by 'gemma-edge export'?")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise GemmaEdgeError(f"{path}: not valid JSON ({e})") from None

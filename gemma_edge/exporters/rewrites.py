@@ -1,0 +1,33 @@
+"""Export-only rewrites: pure functions module -> module; the eager model stays plain."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gemma_edge.model import RMSNorm
+
+
+class LinearMeanRMSNorm(RMSNorm):
+    """RMSNorm whose mean square is a product with a constant 1/d row: XNNPACK runs linear layers of
+    any rank inside its graph but averages only over 4-D tensors, so a plain mean would split the
+    delegated graph at every norm. Differs from the mean by float32 rounding of 1/d (~1e-7)."""
+
+    mean_row: torch.Tensor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x if x.dtype == torch.float32 else x.float()
+        h = h * torch.rsqrt(F.linear(h * h, self.mean_row) + self.eps)
+        weight = self.weight if self.weight.dtype == torch.float32 else self.weight.float()
+        h = h * (1.0 + weight)
+        return h if x.dtype == torch.float32 else h.type_as(x)
+
+
+def replace_rmsnorm_mean_with_linear(model: nn.Module) -> nn.Module:
+    for module in model.modules():
+        if type(module) is RMSNorm:
+            dim = module.weight.shape[0]
+            module.__class__ = LinearMeanRMSNorm
+            module.register_buffer("mean_row", torch.full((1, dim), 1.0 / dim), persistent=False)
+    return model

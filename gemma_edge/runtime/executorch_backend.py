@@ -1,0 +1,45 @@
+"""An exported .pte run through ExecuTorch's Python runtime, as a generation backend."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from gemma_edge.errors import MissingDependencyError
+from gemma_edge.exporters.manifest import read_manifest
+
+
+class ExecuTorchBackend:
+    def __init__(self, folder: str | Path):
+        folder = Path(folder)
+        self.manifest = read_manifest(folder)
+        self.max_seq_len = int(self.manifest["max_seq_len"])
+        try:
+            import torch
+            from executorch.runtime import Runtime
+
+            # Registers the quantized embedding kernels; without it loading an int8/int4 program
+            # fails with "Missing operator: quantized_decomposed::embedding_byte.out".
+            import executorch.kernels.quantized  # noqa: F401
+        except ImportError:
+            raise MissingDependencyError("running a .pte needs executorch: pip install executorch==1.5.1") from None
+        self._torch = torch
+        program = Runtime.get().load_program(folder / self.manifest["io"]["program"])
+        self._method = program.load_method(self.manifest["io"]["method"])
+
+    def forward_last(self, token_ids: Sequence[int], start_pos: int) -> np.ndarray:
+        """Logits [vocab] of the last of token_ids, placed at start_pos..: one program call."""
+        torch = self._torch
+        tokens = torch.tensor([list(token_ids)], dtype=torch.long)
+        pos = torch.arange(start_pos, start_pos + tokens.shape[1], dtype=torch.long)
+        return self._method.execute([tokens, pos])[0][0].numpy()
+
+    def forward(self, token_ids: Sequence[int], start_pos: int) -> np.ndarray:
+        """Logits [len(token_ids), vocab]. The program returns the last row only, so every row
+        costs one call; generation uses forward_last and prefills in one call."""
+        return np.stack([self.forward_last([t], start_pos + i) for i, t in enumerate(token_ids)])
+
+    def reset(self) -> None:
+        """Nothing to clear: a prefill from position 0 masks every cached slot."""
