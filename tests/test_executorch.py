@@ -158,3 +158,46 @@ def test_unknown_settings_are_named():
         ExportSettings(format="tflite")
     with pytest.raises(ConfigError, match="group-size"):
         ExportSettings(format="pte", group_size=7)
+
+
+def _byte_level_tokenizer(path: Path) -> Path:
+    """A byte-level BPE of at most 1000 tokens with Gemma's special ids (<pad> 0, <eos> 1, <bos> 2).
+
+    Trained on ASCII text only, so that every token is whole UTF-8: the stock runner's Python
+    token callback raises UnicodeDecodeError on a piece that is part of a character.
+    """
+    import pydoc_data.topics
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"])
+    ascii_text = [t.encode("ascii", "ignore").decode() for t in pydoc_data.topics.topics.values()]
+    tok.train_from_iterator(ascii_text, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    tok.save(str(path))
+    return path
+
+
+def test_stock_executorch_runner_generates_what_our_runtime_generates(exports, tmp_path):
+    """ExecuTorch's own LLM runner (the engine behind Android's LlmModule) runs our .pte unchanged."""
+    import shutil
+
+    import executorch.kernels.quantized  # noqa: F401  (the quantized embedding kernels, as Android's AAR has)
+    from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+    from tokenizers import Tokenizer
+
+    folder = tmp_path / "with-tokenizer"
+    shutil.copytree(exports[("tiny-gemma3", "int4")], folder)
+    tokenizer = Tokenizer.from_file(str(_byte_level_tokenizer(folder / "tokenizer.json")))
+    prompt = "The capital of France is"
+
+    pieces: list[str] = []
+    runner = TextLLMRunner(str(folder / "model.pte"), str(folder / "tokenizer.json"))
+    runner.generate(prompt, GenerationConfig(echo=False, max_new_tokens=16, temperature=0.0, num_bos=1),
+                    token_callback=pieces.append)
+
+    ours = greedy(ExecuTorchBackend(folder), tokenizer.encode(prompt).ids, 16, stop_ids=[1]).token_ids
+    assert len(pieces) == len(ours) > 1
+    assert "".join(pieces) == tokenizer.decode(ours)

@@ -26,7 +26,7 @@ from torch import nn
 
 from gemma_edge.checkpoints import Checkpoint, load_model
 from gemma_edge.exporters.manifest import copy_tokenizer, special_tokens, versions, write_manifest
-from gemma_edge.exporters.rewrites import replace_rmsnorm_mean_with_linear
+from gemma_edge.exporters.rewrites import replace_gelu_with_explicit_tanh_form, replace_rmsnorm_mean_with_linear
 from gemma_edge.exporters.settings import ExportSettings
 from gemma_edge.exporters.torchao_quant import quantize_for_xnnpack
 from gemma_edge.exporters.tracing import export_model
@@ -75,7 +75,8 @@ def lower_to_executorch(model: Gemma, metadata: dict[str, object]) -> bytes:
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
 
-    program = export_model(LastTokenLogits(replace_rmsnorm_mean_with_linear(model)))
+    model = replace_gelu_with_explicit_tanh_form(replace_rmsnorm_mean_with_linear(model))
+    program = export_model(LastTokenLogits(model))
     # IR validity checks re-trace the whole graph; export_llama skips them too.
     edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()], constant_methods=metadata,
                                        compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True))

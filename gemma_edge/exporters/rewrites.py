@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gemma_edge.model import RMSNorm
+from gemma_edge.model import FeedForward, RMSNorm
 
 
 class LinearMeanRMSNorm(RMSNorm):
@@ -30,4 +30,25 @@ def replace_rmsnorm_mean_with_linear(model: nn.Module) -> nn.Module:
             dim = module.weight.shape[0]
             module.__class__ = LinearMeanRMSNorm
             module.register_buffer("mean_row", torch.full((1, dim), 1.0 / dim), persistent=False)
+    return model
+
+
+class ExplicitTanhGeluFeedForward(FeedForward):
+    """GeGLU with GELU's tanh form written out. XNNPACK's GELU ignores approximate="tanh" and computes
+    the erf form (measured: 4.7e-4 max abs error on N(0, 3) inputs), which Gemma's weights were not
+    trained with; its tanh is accurate to 2.4e-7."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.gate_proj(x)
+        if self.approximate == "tanh":
+            g = 0.5 * g * (1.0 + torch.tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)))  # sqrt(2/pi)
+        else:
+            g = F.gelu(g)
+        return self.down_proj(g * self.up_proj(x))
+
+
+def replace_gelu_with_explicit_tanh_form(model: nn.Module) -> nn.Module:
+    for module in model.modules():
+        if type(module) is FeedForward:
+            module.__class__ = ExplicitTanhGeluFeedForward
     return model
