@@ -75,15 +75,13 @@ def _eager_quantized(folder: Path, quant: str):
     return EagerBackend(model)
 
 
-# Open bug (issue 3): these two exports differ from the eager model with the same quantized weights
-# by ~0.1 on every logit row (0.08-0.13 max |diff|, logits of a few units), while single quantized
-# linears match XNNPACK to 4e-6 and the other cases to 5e-7. strict: the marker must go when fixed.
-KNOWN_MISMATCH = {("tiny-gemma", "int8"), ("tiny-gemma2", "int4")}
+def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
+    """Mean KL(p || q) over rows, from logits."""
+    p, q = torch.log_softmax(torch.tensor(p_logits), -1), torch.log_softmax(torch.tensor(q_logits), -1)
+    return (p.exp() * (p - q)).sum(-1).mean().item()
 
 
-@pytest.mark.parametrize("name, quant", [
-    pytest.param(n, q, marks=pytest.mark.xfail(strict=True, reason="open bug: systematic ~0.1 logit mismatch"))
-    if (n, q) in KNOWN_MISMATCH else (n, q) for n, q in CASES])
+@pytest.mark.parametrize("name, quant", CASES)
 def test_pte_matches_its_reference(name, quant, exports, tiny_checkpoints):
     folder = tiny_checkpoints[name]
     pte = ExecuTorchBackend(exports[(name, quant)])
@@ -94,17 +92,84 @@ def test_pte_matches_its_reference(name, quant, exports, tiny_checkpoints):
         with torch.no_grad():
             full = load_reference(str(folder))(torch.tensor([ids])).logits[0].numpy()
         torch.testing.assert_close(got, full[PREFILL - 1:], atol=1e-4, rtol=1e-4)
-    else:
-        # The same quantized weights in eager PyTorch: measured max |diff| 6e-7 (int8), 5e-7 (int4).
-        torch.testing.assert_close(got, _rows(_eager_quantized(folder, quant), ids), atol=1e-5, rtol=1e-5)
-        fp32 = _rows(EagerBackend(load_model(folder, MAX_SEQ_LEN)), ids)
-        agree = (got.argmax(-1) == fp32.argmax(-1)).mean()
-        p, q = torch.log_softmax(torch.tensor(fp32), -1), torch.log_softmax(torch.tensor(got), -1)
-        kl = (p.exp() * (p - q)).sum(-1).mean().item()
-        print(f"{name} {quant} vs fp32: top-1 agreement {agree:.0%}, KL {kl:.2e}")
-        # A guard against a broken export, not a quality bar (random heavy weights quantize badly):
-        # measured KL 0.24 (top-1 29%) for tiny-gemma3 int4; the real-model quality test is to come.
-        assert kl < 0.5
+        return
+    quantized = _rows(_eager_quantized(folder, quant), ids)
+    fp32 = _rows(EagerBackend(load_model(folder, MAX_SEQ_LEN)), ids)
+    export_error, quant_error = np.abs(got - quantized).mean(), np.abs(fp32 - quantized).mean()
+    print(f"{name} {quant}: export adds mean |diff| {export_error:.1e} (KL {_kl(quantized, got):.1e}); "
+          f"quantization itself {quant_error:.1e} (KL {_kl(fp32, quantized):.1e}), "
+          f"top-1 agreement with fp32 {(got.argmax(-1) == fp32.argmax(-1)).mean():.0%}")
+    # Activations are quantized per token at run time (8-bit, dynamic), a step function of its
+    # input: float rounding differences of 1e-6 upstream (XNNPACK sums in another order than
+    # PyTorch) move an occasional value across a rounding boundary, one 8-bit step, and the step
+    # then flows through the rest of the model. So the whole model is exact (<= 2.4e-6, measured)
+    # where no boundary was crossed (tiny-gemma-mha, tiny-gemma3) and otherwise off by a fraction
+    # of the quantization error (measured: tiny-gemma int8 7.6%, tiny-gemma2 int4 4.7% of it in
+    # mean |diff|, KL 1.6% and 0.2% of it). Each quantized layer alone is held to 1e-5 on the same
+    # input (test_every_quantized_layer_alone_computes_what_eager_computes).
+    assert export_error <= 0.15 * quant_error
+    assert _kl(quantized, got) <= 0.05 * _kl(fp32, quantized)
+    assert (got.argmax(-1) == quantized.argmax(-1)).all()
+    # A guard against a broken export, not a quality bar (random heavy weights quantize badly):
+    # measured KL 0.24 (top-1 29%) for tiny-gemma3 int4; the real model's quality is tested below.
+    assert _kl(fp32, got) < 0.5
+
+
+@pytest.mark.parametrize("name, quant", [("tiny-gemma2", "int4"), ("tiny-gemma", "int8")])
+def test_every_quantized_layer_alone_computes_what_eager_computes(name, quant, tiny_checkpoints):
+    """The quantized layers of a model (8da4w and 8da8w linears, the int4/int8 embedding; all of the
+    first decoder layer's, the output projection's, the embedding's), each lowered on its own
+    through the exporter's pipeline and run on the input it sees inside the model."""
+    import executorch.kernels.quantized  # noqa: F401  (the quantized embedding kernels)
+    from executorch.runtime import Runtime
+
+    from gemma_edge.exporters.executorch import program_bytes
+
+    model = load_model(tiny_checkpoints[name], MAX_SEQ_LEN)
+    plan = quantize_for_xnnpack(model, ExportSettings(format="pte", quant=quant, max_seq_len=MAX_SEQ_LEN))
+    inputs: dict[str, torch.Tensor] = {}
+
+    def keep_input(layer: str):
+        def hook(module, args, out) -> None:
+            inputs[layer] = args[0].detach().clone()
+        return hook
+
+    layers = [name for name in plan if not name.startswith("layers.") or name.startswith("layers.0.")]
+    for layer in layers:
+        model.get_submodule(layer).register_forward_hook(keep_input(layer))
+    with torch.no_grad():
+        model.hidden_states(torch.tensor([_ids(model.config.vocab_size)[:PREFILL]]), torch.arange(PREFILL))
+        model.lm_head(torch.randn(PREFILL, model.config.hidden_size, generator=torch.Generator().manual_seed(0)))
+    assert set(inputs) == set(layers) and len(layers) == 9
+    checked = exempt = 0
+    for layer, x in inputs.items():
+        module = model.get_submodule(layer)
+        dim = torch.export.Dim("tokens", min=2, max=MAX_SEQ_LEN)
+        with torch.no_grad():
+            program = torch.export.export(module, (x,), dynamic_shapes=({0: dim},))
+            data = program_bytes(program, {})  # kept alive: the loaded program reads constants from it
+            method = Runtime.get().load_program(data).load_method("forward")
+            for rows in (x[:1], x):  # one token (a decode step: another kernel) and a prefill
+                got, expected = method.execute([rows])[0], module(rows)
+                off = ((got - expected).abs() > 1e-5 + 1e-5 * expected.abs()).any(-1)
+                # XNNPACK quantizes activations with its own float arithmetic, so an element
+                # within a few ulps of a rounding tie may land one step away (measured: 35.499996
+                # became 36): such a row may differ, every other row must not.
+                tie = _near_rounding_tie(rows) if rows.is_floating_point() else torch.zeros_like(off)
+                assert not (off & ~tie).any(), (
+                    f"{layer} ({plan[layer]}), rows {(off & ~tie).nonzero().flatten().tolist()} of {len(rows)} differ "
+                    f"by up to {(got - expected).abs().max():.1e}")
+                checked, exempt = checked + len(rows), exempt + int(tie.sum())
+    print(f"{checked} rows checked, {exempt} near a rounding tie")
+    assert exempt <= 0.1 * checked  # measured 5-6 of 189 (tiny-gemma2 int4), 2 of 189 (tiny-gemma int8)
+
+
+def _near_rounding_tie(x: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """Per row of x [T, d]: whether an element lies within eps of a rounding tie of 8-bit per-token
+    asymmetric quantization (the dynamic activation quantization of 8da4w/8da8w)."""
+    scale = (x.amax(-1, keepdim=True).clamp(min=0) - x.amin(-1, keepdim=True).clamp(max=0)) / 255
+    scaled = x / scale
+    return ((scaled - scaled.floor() - 0.5).abs() < eps).any(-1)
 
 
 @pytest.mark.parametrize("name, quant", [("tiny-gemma3", "int4"), ("tiny-gemma2", "int4"), ("tiny-gemma3", "fp32")])

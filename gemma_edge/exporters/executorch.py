@@ -70,13 +70,17 @@ def runner_metadata(model: Gemma, settings: ExportSettings, stop_ids: list[int])
 
 
 def lower_to_executorch(model: Gemma, metadata: dict[str, object]) -> bytes:
-    """torch.export -> edge dialect with XNNPACK delegation -> ExecuTorch program bytes."""
+    """The export-only rewrites, the runner's last-row contract, torch.export, then lowering."""
+    model = replace_gelu_with_explicit_tanh_form(replace_rmsnorm_mean_with_linear(model))
+    return program_bytes(export_model(LastTokenLogits(model)), metadata)
+
+
+def program_bytes(program: torch.export.ExportedProgram, metadata: dict[str, object]) -> bytes:
+    """An exported program -> edge dialect with XNNPACK delegation -> ExecuTorch program bytes."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
 
-    model = replace_gelu_with_explicit_tanh_form(replace_rmsnorm_mean_with_linear(model))
-    program = export_model(LastTokenLogits(model))
     # IR validity checks re-trace the whole graph; export_llama skips them too.
     edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()], constant_methods=metadata,
                                        compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True))

@@ -1,0 +1,43 @@
+"""Exports of the real model made once per content, so the test suite does not lower for minutes
+on every run: the key covers the source's files, the export settings, this package's code and
+the versions of the libraries that lower it. A new key replaces the old exports of the same
+source and settings, so the cache holds one export per (source, settings)."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import gemma_edge
+from gemma_edge.checkpoints import Checkpoint, cache_dir
+from gemma_edge.exporters.executorch import export_pte
+from gemma_edge.exporters.manifest import MANIFEST, versions
+from gemma_edge.exporters.settings import ExportSettings
+from gemma_edge.files import sha256_file
+
+
+def content_key(ckpt: Checkpoint, settings: ExportSettings) -> str:
+    digest = hashlib.sha256(repr(settings).encode())
+    if ckpt.hf_dir is None:
+        digest.update(ckpt.source.encode())
+    else:
+        for f in sorted(p for p in ckpt.hf_dir.iterdir() if p.is_file()):
+            digest.update(f"{f.name}:{sha256_file(f)}".encode())
+    package = Path(gemma_edge.__file__).parent
+    for f in sorted(package.rglob("*.py")):
+        digest.update(f"{f.relative_to(package)}:".encode() + f.read_bytes())
+    digest.update(repr(sorted(versions("torch", "executorch", "torchao", "transformers").items())).encode())
+    return digest.hexdigest()[:16]
+
+
+def cached_pte(ckpt: Checkpoint, settings: ExportSettings) -> Path:
+    label = f"{ckpt.source.replace('/', '_')}-{settings.quant}-g{settings.group_size}-e{settings.embedding_quant}-{settings.max_seq_len}"
+    root = cache_dir() / "test-exports"
+    folder = root / f"{label}-{content_key(ckpt, settings)}"
+    if not (folder / MANIFEST).is_file():
+        export_pte(ckpt, settings, folder, overwrite=True)
+        for old in root.glob(f"{label}-*"):
+            if old != folder and not old.name.startswith("."):
+                shutil.rmtree(old, ignore_errors=True)
+    return folder

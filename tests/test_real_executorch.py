@@ -1,0 +1,120 @@
+"""The real Gemma 3 270M exported to .pte at int8 and int4: quality on real English, size, and the
+stock ExecuTorch runner. Exports are cached by content (tests/export_cache.py): minutes each."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from export_cache import cached_pte
+from gemma_edge.checkpoints import load_model, resolve
+from gemma_edge.exporters.settings import ExportSettings
+from gemma_edge.exporters.torchao_quant import INT4, INT8
+from gemma_edge.runtime.eager import EagerBackend
+from gemma_edge.runtime.executorch_backend import ExecuTorchBackend
+from gemma_edge.runtime.generation import greedy
+from test_real_model import real_english_ids
+
+pytestmark = pytest.mark.slow
+
+TOKENS = 512  # of the CPython reference manual: English written by others
+MAX_SEQ_LEN = 1024
+MIB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def real():
+    from tokenizers import Tokenizer
+
+    ckpt = resolve("gemma-3-270m")
+    tokenizer = Tokenizer.from_file(str(ckpt.hf_dir / "tokenizer.json"))
+    ids = real_english_ids(tokenizer, TOKENS)
+    fp32 = EagerBackend(load_model(ckpt, MAX_SEQ_LEN)).forward(ids, 0)  # [TOKENS, vocab], one prefill
+    return ckpt, tokenizer, ids, fp32
+
+
+@pytest.fixture(scope="module")
+def exports(real):
+    ckpt = real[0]
+    return {q: cached_pte(ckpt, ExportSettings(format="pte", quant=q, max_seq_len=MAX_SEQ_LEN)) for q in ("int8", "int4")}
+
+
+def quality(logits: np.ndarray, fp32: np.ndarray, ids: list[int]) -> dict[str, float]:
+    """Perplexity ratio (of the next tokens of the text), top-1 agreement and mean KL against fp32."""
+    lp = torch.log_softmax(torch.tensor(logits[:-1]), -1)
+    ref = torch.log_softmax(torch.tensor(fp32[:-1]), -1)
+    target = torch.tensor(ids[1:])[:, None]
+    nll, nll_fp32 = -lp.gather(-1, target).mean().item(), -ref.gather(-1, target).mean().item()
+    return {"ppl": float(np.exp(nll)), "ppl_fp32": float(np.exp(nll_fp32)), "ppl_ratio": float(np.exp(nll - nll_fp32)),
+            "top1": (lp.argmax(-1) == ref.argmax(-1)).float().mean().item(),
+            "kl": (ref.exp() * (ref - lp)).sum(-1).mean().item()}
+
+
+# Measured on this text (fp32 perplexity 21.61), default settings (group 32; embeddings int8 with
+# int8, int4 with int4). The bounds sit a little outside the measurements; a broken export lands
+# far outside them. int4 is far from the product's target (ratio <= 1.10): measured in eager
+# PyTorch, int4 weights alone cost x1.55 on the decoder's linears (v_proj x1.09, up_proj x1.10,
+# down_proj x1.07 each alone), x1.075 on the output projection, x1.046 on the embedding.
+BOUNDS = {
+    "int8": {"ppl_ratio": 1.03, "top1": 0.90, "kl": 0.04},  # measured x1.006, top-1 92.4%, KL 0.026
+    "int4": {"ppl_ratio": 2.05, "top1": 0.55, "kl": 0.76},  # measured x1.932, top-1 59.5%, KL 0.701
+}
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_real_pte_quality_on_real_english(quant, real, exports):
+    ckpt, tokenizer, ids, fp32 = real
+    pte = ExecuTorchBackend(exports[quant])
+    got = quality(pte.forward(ids, 0), fp32, ids)  # one program call per token: every cache position used
+    print(f"gemma-3-270m {quant} .pte on {TOKENS} tokens: perplexity {got['ppl']:.2f} vs fp32 {got['ppl_fp32']:.2f} "
+          f"(x{got['ppl_ratio']:.3f}), top-1 agreement {got['top1']:.1%}, KL {got['kl']:.3f}")
+    bounds = BOUNDS[quant]
+    assert got["ppl_ratio"] <= bounds["ppl_ratio"] and got["top1"] >= bounds["top1"] and got["kl"] <= bounds["kl"], got
+
+
+def ideal_bytes(manifest: dict) -> int:
+    """Weights at their nominal width plus their scales (bf16 per group for int4 linears, fp32 per
+    row for int8, fp32 per group or row for the embedding), plus the float norm weights."""
+    c, plan, group = manifest["config"], manifest["quantization"]["layers"], manifest["export"]["group_size"]
+    h, d, inter = c["hidden_size"], c["head_dim"], c["intermediate_size"]
+    shapes = {"q_proj": (h, c["num_attention_heads"] * d), "k_proj": (h, c["num_key_value_heads"] * d),
+              "v_proj": (h, c["num_key_value_heads"] * d), "o_proj": (c["num_attention_heads"] * d, h),
+              "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h), "lm_head": (h, c["vocab_size"])}
+    total = 0
+    for layer, scheme in plan.items():
+        if layer == "embed_tokens":
+            n = c["vocab_size"] * h
+            total += n // 2 + n // group * 4 if scheme.startswith("int4") else n + c["vocab_size"] * 4
+            continue
+        inp, out = shapes[layer.rsplit(".", 1)[-1]]
+        total += inp * out // 2 + inp // group * out * 2 if scheme == INT4 else inp * out + out * 4
+    norms = c["num_hidden_layers"] * (4 * h + 2 * d) + h
+    return total + norms * 4
+
+
+def test_real_int4_pte_is_within_10_percent_of_its_ideal_size(exports):
+    import json
+
+    manifest = json.loads((exports["int4"] / "gemma_edge.json").read_text())
+    assert set(manifest["quantization"]["layers"].values()) <= {INT4, INT8, "int4 groupwise (weight only)"}
+    size, ideal = (exports["int4"] / "model.pte").stat().st_size, ideal_bytes(manifest)
+    print(f"gemma-3-270m int4 .pte: {size / MIB:.1f} MiB, ideal {ideal / MIB:.1f} MiB (+{size / ideal - 1:.1%})")
+    assert ideal < size <= 1.10 * ideal  # measured 248.6 MiB, ideal 244.0 MiB (+1.9%)
+    int8 = (exports["int8"] / "model.pte").stat().st_size
+    assert size < 0.62 * int8  # measured: int4 248.6 MiB, int8 423.0 MiB
+
+
+def test_stock_runner_on_the_real_int4_pte_generates_what_our_runtime_generates(real, exports):
+    import executorch.kernels.quantized  # noqa: F401
+    from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+
+    tokenizer = real[1]
+    folder = exports["int4"]
+    prompt = "The capital of France is"
+    pieces: list[str] = []
+    runner = TextLLMRunner(str(folder / "model.pte"), str(folder / "tokenizer.json"))
+    runner.generate(prompt, GenerationConfig(echo=False, max_new_tokens=24, temperature=0.0, num_bos=1),
+                    token_callback=pieces.append)
+    ours = greedy(ExecuTorchBackend(folder), tokenizer.encode(prompt).ids, 24, stop_ids=[1, 106]).token_ids
+    assert "".join(pieces) == tokenizer.decode(ours) and len(ours) == 24
