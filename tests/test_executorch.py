@@ -111,7 +111,7 @@ def test_pte_matches_its_reference(name, quant, exports, tiny_checkpoints):
     assert _kl(quantized, got) <= 0.05 * _kl(fp32, quantized)
     assert (got.argmax(-1) == quantized.argmax(-1)).all()
     # A guard against a broken export, not a quality bar (random heavy weights quantize badly):
-    # measured KL 0.24 (top-1 29%) for tiny-gemma3 int4; the real model's quality is tested below.
+    # measured KL 0.24 (top-1 29%) for tiny-gemma3 int4; the real model's quality: test_real_executorch.py.
     assert _kl(fp32, got) < 0.5
 
 
@@ -134,7 +134,7 @@ def test_every_quantized_layer_alone_computes_what_eager_computes(name, quant, t
             inputs[layer] = args[0].detach().clone()
         return hook
 
-    layers = [name for name in plan if not name.startswith("layers.") or name.startswith("layers.0.")]
+    layers = [layer for layer in plan if not layer.startswith("layers.") or layer.startswith("layers.0.")]
     for layer in layers:
         model.get_submodule(layer).register_forward_hook(keep_input(layer))
     with torch.no_grad():
