@@ -75,7 +75,7 @@ def _eager_quantized(folder: Path, quant: str):
     return EagerBackend(model)
 
 
-def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
+def mean_kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
     """Mean KL(p || q) over rows, from logits."""
     p, q = torch.log_softmax(torch.tensor(p_logits), -1), torch.log_softmax(torch.tensor(q_logits), -1)
     return (p.exp() * (p - q)).sum(-1).mean().item()
@@ -96,8 +96,8 @@ def test_pte_matches_its_reference(name, quant, exports, tiny_checkpoints):
     quantized = _rows(_eager_quantized(folder, quant), ids)
     fp32 = _rows(EagerBackend(load_model(folder, MAX_SEQ_LEN)), ids)
     export_error, quant_error = np.abs(got - quantized).mean(), np.abs(fp32 - quantized).mean()
-    print(f"{name} {quant}: export adds mean |diff| {export_error:.1e} (KL {_kl(quantized, got):.1e}); "
-          f"quantization itself {quant_error:.1e} (KL {_kl(fp32, quantized):.1e}), "
+    print(f"{name} {quant}: export adds mean |diff| {export_error:.1e} (KL {mean_kl(quantized, got):.1e}); "
+          f"quantization itself {quant_error:.1e} (KL {mean_kl(fp32, quantized):.1e}), "
           f"top-1 agreement with fp32 {(got.argmax(-1) == fp32.argmax(-1)).mean():.0%}")
     # Activations are quantized per token at run time (8-bit, dynamic), a step function of its
     # input: float rounding differences of 1e-6 upstream (XNNPACK sums in another order than
@@ -108,11 +108,11 @@ def test_pte_matches_its_reference(name, quant, exports, tiny_checkpoints):
     # mean |diff|, KL 1.6% and 0.2% of it). Each quantized layer alone is held to 1e-5 on the same
     # input (test_every_quantized_layer_alone_computes_what_eager_computes).
     assert export_error <= 0.15 * quant_error
-    assert _kl(quantized, got) <= 0.05 * _kl(fp32, quantized)
+    assert mean_kl(quantized, got) <= 0.05 * mean_kl(fp32, quantized)
     assert (got.argmax(-1) == quantized.argmax(-1)).all()
     # A guard against a broken export, not a quality bar (random heavy weights quantize badly):
     # measured KL 0.24 (top-1 29%) for tiny-gemma3 int4; the real model's quality: test_real_executorch.py.
-    assert _kl(fp32, got) < 0.5
+    assert mean_kl(fp32, got) < 0.5
 
 
 @pytest.mark.parametrize("name, quant", [("tiny-gemma2", "int4"), ("tiny-gemma", "int8")])
