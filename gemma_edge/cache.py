@@ -35,15 +35,19 @@ class KVCache(nn.Module):
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write k, v [kv_heads, T, head_dim] for the consecutive positions input_pos [T]."""
-        slots = input_pos
-        if self.ring:
-            # A prefill longer than the ring maps several positions to one slot, and which write
-            # wins would be undefined. Positions that a later one of this call displaces go to the
-            # spare slot instead, which is never read: every shape stays static (no slicing by T).
-            live = input_pos > input_pos[-1] - self.size
-            slots = torch.where(live, input_pos % self.size, self.size)
+        slots = self.slots_of(input_pos)
         self.k.index_copy_(1, slots, k)
         self.v.index_copy_(1, slots, v)
+
+    def slots_of(self, input_pos: torch.Tensor) -> torch.Tensor:
+        """[T] int64: the slot each of the consecutive positions input_pos [T] is written to."""
+        if not self.ring:
+            return input_pos
+        # A prefill longer than the ring maps several positions to one slot, and which write
+        # wins would be undefined. Positions that a later one of this call displaces go to the
+        # spare slot instead, which is never read: every shape stays static (no slicing by T).
+        live = input_pos > input_pos[-1] - self.size
+        return torch.where(live, input_pos % self.size, self.size)
 
     def positions(self, start: torch.Tensor) -> torch.Tensor:
         """[slots] int64: the position each slot holds once 0..start-1 were written; < 0 or >= start: none."""

@@ -1,10 +1,12 @@
 """Exports of the real model made once per content, so the test suite does not lower for minutes
-on every run: the key covers the source's files, the export settings, this package's code and
-the versions of the libraries that lower it. A new key replaces the old exports of the same
+on every run: the key covers the source's files, the export settings, the package modules the
+exporter imports (directly or not, found by parsing them: a change to the runtime or the CLI
+keeps the cache) and the versions of the libraries that lower it. A new key replaces the old exports of the same
 source and settings, so the cache holds one export per (source, settings)."""
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import shutil
 from pathlib import Path
@@ -25,10 +27,30 @@ def content_key(ckpt: Checkpoint, settings: ExportSettings) -> str:
         for f in sorted(p for p in ckpt.hf_dir.iterdir() if p.is_file()):
             digest.update(f"{f.name}:{sha256_file(f)}".encode())
     package = Path(gemma_edge.__file__).parent
-    for f in sorted(package.rglob("*.py")):
+    for f in sorted(_imported_closure(package / "exporters" / "executorch.py", package)):
         digest.update(f"{f.relative_to(package)}:".encode() + f.read_bytes())
     digest.update(repr(sorted(versions("torch", "executorch", "torchao", "transformers").items())).encode())
     return digest.hexdigest()[:16]
+
+
+def _imported_closure(start: Path, package: Path) -> set[Path]:
+    """start and every gemma_edge module it imports, at any depth, also inside functions."""
+    seen, todo = set(), [start]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            for name in names:
+                if name == "gemma_edge" or not name.startswith("gemma_edge."):
+                    continue
+                base = package.joinpath(*name.split(".")[1:])
+                todo += [p for p in (base.with_suffix(".py"), base / "__init__.py") if p.is_file()]
+    return seen
 
 
 def cached_pte(ckpt: Checkpoint, settings: ExportSettings) -> Path:

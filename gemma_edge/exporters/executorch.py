@@ -26,7 +26,8 @@ from torch import nn
 
 from gemma_edge.checkpoints import Checkpoint, load_model
 from gemma_edge.exporters.manifest import copy_tokenizer, special_tokens, versions, write_manifest
-from gemma_edge.exporters.rewrites import replace_gelu_with_explicit_tanh_form, replace_rmsnorm_mean_with_linear
+from gemma_edge.exporters.rewrites import (LLAMA_OPS_MODULE, replace_gelu_with_explicit_tanh_form,
+                                           replace_rmsnorm_mean_with_linear, write_caches_in_place)
 from gemma_edge.exporters.settings import ExportSettings
 from gemma_edge.exporters.torchao_quant import quantize_for_xnnpack
 from gemma_edge.exporters.tracing import export_model
@@ -71,7 +72,7 @@ def runner_metadata(model: Gemma, settings: ExportSettings, stop_ids: list[int])
 
 def lower_to_executorch(model: Gemma, metadata: dict[str, object]) -> bytes:
     """The export-only rewrites, the runner's last-row contract, torch.export, then lowering."""
-    model = replace_gelu_with_explicit_tanh_form(replace_rmsnorm_mean_with_linear(model))
+    model = write_caches_in_place(replace_gelu_with_explicit_tanh_form(replace_rmsnorm_mean_with_linear(model)))
     return program_bytes(export_model(LastTokenLogits(model)), metadata)
 
 
@@ -128,7 +129,8 @@ def export_pte(ckpt: Checkpoint, settings: ExportSettings, outdir: Path, overwri
                     "outputs": [{"name": "logits", "dtype": "float32", "shape": [1, model.config.vocab_size],
                                  "rows": "last position only"}],
                     "tokens_per_call": [1, settings.max_seq_len],
-                    "kernels": ["executorch.kernels.quantized"] if settings.embedding_quant != "none" else []},
+                    # Python modules whose import registers the kernels the program calls.
+                    "kernels": [LLAMA_OPS_MODULE] + (["executorch.kernels.quantized"] if settings.embedding_quant != "none" else [])},
                 tokenizer={"files": tokenizer},
                 versions=versions("torch", "executorch", "torchao", "transformers"))
     return ExportResult(Path(outdir), manifest, seconds)

@@ -7,8 +7,10 @@ from typing import Sequence
 
 import numpy as np
 
-from gemma_edge.errors import MissingDependencyError
+from gemma_edge.errors import GemmaEdgeError, MissingDependencyError
 from gemma_edge.exporters.manifest import read_manifest
+
+KERNEL_MODULES = ("executorch.extension.llm.custom_ops.custom_ops", "executorch.kernels.quantized")
 
 
 class ExecuTorchBackend:
@@ -17,12 +19,18 @@ class ExecuTorchBackend:
         self.manifest = read_manifest(folder)
         self.max_seq_len = int(self.manifest["max_seq_len"])
         try:
+            import importlib
+
             import torch
             from executorch.runtime import Runtime
 
-            # Registers the quantized embedding kernels; without it loading an int8/int4 program
-            # fails with "Missing operator: quantized_decomposed::embedding_byte.out".
-            import executorch.kernels.quantized  # noqa: F401
+            # Importing these registers kernels a program calls outside its delegate (ExecuTorch's
+            # llama::* cache op, the quantized embeddings); without them loading fails with
+            # "Missing operator: ...". Only modules of this list are imported, whatever the manifest says.
+            for name in self.manifest["io"].get("kernels", []):
+                if name not in KERNEL_MODULES:
+                    raise GemmaEdgeError(f"{folder}: the manifest asks for unknown kernels {name!r}; re-export with this gemma-edge")
+                importlib.import_module(name)
         except ImportError:
             raise MissingDependencyError("running a .pte needs executorch: pip install executorch==1.5.1") from None
         self._torch = torch
