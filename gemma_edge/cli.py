@@ -56,13 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=_check)
 
     export = verbs.add_parser(
-        "export", help="export MODEL to an ExecuTorch (.pte) folder with a static KV cache",
+        "export", help="export MODEL to an ExecuTorch (.pte) or ONNX folder with a static KV cache",
         description="Export MODEL with int8/int4 weights and a static KV cache to OUTDIR: the program, "
                     "the tokenizer and gemma_edge.json (settings, I/O contract, SHA-256 of every file).")
     export.add_argument("model", metavar="MODEL", help=MODEL_HELP)
-    export.add_argument("--format", default="pte", help="pte (ExecuTorch, XNNPACK); onnx is planned (default: %(default)s)")
+    export.add_argument("--format", default="pte", help="pte (ExecuTorch, XNNPACK) or onnx (ONNX Runtime) (default: %(default)s)")
     export.add_argument("--quant", default="int4", help="linear layers: fp32, int8 or int4 (default: %(default)s)")
-    export.add_argument("--group-size", type=int, default=32, help="int4 columns per scale (default: %(default)s)")
+    export.add_argument("--group-size", type=int, default=32, help="weights per int4 scale (ONNX: per int8 scale too) (default: %(default)s)")
     export.add_argument("--embedding-quant", default=None,
                         help="none, int8 or int4 (default: int8 for --quant int8, int4 for int4, none for fp32)")
     export.add_argument("--max-seq-len", type=int, default=1024, help="KV cache length in tokens (default: %(default)s)")

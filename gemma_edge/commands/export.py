@@ -7,7 +7,6 @@ import contextlib
 import time
 from pathlib import Path
 
-from gemma_edge.errors import ConfigError
 
 
 def run(args: argparse.Namespace) -> int:
@@ -20,8 +19,6 @@ def run(args: argparse.Namespace) -> int:
 
     settings = ExportSettings(format=args.format, quant=args.quant, group_size=args.group_size,
                               embedding_quant=args.embedding_quant, max_seq_len=args.max_seq_len)
-    if args.format != "pte":
-        raise ConfigError(f"--format {args.format} is not available yet; valid now: pte")
     console = progress()
     out = Path(args.output)
 
@@ -35,9 +32,11 @@ def run(args: argparse.Namespace) -> int:
     with stage(f"resolve {args.model}"):
         ckpt = resolve(args.model)
     check_max_seq_len(ckpt.config, settings.max_seq_len)
-    from gemma_edge.exporters.executorch import export_pte
-
-    result = export_pte(ckpt, settings, out, overwrite=args.overwrite, stage=stage)
+    if settings.format == "pte":
+        from gemma_edge.exporters.executorch import export_pte as export
+    else:
+        from gemma_edge.exporters.onnx import export_onnx as export
+    result = export(ckpt, settings, out, overwrite=args.overwrite, stage=stage)
 
     table = Table(title=f"Exported {args.model} -> {out}")
     for col in ("file", "size", "sha256"):

@@ -6,12 +6,14 @@ import json
 import shutil
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gemma_edge import __version__
-from gemma_edge.checkpoints import Checkpoint
 from gemma_edge.exporters.settings import ExportSettings
 from gemma_edge.files import sha256_file
+
+if TYPE_CHECKING:  # the runtime reads manifests where torch (which checkpoints needs) is absent
+    from gemma_edge.checkpoints import Checkpoint
 
 MANIFEST = "gemma_edge.json"
 END_OF_TURN = "<end_of_turn>"  # Gemma's chat turns end here; instruction-tuned models stop on it

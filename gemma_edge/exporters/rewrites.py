@@ -95,3 +95,32 @@ def write_caches_in_place(model: nn.Module) -> nn.Module:
             cache.register_buffer("k4", k.unsqueeze(2).contiguous(), persistent=False)
             cache.register_buffer("v4", v.unsqueeze(2).contiguous(), persistent=False)
     return model
+
+
+class TensorKVCache(KVCache):
+    """A cache whose contents come in and go out as tensors, for graphs without state (ONNX).
+
+    k and v are plain attributes [kv_heads, slots, head_dim] set before each call and replaced,
+    not mutated, by update: exported, the write is a scatter from the past tensor to the present.
+    Every layer holds max_seq_len slots (no ring): the ecosystem's past/present contract is one
+    fixed [batch, kv_heads, max_seq_len, head_dim] per layer. Sliding layers still mask by window.
+    """
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        slots = self.slots_of(input_pos)
+        self.k = self.k.index_copy(1, slots, k)
+        self.v = self.v.index_copy(1, slots, v)
+
+
+def pass_caches_as_tensors(model: nn.Module, max_seq_len: int) -> nn.Module:
+    for module in model.modules():
+        cache = getattr(module, "cache", None)
+        if type(cache) is KVCache:
+            kv, _, d = cache.k.shape
+            dtype = cache.k.dtype
+            del cache.k, cache.v
+            cache.__class__ = TensorKVCache
+            cache.size = cache.slots = max_seq_len
+            cache.ring = False
+            cache.k = cache.v = torch.zeros(kv, max_seq_len, d, dtype=dtype)  # shape examples; set per call
+    return model

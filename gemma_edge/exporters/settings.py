@@ -33,6 +33,9 @@ class ExportSettings:
         _one_of("embedding quantization", self.embedding_quant, EMBEDDING_QUANTS)
         if self.group_size < 2 or self.group_size % 2:
             raise ConfigError(f"--group-size must be an even number of at least 2, got {self.group_size}")
+        g = self.group_size
+        if self.format == "onnx" and (g < 16 or g & (g - 1)):  # MatMulNBits and GatherBlockQuantized blocks
+            raise ConfigError(f"--format onnx needs a --group-size that is a power of 2 of at least 16 (16, 32, 64, ...), got {g}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

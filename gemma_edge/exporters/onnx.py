@@ -1,0 +1,149 @@
+"""Export to ONNX for ONNX Runtime (CPU), with a static KV cache passed in and out as tensors.
+
+    OUTDIR/model.onnx       input_ids [1, T], position_ids [1, T] (consecutive), and per layer N
+                            past_key_values.N.key / .value [1, kv_heads, max_seq_len, head_dim]
+                            -> logits [1, T, vocab], present.N.key / .value (same shapes as past)
+    OUTDIR/model.onnx.data  the weights, when the model is over 2 GB (ONNX's protobuf limit)
+    OUTDIR/tokenizer.json   (and tokenizer.model where the source has one)
+    OUTDIR/gemma_edge.json  the manifest
+
+The cache is static: present is past with this call's positions written (ScatterND), never a
+concatenation, so no shape depends on how many tokens were generated. Give present the same
+buffer as past (IO binding) and ONNX Runtime writes in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gemma_edge.checkpoints import Checkpoint, load_model
+from gemma_edge.exporters.executorch import ExportResult, Stage
+from gemma_edge.exporters.manifest import copy_tokenizer, special_tokens, versions, write_manifest
+from gemma_edge.exporters.onnx_quant import quantize_onnx
+from gemma_edge.exporters.rewrites import TensorKVCache, pass_caches_as_tensors
+from gemma_edge.exporters.settings import ExportSettings
+from gemma_edge.files import staged_folder
+from gemma_edge.model import Gemma
+
+ONNX_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+OPSET = 23  # RMSNormalization and the current Attention ops; ONNX Runtime >= 1.22 runs it
+MIN_ORT = "1.22"
+PROTOBUF_LIMIT = 2 << 30
+
+
+def cache_names(layers: int, prefix: str) -> list[str]:
+    return [f"{prefix}.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+
+
+class CacheInOut(nn.Module):
+    """The ecosystem's I/O contract around the model: past caches in, logits and present caches out."""
+
+    def __init__(self, model: Gemma):
+        super().__init__()
+        self.model = pass_caches_as_tensors(model, model.max_seq_len)
+        self.caches: list[TensorKVCache] = [layer.attn.cache for layer in model.layers]
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                past: list[list[torch.Tensor]]) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
+        for cache, (k, v) in zip(self.caches, past):  # [1, kv_heads, max_seq_len, head_dim]
+            cache.k, cache.v = k[0], v[0]
+        logits = self.model.logits(self.model.hidden_states(input_ids, position_ids[0]))  # [1, T, vocab]
+        return logits, [[cache.k[None], cache.v[None]] for cache in self.caches]
+
+
+def trace_to_onnx(model: Gemma):
+    """torch.onnx.export (dynamo) with a dynamic token count T up to max_seq_len -> onnx.ModelProto."""
+    from torch.fx.experimental import _config as fx_config
+
+    wrapper = CacheInOut(model).eval()
+    layers, n = len(wrapper.caches), model.max_seq_len
+    # The symbolic range starts at 2 because torch.export specializes sizes 0 and 1; the graph has
+    # no branch on T, so T = 1 (a decode step) runs the same graph, which the tests check.
+    t = torch.export.Dim("sequence_length", min=2, max=max(n, 2))
+    past = [[c.k[None].clone(), c.v[None].clone()] for c in wrapper.caches]
+    example = (torch.zeros(1, 2, dtype=torch.long), torch.arange(2)[None], past)
+    with fx_config.patch(backed_size_oblivious=True), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            wrapper, example, dynamo=True, opset_version=OPSET, verbose=False,
+            dynamic_shapes=({1: t}, {1: t}, [[None, None] for _ in past]),
+            input_names=["input_ids", "position_ids"] + cache_names(layers, "past_key_values"),
+            output_names=["logits"] + cache_names(layers, "present"))
+    proto = program.model_proto
+    for value in list(proto.graph.input) + list(proto.graph.output):  # one readable name for T
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param:
+                dim.dim_param = "sequence_length"
+    return proto
+
+
+def save_onnx(proto, folder: Path) -> list[str]:
+    """model.onnx, with the weights in model.onnx.data when the whole would pass protobuf's 2 GB."""
+    import onnx
+
+    external = proto.ByteSize() > PROTOBUF_LIMIT - (64 << 20) if _fits_bytesize(proto) else True
+    onnx.save_model(proto, str(folder / ONNX_FILE), save_as_external_data=external, all_tensors_to_one_file=True,
+                    location=DATA_FILE, size_threshold=1024)
+    return [ONNX_FILE] + ([DATA_FILE] if external else [])
+
+
+def _fits_bytesize(proto) -> bool:
+    try:
+        proto.ByteSize()
+        return True
+    except Exception:  # protobuf refuses to size a message over 2 GB
+        return False
+
+
+def io_contract(model: Gemma) -> dict:
+    c, n = model.config, model.max_seq_len
+    cache = [1, c.num_key_value_heads, n, c.head_dim]
+    layers = c.num_hidden_layers
+    return {
+        "program": ONNX_FILE,
+        "inputs": [{"name": "input_ids", "dtype": "int64", "shape": [1, "T"]},
+                   {"name": "position_ids", "dtype": "int64", "shape": [1, "T"], "rows": "consecutive positions"}]
+                  + [{"name": name, "dtype": "float32", "shape": cache} for name in cache_names(layers, "past_key_values")],
+        "outputs": [{"name": "logits", "dtype": "float32", "shape": [1, "T", c.vocab_size], "rows": "every position"}]
+                   + [{"name": name, "dtype": "float32", "shape": cache} for name in cache_names(layers, "present")],
+        "tokens_per_call": [1, n],
+        "cache": "static: present = past with this call's positions written; bind both to one buffer",
+        "opset": OPSET,
+        "min_onnxruntime": MIN_ORT,
+    }
+
+
+def export_onnx(ckpt: Checkpoint, settings: ExportSettings, outdir: Path, overwrite: bool = False,
+                stage: Stage = lambda name: contextlib.nullcontext()) -> ExportResult:
+    seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def timed(name: str):
+        start = time.perf_counter()
+        with stage(name):
+            yield
+        seconds[name] = time.perf_counter() - start
+
+    with staged_folder(outdir, overwrite) as tmp:
+        with timed("load"):
+            model = load_model(ckpt, settings.max_seq_len)
+            io = io_contract(model)
+        with timed("trace"):
+            proto = trace_to_onnx(model)
+            del model
+        with timed("quantize"):
+            proto, plan = quantize_onnx(proto, settings)
+        with timed("write"):
+            files = save_onnx(proto, tmp)
+            tokenizer = copy_tokenizer(ckpt, tmp)
+            manifest = write_manifest(tmp, ckpt, settings, quantization={"layers": plan},
+                                      io={**io, "files": files}, tokenizer={"files": tokenizer},
+                                      versions=versions("torch", "onnx", "onnxscript", "onnxruntime", "transformers"))
+    return ExportResult(Path(outdir), manifest, seconds)

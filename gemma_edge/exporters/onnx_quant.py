@@ -1,0 +1,184 @@
+"""Weight quantization of an exported ONNX graph, with onnxruntime's own tools.
+
+- Linear layers (every decoder projection and the output projection) become MatMulNBits: 4-bit
+  (int4) or 8-bit (int8) symmetric blocks of --group-size along the input dimension, through
+  onnxruntime's MatMulNBitsQuantizer. A width that is not a multiple of the block is padded with
+  zeros inside the op, which is exact.
+- The embedding becomes GatherBlockQuantized, 4-bit or 8-bit symmetric blocks along the hidden
+  axis, written here: onnxruntime's quantizer does 4-bit Gathers only, while the op (1.32) takes
+  uint8 data of 4 or 8 bits, so one writer serves both.
+- Gemma ties the output projection to the embedding: the projection gets its own quantized copy
+  (a MatMulNBits weight is laid out for the matmul), the table its own, and no fp32 copy remains.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gemma_edge.exporters.settings import ExportSettings
+
+# MatMulNBits' compute precision. 4: activations quantized to int8 per block, int8 dot products.
+ACCURACY_LEVEL = 4
+EMBEDDING = "model.embed_tokens.weight"
+
+
+def _initializers(graph) -> dict:
+    return {t.name: t for t in graph.initializer}
+
+
+def linear_weights_to_matmul(proto) -> list[str]:
+    """Rewrite every linear layer as MatMul(x, W^T) with W^T a [in, out] initializer, the form
+    onnxruntime's quantizer takes; returns the MatMul node names.
+
+    The exporter writes a linear layer as Gemm(x, W, transB=1) when x is 2-D and as
+    MatMul(x, Transpose(W)) when it is 3-D (the output projection). Only weights of the model's
+    linear layers and the tied embedding count: RoPE's rotation matrix is a MatMul on a constant
+    too and stays as it is.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    inits = _initializers(graph)
+    producers = {out: n for n in graph.node for out in n.output}
+    is_weight = lambda name: name in inits and (name.endswith("_proj.weight") or name in (EMBEDDING, "model.lm_head.weight"))
+    transposed: dict[str, str] = {}
+    names, dead = [], set()
+
+    def weight_t(name: str) -> str:
+        if name not in transposed:
+            w = numpy_helper.to_array(inits[name])
+            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.T), f"{name}.T"))
+            transposed[name] = f"{name}.T"
+        return transposed[name]
+
+    for i, node in enumerate(graph.node):
+        weight = None
+        if node.op_type == "Gemm" and len(node.input) == 2 and is_weight(node.input[1]):
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            if attrs.get("transB") == 1 and not attrs.get("transA") and attrs.get("alpha", 1.0) == 1.0:
+                weight = node.input[1]
+        elif node.op_type == "MatMul" and node.input[1] in producers:
+            t = producers[node.input[1]]
+            if t.op_type == "Transpose" and is_weight(t.input[0]):
+                weight, dead = t.input[0], dead | {t.name}
+        if weight is not None:
+            name = node.name or f"linear_{i}"
+            graph.node[i].CopyFrom(helper.make_node("MatMul", [node.input[0], weight_t(weight)], list(node.output), name=name))
+            names.append(name)
+    _remove_unused(graph, dead)
+    return names
+
+
+def _remove_unused(graph, dead_nodes: set[str]) -> None:
+    keep = [n for n in graph.node if n.name not in dead_nodes]
+    del graph.node[:]
+    graph.node.extend(keep)
+    used = {i for n in graph.node for i in n.input}
+    unused = [t for t in graph.initializer if t.name not in used]
+    for t in unused:
+        graph.initializer.remove(t)
+
+
+def quantize_linears(proto, nodes: list[str], bits: int, block: int):
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    root.handlers[:], _ = handlers, root.setLevel(level)  # its import sets the root logger to print INFO
+
+    config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, accuracy_level=ACCURACY_LEVEL,
+                                          bits=bits, op_types_to_quantize=("MatMul",))
+    # The quantizer takes every MatMul on a constant (RoPE's rotation too) unless excluded.
+    others = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.name not in set(nodes)]
+    quantizer = MatMulNBitsQuantizer(proto, nodes_to_exclude=others, algo_config=config)
+    quantizer.process()
+    return quantizer.model.model
+
+
+def quantize_embedding(proto, bits: int, block: int):
+    """Gather on the embedding table -> GatherBlockQuantized, symmetric blocks of `block` along hidden."""
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    table = numpy_helper.to_array(_initializers(graph)[EMBEDDING])  # [vocab, hidden]
+    vocab, hidden = table.shape
+    # A width that is not a multiple of the block ends in a partial block, which the op takes.
+    padded = np.zeros((vocab, -(-hidden // block) * block), np.float32)
+    padded[:, :hidden] = table
+    blocks = padded.reshape(vocab, -1, block)
+    qmax = (1 << (bits - 1)) - 1  # 7 or 127: symmetric, so the zero point is the op's default
+    scales = np.abs(blocks).max(-1) / qmax  # [vocab, blocks]
+    q = np.rint(blocks / np.where(scales == 0, 1, scales)[..., None]).clip(-qmax, qmax).astype(np.int16)
+    q = (q + (1 << (bits - 1))).astype(np.uint8).reshape(vocab, -1)[:, :hidden]  # uint8, zero point 2^(bits-1)
+    if bits == 4:  # two per byte along the last axis, low nibble first
+        q = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8)
+    data = numpy_helper.from_array(q, f"{EMBEDDING}.q{bits}")
+    scale = numpy_helper.from_array(scales.astype(np.float32), f"{EMBEDDING}.scales")
+    graph.initializer.extend([data, scale])
+    for i, node in enumerate(graph.node):
+        if node.op_type == "Gather" and node.input[0] == EMBEDDING:
+            graph.node[i].CopyFrom(helper.make_node(
+                "GatherBlockQuantized", [data.name, node.input[1], scale.name], list(node.output), name=node.name,
+                domain="com.microsoft", bits=bits, block_size=block, gather_axis=0, quantize_axis=1))
+    _remove_unused(graph, set())
+    return proto
+
+
+def quantize_onnx(proto, settings: ExportSettings):
+    """Quantize per settings; returns (model, {layer: scheme})."""
+    plan: dict[str, str] = {}
+    if settings.quant != "fp32":
+        bits = 4 if settings.quant == "int4" else 8
+        nodes = linear_weights_to_matmul(proto)
+        proto = quantize_linears(proto, nodes, bits, settings.group_size)
+        plan.update({n: f"MatMulNBits {bits}-bit, block {settings.group_size}, symmetric, accuracy level {ACCURACY_LEVEL}"
+                     for n in nodes})
+    if settings.embedding_quant != "none":
+        bits = 4 if settings.embedding_quant == "int4" else 8
+        proto = quantize_embedding(proto, bits, settings.group_size)
+        plan["embed_tokens"] = f"GatherBlockQuantized {bits}-bit, block {settings.group_size}, symmetric"
+    return proto, plan
+
+
+def dequantized_weights(proto) -> dict[str, np.ndarray]:
+    """The weights the quantized graph computes with, as float32 in the model's layout: every
+    MatMulNBits weight [out, in] under its linear layer's name (the output projection as
+    "model.lm_head.weight"), the embedding table [vocab, hidden]. For checking an export against
+    an eager model that carries exactly these weights."""
+    from onnx import helper, numpy_helper
+
+    inits = _initializers(proto.graph)
+    found = {}
+    for node in proto.graph.node:
+        if node.op_type not in ("MatMulNBits", "GatherBlockQuantized") or len(node.input) > 3:
+            continue  # explicit zero points are never written by this exporter
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        bits, block = attrs["bits"], attrs["block_size"]
+        data = numpy_helper.to_array(inits[node.input[1 if node.op_type == "MatMulNBits" else 0]])
+        scales = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32)
+        if node.op_type == "MatMulNBits":
+            n, k = attrs["N"], attrs["K"]
+            q = _unpack(data.reshape(n, -1), bits)  # [N, K padded to whole blocks]; B is [N, k_blocks, bytes]
+            w = (q.reshape(n, -1, block) - (1 << (bits - 1))) * scales.reshape(n, -1, 1)
+            name = node.input[1].removesuffix(f"_Q{bits}").removesuffix(".T")
+            name = "model.lm_head.weight" if name == EMBEDDING else name
+            found[name] = w.reshape(n, -1)[:, :k]
+        else:
+            q = _unpack(data, bits)
+            vocab, hidden = q.shape
+            padded = np.full((vocab, scales.shape[1] * block), 1 << (bits - 1), np.int16)
+            padded[:, :hidden] = q
+            w = (padded.reshape(vocab, -1, block) - (1 << (bits - 1))) * scales[..., None]
+            found[EMBEDDING] = w.reshape(vocab, -1)[:, :hidden]
+    return found
+
+
+def _unpack(data: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 [rows, bytes] -> int16 [rows, values]; 4-bit values packed low nibble first."""
+    if bits == 8:
+        return data.astype(np.int16)
+    out = np.empty((data.shape[0], data.shape[1] * 2), np.int16)
+    out[:, 0::2], out[:, 1::2] = data & 0x0F, data >> 4
+    return out

@@ -1,0 +1,66 @@
+"""An exported ONNX folder run through ONNX Runtime (CPU), as a generation backend. Needs no torch.
+
+The cache lives in one preallocated buffer per past/present pair, bound as both the input and the
+output of every call (IO binding): the graph's scatter writes this call's positions into it in
+place, so no call allocates or copies a cache-sized array.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from gemma_edge.errors import GemmaEdgeError, MissingDependencyError
+from gemma_edge.exporters.manifest import read_manifest
+
+
+class OnnxBackend:
+    def __init__(self, folder: str | Path, threads: int | None = None):
+        folder = Path(folder)
+        self.manifest = read_manifest(folder)
+        if self.manifest.get("format") != "onnx":
+            raise GemmaEdgeError(f"{folder} holds a {self.manifest.get('format')!r} export, not onnx")
+        self.max_seq_len = int(self.manifest["max_seq_len"])
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise MissingDependencyError("running an ONNX export needs onnxruntime: pip install onnxruntime") from None
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        io = self.manifest["io"]
+        self.session = ort.InferenceSession(str(folder / io["program"]), options, providers=["CPUExecutionProvider"])
+        self._ort = ort
+        self._caches = {}  # past name -> (present name, OrtValue)
+        for spec in io["inputs"]:
+            if spec["name"].startswith("past_key_values."):
+                buffer = ort.OrtValue.ortvalue_from_numpy(np.zeros(spec["shape"], np.float32))
+                self._caches[spec["name"]] = (spec["name"].replace("past_key_values.", "present.", 1), buffer)
+        self.reset()
+
+    def forward(self, token_ids: Sequence[int], start_pos: int) -> np.ndarray:
+        """Logits [len(token_ids), vocab] for token_ids placed at start_pos.., in one call."""
+        ids = np.asarray(token_ids, dtype=np.int64)[None, :]
+        if ids.shape[1] == 0 or start_pos < 0 or start_pos + ids.shape[1] > self.max_seq_len:
+            raise GemmaEdgeError(f"positions {start_pos}..{start_pos + ids.shape[1] - 1} do not fit the "
+                                 f"export's cache of {self.max_seq_len}")
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("position_ids", np.arange(start_pos, start_pos + ids.shape[1], dtype=np.int64)[None, :])
+        binding.bind_output("logits")  # first: get_outputs() follows the order of binding
+        for past, (present, buffer) in self._caches.items():
+            binding.bind_ortvalue_input(past, buffer)
+            binding.bind_ortvalue_output(present, buffer)  # written in place
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()[0]
+
+    def forward_last(self, token_ids: Sequence[int], start_pos: int) -> np.ndarray:
+        return self.forward(token_ids, start_pos)[-1]
+
+    def reset(self) -> None:
+        """Nothing to clear for correctness (a prefill from 0 masks every slot); zeroed anyway so
+        that no stale value (or NaN from a failed run) can reach a masked product."""
+        for _, buffer in self._caches.values():
+            buffer.update_inplace(np.zeros(buffer.shape(), np.float32))
