@@ -5,6 +5,7 @@ Six full-attention layers at the real Gemma 3 270M's shapes (fp32 projections, s
 cache positions and for one prefill, in three variants:
 
   ours            gemma_edge's attention: XNNPACK bmm over every cache slot, index_copy writes
+                  (made in place by ExecuTorch's reinplace pass in the exporter's pipeline)
   ours+op-writes  the same, with the cache written by llama::update_cache_with_indices
   custom-ops      llama::update_cache + llama::custom_sdpa (reads only the positions written)
 

@@ -26,8 +26,7 @@ from torch import nn
 
 from gemma_edge.checkpoints import Checkpoint, load_model
 from gemma_edge.exporters.manifest import copy_tokenizer, special_tokens, versions, write_manifest
-from gemma_edge.exporters.rewrites import (LLAMA_OPS_MODULE, replace_gelu_with_explicit_tanh_form,
-                                           replace_rmsnorm_mean_with_linear, write_caches_in_place)
+from gemma_edge.exporters.rewrites import replace_gelu_with_explicit_tanh_form, replace_rmsnorm_mean_with_linear
 from gemma_edge.exporters.settings import ExportSettings
 from gemma_edge.exporters.torchao_quant import quantize_for_xnnpack
 from gemma_edge.exporters.tracing import export_model
@@ -72,7 +71,7 @@ def runner_metadata(model: Gemma, settings: ExportSettings, stop_ids: list[int])
 
 def lower_to_executorch(model: Gemma, metadata: dict[str, object]) -> bytes:
     """The export-only rewrites, the runner's last-row contract, torch.export, then lowering."""
-    model = write_caches_in_place(replace_gelu_with_explicit_tanh_form(replace_rmsnorm_mean_with_linear(model)))
+    model = replace_gelu_with_explicit_tanh_form(replace_rmsnorm_mean_with_linear(model))
     return program_bytes(export_model(LastTokenLogits(model)), metadata)
 
 
@@ -86,8 +85,13 @@ def program_bytes(program: torch.export.ExportedProgram, metadata: dict[str, obj
     edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()], constant_methods=metadata,
                                        compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True))
     # Quant fusion turns torchao's dequantize + embedding into ExecuTorch's quantized embedding kernels.
+    # The reinplace pass writes the KV cache in place: without it index_copy_ on a buffer is a
+    # functional index_put copying the whole buffer, then a copy back, for every layer and call
+    # (measured on Gemma 3 270M int4: 4.8 of 25.5 ms per decode step). ExecuTorch's own cache op
+    # (llama::update_cache_with_indices) needs 4-D buffers, and the view back to the 3-D ones our
+    # attention multiplies by became a copy of its own (3 ms per step): this is the faster way.
     config = ExecutorchBackendConfig(do_quant_fusion_and_const_prop=True, extract_delegate_segments=True,
-                                     memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False))
+                                     run_reinplace_pass=True, memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False))
     return edge.to_executorch(config).buffer
 
 
@@ -130,7 +134,7 @@ def export_pte(ckpt: Checkpoint, settings: ExportSettings, outdir: Path, overwri
                                  "rows": "last position only"}],
                     "tokens_per_call": [1, settings.max_seq_len],
                     # Python modules whose import registers the kernels the program calls.
-                    "kernels": [LLAMA_OPS_MODULE] + (["executorch.kernels.quantized"] if settings.embedding_quant != "none" else [])},
+                    "kernels": ["executorch.kernels.quantized"] if settings.embedding_quant != "none" else []},
                 tokenizer={"files": tokenizer},
                 versions=versions("torch", "executorch", "torchao", "transformers"))
     return ExportResult(Path(outdir), manifest, seconds)

@@ -9,9 +9,6 @@ from torch import nn
 from gemma_edge.cache import KVCache
 from gemma_edge.model import FeedForward, RMSNorm
 
-# The module whose import registers ExecuTorch's llama::* ops, for tracing and for running.
-LLAMA_OPS_MODULE = "executorch.extension.llm.custom_ops.custom_ops"
-
 
 class LinearMeanRMSNorm(RMSNorm):
     """RMSNorm whose mean square is a product with a constant 1/d row: XNNPACK runs linear layers of
@@ -55,45 +52,6 @@ def replace_gelu_with_explicit_tanh_form(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if type(module) is FeedForward:
             module.__class__ = ExplicitTanhGeluFeedForward
-    return model
-
-
-class InPlaceKVCache(KVCache):
-    """The same cache, written in place by ExecuTorch's llama::update_cache_with_indices.
-
-    Exported, index_copy_ on a buffer becomes a functional index_put that copies the whole buffer,
-    then a copy back into it: two full copies of every layer's cache per call (measured on Gemma 3
-    270M int4: 4.8 of 25.5 ms per decode step). The op writes only the given rows. It takes
-    [batch, seq, heads, dim] tensors, so the buffers gain a unit heads axis and the kv heads are its
-    batch; slots are the same as KVCache's (ring and spare slot included).
-    """
-
-    @property
-    def k(self) -> torch.Tensor:  # [kv_heads, slots, head_dim], a view of k4
-        return self.k4.squeeze(2)
-
-    @property
-    def v(self) -> torch.Tensor:
-        return self.v4.squeeze(2)
-
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        index = self.slots_of(input_pos)[None, :].expand(k.shape[0], -1)  # [kv_heads, T]
-        torch.ops.llama.update_cache_with_indices(k.unsqueeze(2), self.k4, 0, index)
-        torch.ops.llama.update_cache_with_indices(v.unsqueeze(2), self.v4, 0, index)
-
-
-def write_caches_in_place(model: nn.Module) -> nn.Module:
-    import importlib
-
-    importlib.import_module(LLAMA_OPS_MODULE)
-    for module in model.modules():
-        cache = getattr(module, "cache", None)
-        if type(cache) is KVCache:
-            k, v = cache.k, cache.v
-            del cache.k, cache.v  # the buffers; InPlaceKVCache's k and v are views of k4 and v4
-            cache.__class__ = InPlaceKVCache
-            cache.register_buffer("k4", k.unsqueeze(2).contiguous(), persistent=False)
-            cache.register_buffer("v4", v.unsqueeze(2).contiguous(), persistent=False)
     return model
 
 

@@ -18,3 +18,20 @@ class Backend(Protocol):
 
     def reset(self) -> None:
         """Forget the cache."""
+
+
+def open_backend(folder) -> Backend:
+    """The backend for an export folder, chosen by the format its manifest records."""
+    from gemma_edge.errors import GemmaEdgeError
+    from gemma_edge.exporters.manifest import read_manifest
+
+    fmt = read_manifest(folder).get("format")
+    if fmt == "onnx":
+        from gemma_edge.runtime.onnx_backend import OnnxBackend
+
+        return OnnxBackend(folder)
+    if fmt == "pte":
+        from gemma_edge.runtime.executorch_backend import ExecuTorchBackend
+
+        return ExecuTorchBackend(folder)
+    raise GemmaEdgeError(f"{folder}: unknown export format {fmt!r} in its manifest; valid: onnx, pte")

@@ -1,10 +1,10 @@
-"""Prefill and decode speed of an exported .pte folder, through the runtime's ExecuTorch backend.
+"""Prefill and decode speed of exported folders (.pte or ONNX), through the runtime's backends.
 
 One prefill of --prompt tokens in one call, then --decode single-token calls, repeated --repeats
 times; prints the best and the median of each. Wall-clock on a shared machine: compare exports
 measured in the same run.
 
-    .venv/bin/python benchmarks/pte_speed.py OUTDIR [OUTDIR ...] [--prompt 128] [--decode 64] [--repeats 3]
+    .venv/bin/python benchmarks/speed.py OUTDIR [OUTDIR ...] [--prompt 128] [--decode 64] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from pathlib import Path
 
 
 def measure(folder: Path, prompt: int, decode: int, repeats: int) -> tuple[list[float], list[float]]:
-    from gemma_edge.runtime.executorch_backend import ExecuTorchBackend
+    from gemma_edge.runtime.backend import open_backend
 
-    backend = ExecuTorchBackend(folder)
+    backend = open_backend(folder)
     if prompt + decode > backend.max_seq_len:
         raise SystemExit(f"{folder}: --prompt + --decode must fit in its max_seq_len {backend.max_seq_len}")
     ids = [(7 * i) % 1000 + 100 for i in range(prompt + decode)]  # ordinary vocabulary ids
@@ -49,15 +49,15 @@ def main() -> None:
     from rich.table import Table
 
     table = Table(title=f"prefill {args.prompt} tokens, then {args.decode} decode steps; tok/s, best (median) of {args.repeats}")
-    for column in ("export", "quant", "MiB", "prefill", "decode"):
+    for column in ("export", "format", "quant", "MiB", "prefill", "decode"):
         table.add_column(column, justify="right")
     console = Console(stderr=True)
     for folder in args.folders:
         manifest = json.loads((folder / "gemma_edge.json").read_text())
         with console.status(f"running {folder}"):
             prefill, decode = measure(folder, args.prompt, args.decode, args.repeats)
-        size = (folder / manifest["io"]["program"]).stat().st_size / (1 << 20)
-        table.add_row(str(folder), manifest["export"]["quant"], f"{size:.1f}",
+        size = sum(f["bytes"] for name, f in manifest["files"].items() if name.startswith("model.")) / (1 << 20)
+        table.add_row(str(folder), manifest["format"], manifest["export"]["quant"], f"{size:.1f}",
                       f"{max(prefill):.0f} ({statistics.median(prefill):.0f})",
                       f"{max(decode):.1f} ({statistics.median(decode):.1f})")
     Console().print(table)
