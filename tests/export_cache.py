@@ -13,7 +13,6 @@ from pathlib import Path
 
 import gemma_edge
 from gemma_edge.checkpoints import Checkpoint, cache_dir
-from gemma_edge.exporters.executorch import export_pte
 from gemma_edge.exporters.manifest import MANIFEST, versions
 from gemma_edge.exporters.settings import ExportSettings
 from gemma_edge.files import sha256_file
@@ -27,7 +26,8 @@ def content_key(ckpt: Checkpoint, settings: ExportSettings) -> str:
         for f in sorted(p for p in ckpt.hf_dir.iterdir() if p.is_file()):
             digest.update(f"{f.name}:{sha256_file(f)}".encode())
     package = Path(gemma_edge.__file__).parent
-    for f in sorted(_imported_closure(package / "exporters" / "executorch.py", package)):
+    exporter = {"pte": "executorch.py", "onnx": "onnx.py"}[settings.format]
+    for f in sorted(_imported_closure(package / "exporters" / exporter, package)):
         digest.update(f"{f.relative_to(package)}:".encode() + f.read_bytes())
     digest.update(repr(sorted(versions("torch", "executorch", "torchao", "transformers").items())).encode())
     return digest.hexdigest()[:16]
@@ -53,12 +53,17 @@ def _imported_closure(start: Path, package: Path) -> set[Path]:
     return seen
 
 
-def cached_pte(ckpt: Checkpoint, settings: ExportSettings) -> Path:
-    label = f"{ckpt.source.replace('/', '_')}-{settings.quant}-g{settings.group_size}-e{settings.embedding_quant}-{settings.max_seq_len}"
+def cached_export(ckpt: Checkpoint, settings: ExportSettings) -> Path:
+    fmt = "" if settings.format == "pte" else f"{settings.format}-"  # .pte entries predate the ONNX ones
+    label = f"{ckpt.source.replace('/', '_')}-{fmt}{settings.quant}-g{settings.group_size}-e{settings.embedding_quant}-{settings.max_seq_len}"
     root = cache_dir() / "test-exports"
     folder = root / f"{label}-{content_key(ckpt, settings)}"
     if not (folder / MANIFEST).is_file():
-        export_pte(ckpt, settings, folder, overwrite=True)
+        if settings.format == "pte":
+            from gemma_edge.exporters.executorch import export_pte as export
+        else:
+            from gemma_edge.exporters.onnx import export_onnx as export
+        export(ckpt, settings, folder, overwrite=True)
         for old in root.glob(f"{label}-*"):
             if old != folder and not old.name.startswith("."):
                 shutil.rmtree(old, ignore_errors=True)

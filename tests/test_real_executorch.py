@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from export_cache import cached_pte
+from export_cache import cached_export
 from gemma_edge.checkpoints import load_model, resolve
 from gemma_edge.exporters.settings import ExportSettings
 from gemma_edge.exporters.torchao_quant import INT4, INT8, untie_output_projection
@@ -39,7 +39,7 @@ def real():
 @pytest.fixture(scope="module")
 def exports(real):
     ckpt = real[0]
-    return {q: cached_pte(ckpt, ExportSettings(format="pte", quant=q, max_seq_len=MAX_SEQ_LEN)) for q in ("int8", "int4")}
+    return {q: cached_export(ckpt, ExportSettings(format="pte", quant=q, max_seq_len=MAX_SEQ_LEN)) for q in ("int8", "int4")}
 
 
 def quality(logits: np.ndarray, fp32: np.ndarray, ids: list[int]) -> dict[str, float]:

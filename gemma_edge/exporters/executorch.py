@@ -118,14 +118,14 @@ def export_pte(ckpt: Checkpoint, settings: ExportSettings, outdir: Path, overwri
             model = load_model(ckpt, settings.max_seq_len)
         with timed("quantize"):
             plan = quantize_for_xnnpack(model, settings)
-        stop_ids = special_tokens(ckpt)["stop_token_ids"]
+        special = special_tokens(ckpt)
         with timed("trace and lower"):
-            data = lower_to_executorch(model, runner_metadata(model, settings, stop_ids))
+            data = lower_to_executorch(model, runner_metadata(model, settings, special["stop_token_ids"]))
         with timed("write"):
             (tmp / PTE_FILE).write_bytes(data)
             tokenizer = copy_tokenizer(ckpt, tmp)
             manifest = write_manifest(
-                tmp, ckpt, settings,
+                tmp, ckpt, settings, special,
                 quantization={"layers": plan},
                 io={"program": PTE_FILE, "method": "forward",
                     "inputs": [{"name": "tokens", "dtype": "int64", "shape": [1, "T"]},

@@ -51,8 +51,9 @@ def versions(*packages: str) -> dict[str, str]:
     return found
 
 
-def write_manifest(folder: Path, ckpt: Checkpoint, settings: ExportSettings, **sections: Any) -> dict[str, Any]:
-    """Write gemma_edge.json with a SHA-256 of every other file in the folder."""
+def write_manifest(folder: Path, ckpt: Checkpoint, settings: ExportSettings, special: dict[str, Any],
+                   **sections: Any) -> dict[str, Any]:
+    """Write gemma_edge.json with a SHA-256 of every other file in the folder; special: special_tokens(ckpt)."""
     files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
              for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
     manifest = {
@@ -62,7 +63,7 @@ def write_manifest(folder: Path, ckpt: Checkpoint, settings: ExportSettings, **s
         "config": ckpt.config.to_dict(),
         "export": settings.to_dict(),
         "max_seq_len": settings.max_seq_len,
-        "special_tokens": special_tokens(ckpt),
+        "special_tokens": special,
         **sections,
         "files": files,
     }

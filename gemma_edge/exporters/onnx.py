@@ -15,6 +15,7 @@ buffer as past (IO binding) and ONNX Runtime writes in place.
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 import warnings
 from pathlib import Path
@@ -32,6 +33,7 @@ from gemma_edge.files import staged_folder
 from gemma_edge.model import Gemma
 
 ONNX_FILE = "model.onnx"
+GENAI_CONFIG = "genai_config.json"
 DATA_FILE = "model.onnx.data"
 OPSET = 23  # RMSNormalization and the current Attention ops; ONNX Runtime >= 1.22 runs it
 MIN_ORT = "1.22"
@@ -120,6 +122,46 @@ def io_contract(model: Gemma) -> dict:
     }
 
 
+GENAI_TYPES = {"gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3_text"}  # its names for the families
+
+
+def genai_config(model: Gemma, special: dict, filename: str) -> dict:
+    """genai_config.json: what ONNX Runtime GenAI needs to load the folder and generate.
+
+    Its runtime allocates past/present at search.max_length and shares one buffer between them
+    (past_present_share_buffer), which is exactly this graph's static cache when max_length is
+    the export's max_seq_len. It feeds position_ids and, the graph having no attention_mask
+    input, no mask: the graph masks by position itself.
+    """
+    c, n = model.config, model.max_seq_len
+    return {
+        "model": {
+            "bos_token_id": c.bos_token_id,
+            "context_length": n,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": filename,
+                "head_size": c.head_dim,
+                "hidden_size": c.hidden_size,
+                "inputs": {"input_ids": "input_ids", "position_ids": "position_ids",
+                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"},
+                "num_attention_heads": c.num_attention_heads,
+                "num_hidden_layers": c.num_hidden_layers,
+                "num_key_value_heads": c.num_key_value_heads,
+            },
+            "eos_token_id": special["stop_token_ids"],
+            "pad_token_id": c.pad_token_id,
+            "type": GENAI_TYPES[c.family],
+            "vocab_size": c.vocab_size,
+        },
+        "search": {"do_sample": False, "max_length": n, "min_length": 0, "num_beams": 1, "num_return_sequences": 1,
+                   "past_present_share_buffer": True, "repetition_penalty": 1.0, "temperature": 1.0,
+                   "top_k": 1, "top_p": 1.0, "early_stopping": True, "length_penalty": 1.0,
+                   "diversity_penalty": 0.0, "no_repeat_ngram_size": 0},
+    }
+
+
 def export_onnx(ckpt: Checkpoint, settings: ExportSettings, outdir: Path, overwrite: bool = False,
                 stage: Stage = lambda name: contextlib.nullcontext()) -> ExportResult:
     seconds: dict[str, float] = {}
@@ -134,7 +176,9 @@ def export_onnx(ckpt: Checkpoint, settings: ExportSettings, outdir: Path, overwr
     with staged_folder(outdir, overwrite) as tmp:
         with timed("load"):
             model = load_model(ckpt, settings.max_seq_len)
+            special = special_tokens(ckpt)
             io = io_contract(model)
+            genai = genai_config(model, special, ONNX_FILE)
         with timed("trace"):
             proto = trace_to_onnx(model)
             del model
@@ -143,7 +187,8 @@ def export_onnx(ckpt: Checkpoint, settings: ExportSettings, outdir: Path, overwr
         with timed("write"):
             files = save_onnx(proto, tmp)
             tokenizer = copy_tokenizer(ckpt, tmp)
-            manifest = write_manifest(tmp, ckpt, settings, quantization={"layers": plan},
+            (tmp / GENAI_CONFIG).write_text(json.dumps(genai, indent=2) + "\n")
+            manifest = write_manifest(tmp, ckpt, settings, special, quantization={"layers": plan},
                                       io={**io, "files": files}, tokenizer={"files": tokenizer},
                                       versions=versions("torch", "onnx", "onnxscript", "onnxruntime", "transformers"))
     return ExportResult(Path(outdir), manifest, seconds)

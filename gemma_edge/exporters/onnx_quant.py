@@ -1,9 +1,9 @@
 """Weight quantization of an exported ONNX graph, with onnxruntime's own tools.
 
 - Linear layers (every decoder projection and the output projection) become MatMulNBits: 4-bit
-  (int4) or 8-bit (int8) symmetric blocks of --group-size along the input dimension, through
-  onnxruntime's MatMulNBitsQuantizer. A width that is not a multiple of the block is padded with
-  zeros inside the op, which is exact.
+  (int4) or 8-bit (int8) blocks of --group-size along the input dimension, through onnxruntime's
+  MatMulNBitsQuantizer, asymmetric (a zero point per block). A width that is not a multiple of
+  the block is padded with zeros inside the op, which is exact.
 - The embedding becomes GatherBlockQuantized, 4-bit or 8-bit symmetric blocks along the hidden
   axis, written here: onnxruntime's quantizer does 4-bit Gathers only, while the op (1.32) takes
   uint8 data of 4 or 8 bits, so one writer serves both.
@@ -18,7 +18,13 @@ import numpy as np
 from gemma_edge.exporters.settings import ExportSettings
 
 # MatMulNBits' compute precision. 4: activations quantized to int8 per block, int8 dot products.
+# Measured on the real Gemma 3 270M int4 (512 tokens, perplexity vs fp32): level 4 x1.931, level 0
+# (float32 arithmetic) x1.940, level 1 the same: no loss.
 ACCURACY_LEVEL = 4
+# Measured likewise, int4 block 32 with an int4 embedding: symmetric x1.93, asymmetric x1.56 (its
+# zero points cost 4 bits per block, 1.6% of the weights). Asymmetric blocks fit weights whose
+# range is not centred on zero, which the symmetric grid wastes half of.
+SYMMETRIC = False
 EMBEDDING = "model.embed_tokens.weight"
 
 
@@ -88,7 +94,7 @@ def quantize_linears(proto, nodes: list[str], bits: int, block: int):
 
     root.handlers[:], _ = handlers, root.setLevel(level)  # its import sets the root logger to print INFO
 
-    config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, accuracy_level=ACCURACY_LEVEL,
+    config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=SYMMETRIC, accuracy_level=ACCURACY_LEVEL,
                                           bits=bits, op_types_to_quantize=("MatMul",))
     # The quantizer takes every MatMul on a constant (RoPE's rotation too) unless excluded.
     others = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.name not in set(nodes)]
@@ -133,7 +139,8 @@ def quantize_onnx(proto, settings: ExportSettings):
         bits = 4 if settings.quant == "int4" else 8
         nodes = linear_weights_to_matmul(proto)
         proto = quantize_linears(proto, nodes, bits, settings.group_size)
-        plan.update({n: f"MatMulNBits {bits}-bit, block {settings.group_size}, symmetric, accuracy level {ACCURACY_LEVEL}"
+        kind = "symmetric" if SYMMETRIC else "asymmetric"
+        plan.update({n: f"MatMulNBits {bits}-bit, block {settings.group_size}, {kind}, accuracy level {ACCURACY_LEVEL}"
                      for n in nodes})
     if settings.embedding_quant != "none":
         bits = 4 if settings.embedding_quant == "int4" else 8
@@ -152,16 +159,20 @@ def dequantized_weights(proto) -> dict[str, np.ndarray]:
     inits = _initializers(proto.graph)
     found = {}
     for node in proto.graph.node:
-        if node.op_type not in ("MatMulNBits", "GatherBlockQuantized") or len(node.input) > 3:
-            continue  # explicit zero points are never written by this exporter
+        if node.op_type not in ("MatMulNBits", "GatherBlockQuantized"):
+            continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         bits, block = attrs["bits"], attrs["block_size"]
+        zero_point = 1 << (bits - 1)  # the op's default
         data = numpy_helper.to_array(inits[node.input[1 if node.op_type == "MatMulNBits" else 0]])
         scales = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32)
         if node.op_type == "MatMulNBits":
             n, k = attrs["N"], attrs["K"]
             q = _unpack(data.reshape(n, -1), bits)  # [N, K padded to whole blocks]; B is [N, k_blocks, bytes]
-            w = (q.reshape(n, -1, block) - (1 << (bits - 1))) * scales.reshape(n, -1, 1)
+            blocks = q.shape[1] // block
+            if len(node.input) > 3 and node.input[3]:  # uint8 zero points [N, blocks] (4-bit: packed)
+                zero_point = _unpack(numpy_helper.to_array(inits[node.input[3]]).reshape(n, -1), bits)[:, :blocks, None]
+            w = (q.reshape(n, blocks, block) - zero_point) * scales.reshape(n, blocks, 1)
             name = node.input[1].removesuffix(f"_Q{bits}").removesuffix(".T")
             name = "model.lm_head.weight" if name == EMBEDDING else name
             found[name] = w.reshape(n, -1)[:, :k]
