@@ -4,7 +4,7 @@
   (int4) or 8-bit (int8) blocks of --group-size along the input dimension, through onnxruntime's
   MatMulNBitsQuantizer, asymmetric (a zero point per block). A width that is not a multiple of
   the block is padded with zeros inside the op, which is exact.
-- The embedding becomes GatherBlockQuantized, 4-bit or 8-bit symmetric blocks along the hidden
+- The embedding becomes GatherBlockQuantized, 4-bit or 8-bit asymmetric blocks along the hidden
   axis, written here: onnxruntime's quantizer does 4-bit Gathers only, while the op (1.32) takes
   uint8 data of 4 or 8 bits, so one writer serves both.
 - Gemma ties the output projection to the embedding: the projection gets its own quantized copy
@@ -104,7 +104,7 @@ def quantize_linears(proto, nodes: list[str], bits: int, block: int):
 
 
 def quantize_embedding(proto, bits: int, block: int):
-    """Gather on the embedding table -> GatherBlockQuantized, symmetric blocks of `block` along hidden."""
+    """Gather on the embedding table -> GatherBlockQuantized, blocks of `block` along hidden."""
     from onnx import helper, numpy_helper
 
     graph = proto.graph
@@ -114,19 +114,31 @@ def quantize_embedding(proto, bits: int, block: int):
     padded = np.zeros((vocab, -(-hidden // block) * block), np.float32)
     padded[:, :hidden] = table
     blocks = padded.reshape(vocab, -1, block)
-    qmax = (1 << (bits - 1)) - 1  # 7 or 127: symmetric, so the zero point is the op's default
-    scales = np.abs(blocks).max(-1) / qmax  # [vocab, blocks]
-    q = np.rint(blocks / np.where(scales == 0, 1, scales)[..., None]).clip(-qmax, qmax).astype(np.int16)
-    q = (q + (1 << (bits - 1))).astype(np.uint8).reshape(vocab, -1)[:, :hidden]  # uint8, zero point 2^(bits-1)
-    if bits == 4:  # two per byte along the last axis, low nibble first
-        q = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8)
-    data = numpy_helper.from_array(q, f"{EMBEDDING}.q{bits}")
+    if SYMMETRIC:  # the zero point is the op's default, 2^(bits-1)
+        qmax = (1 << (bits - 1)) - 1
+        scales = np.abs(blocks).max(-1) / qmax  # [vocab, blocks]
+        zero = np.full(scales.shape, 1 << (bits - 1), np.int16)
+        low, high = -qmax + zero[..., None], qmax + zero[..., None]
+    else:  # the block's range [min, max] (widened to hold 0) on 0 .. 2^bits - 1
+        low, high = 0, (1 << bits) - 1
+        lo, hi = np.minimum(blocks.min(-1), 0), np.maximum(blocks.max(-1), 0)
+        scales = (hi - lo) / high
+        zero = np.clip(np.rint(-lo / np.where(scales == 0, 1, scales)), low, high).astype(np.int16)
+    q = np.rint(blocks / np.where(scales == 0, 1, scales)[..., None]) + zero[..., None]
+    q = np.clip(q, low, high).astype(np.uint8).reshape(vocab, -1)[:, :hidden]
+    data = numpy_helper.from_array(_pack(q, bits), f"{EMBEDDING}.q{bits}")
     scale = numpy_helper.from_array(scales.astype(np.float32), f"{EMBEDDING}.scales")
+    inputs = [data.name, None, scale.name]
+    if not SYMMETRIC:
+        zero_points = numpy_helper.from_array(_pack(zero.astype(np.uint8), bits), f"{EMBEDDING}.zero_points")
+        graph.initializer.append(zero_points)
+        inputs.append(zero_points.name)
     graph.initializer.extend([data, scale])
     for i, node in enumerate(graph.node):
         if node.op_type == "Gather" and node.input[0] == EMBEDDING:
+            inputs[1] = node.input[1]
             graph.node[i].CopyFrom(helper.make_node(
-                "GatherBlockQuantized", [data.name, node.input[1], scale.name], list(node.output), name=node.name,
+                "GatherBlockQuantized", list(inputs), list(node.output), name=node.name,
                 domain="com.microsoft", bits=bits, block_size=block, gather_axis=0, quantize_axis=1))
     _remove_unused(graph, set())
     return proto
@@ -135,17 +147,17 @@ def quantize_embedding(proto, bits: int, block: int):
 def quantize_onnx(proto, settings: ExportSettings):
     """Quantize per settings; returns (model, {layer: scheme})."""
     plan: dict[str, str] = {}
+    kind = "symmetric" if SYMMETRIC else "asymmetric"
     if settings.quant != "fp32":
         bits = 4 if settings.quant == "int4" else 8
         nodes = linear_weights_to_matmul(proto)
         proto = quantize_linears(proto, nodes, bits, settings.group_size)
-        kind = "symmetric" if SYMMETRIC else "asymmetric"
         plan.update({n: f"MatMulNBits {bits}-bit, block {settings.group_size}, {kind}, accuracy level {ACCURACY_LEVEL}"
                      for n in nodes})
     if settings.embedding_quant != "none":
         bits = 4 if settings.embedding_quant == "int4" else 8
         proto = quantize_embedding(proto, bits, settings.group_size)
-        plan["embed_tokens"] = f"GatherBlockQuantized {bits}-bit, block {settings.group_size}, symmetric"
+        plan["embed_tokens"] = f"GatherBlockQuantized {bits}-bit, block {settings.group_size}, {kind}"
     return proto, plan
 
 
@@ -179,11 +191,23 @@ def dequantized_weights(proto) -> dict[str, np.ndarray]:
         else:
             q = _unpack(data, bits)
             vocab, hidden = q.shape
-            padded = np.full((vocab, scales.shape[1] * block), 1 << (bits - 1), np.int16)
+            blocks = scales.shape[1]
+            if len(node.input) > 3 and node.input[3]:  # uint8 [vocab, blocks] (4-bit: packed)
+                zero_point = _unpack(numpy_helper.to_array(inits[node.input[3]]), bits)[:, :blocks, None]
+            padded = np.zeros((vocab, blocks * block), np.int16)
             padded[:, :hidden] = q
-            w = (padded.reshape(vocab, -1, block) - (1 << (bits - 1))) * scales[..., None]
+            w = (padded.reshape(vocab, blocks, block) - zero_point) * scales[..., None]
             found[EMBEDDING] = w.reshape(vocab, -1)[:, :hidden]
     return found
+
+
+def _pack(q: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 [rows, values] -> uint8 [rows, bytes]: 4-bit values two per byte, low nibble first."""
+    if bits == 8:
+        return q
+    if q.shape[1] % 2:
+        q = np.pad(q, ((0, 0), (0, 1)))
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8)
 
 
 def _unpack(data: np.ndarray, bits: int) -> np.ndarray:
