@@ -55,9 +55,9 @@ class CacheInOut(nn.Module):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                 past: list[list[torch.Tensor]]) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
         for cache, (k, v) in zip(self.caches, past):  # [1, kv_heads, max_seq_len, head_dim]
-            cache.k, cache.v = k[0], v[0]
+            cache.k4, cache.v4 = k, v
         logits = self.model.logits(self.model.hidden_states(input_ids, position_ids[0]))  # [1, T, vocab]
-        return logits, [[cache.k[None], cache.v[None]] for cache in self.caches]
+        return logits, [[cache.k4, cache.v4] for cache in self.caches]
 
 
 def trace_to_onnx(model: Gemma):
@@ -69,7 +69,7 @@ def trace_to_onnx(model: Gemma):
     # The symbolic range starts at 2 because torch.export specializes sizes 0 and 1; the graph has
     # no branch on T, so T = 1 (a decode step) runs the same graph, which the tests check.
     t = torch.export.Dim("sequence_length", min=2, max=max(n, 2))
-    past = [[c.k[None].clone(), c.v[None].clone()] for c in wrapper.caches]
+    past = [[c.k4.clone(), c.v4.clone()] for c in wrapper.caches]
     example = (torch.zeros(1, 2, dtype=torch.long), torch.arange(2)[None], past)
     with fx_config.patch(backed_size_oblivious=True), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")

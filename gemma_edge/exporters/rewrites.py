@@ -58,16 +58,30 @@ def replace_gelu_with_explicit_tanh_form(model: nn.Module) -> nn.Module:
 class TensorKVCache(KVCache):
     """A cache whose contents come in and go out as tensors, for graphs without state (ONNX).
 
-    k and v are plain attributes [kv_heads, slots, head_dim] set before each call and replaced,
-    not mutated, by update: exported, the write is a scatter from the past tensor to the present.
+    k4 and v4 [1, kv_heads, slots, head_dim] are the past tensors themselves, set before each
+    call; attention reads k and v, reshapes of them (aliases in ONNX Runtime, no copy); update
+    scatters this call's rows into new tensors with every index given, which exports as one
+    ScatterND on the past tensor: no transpose, no gather, and in place when present is bound to
+    past's buffer. (index_copy along the slot axis exports as transpose, scatter, transpose back,
+    and a select of batch 0 as a Gather: three copies of every layer's cache per call.)
     Every layer holds max_seq_len slots (no ring): the ecosystem's past/present contract is one
     fixed [batch, kv_heads, max_seq_len, head_dim] per layer. Sliding layers still mask by window.
     """
 
+    @property
+    def k(self) -> torch.Tensor:  # [kv_heads, slots, head_dim]
+        return self.k4.reshape(self.k4.shape[1:])
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.v4.reshape(self.v4.shape[1:])
+
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        slots = self.slots_of(input_pos)
-        self.k = self.k.index_copy(1, slots, k)
-        self.v = self.v.index_copy(1, slots, v)
+        kv, t = k.shape[0], k.shape[1]
+        heads = torch.arange(kv)[:, None].expand(kv, t)
+        index = [torch.zeros_like(heads), heads, self.slots_of(input_pos)[None, :].expand(kv, t)]  # each [kv, T]
+        self.k4 = torch.ops.aten.index_put(self.k4, index, k)
+        self.v4 = torch.ops.aten.index_put(self.v4, index, v)
 
 
 def pass_caches_as_tensors(model: nn.Module, max_seq_len: int) -> nn.Module:
@@ -80,5 +94,5 @@ def pass_caches_as_tensors(model: nn.Module, max_seq_len: int) -> nn.Module:
             cache.__class__ = TensorKVCache
             cache.size = cache.slots = max_seq_len
             cache.ring = False
-            cache.k = cache.v = torch.zeros(kv, max_seq_len, d, dtype=dtype)  # shape examples; set per call
+            cache.k4 = cache.v4 = torch.zeros(1, kv, max_seq_len, d, dtype=dtype)  # shape examples; set per call
     return model
