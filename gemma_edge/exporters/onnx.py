@@ -90,18 +90,13 @@ def save_onnx(proto, folder: Path) -> list[str]:
     """model.onnx, with the weights in model.onnx.data when the whole would pass protobuf's 2 GB."""
     import onnx
 
-    external = proto.ByteSize() > PROTOBUF_LIMIT - (64 << 20) if _fits_bytesize(proto) else True
+    try:
+        external = proto.ByteSize() > PROTOBUF_LIMIT - (64 << 20)
+    except Exception:  # protobuf refuses to size a message over 2 GB
+        external = True
     onnx.save_model(proto, str(folder / ONNX_FILE), save_as_external_data=external, all_tensors_to_one_file=True,
                     location=DATA_FILE, size_threshold=1024)
     return [ONNX_FILE] + ([DATA_FILE] if external else [])
-
-
-def _fits_bytesize(proto) -> bool:
-    try:
-        proto.ByteSize()
-        return True
-    except Exception:  # protobuf refuses to size a message over 2 GB
-        return False
 
 
 def io_contract(model: Gemma) -> dict:

@@ -92,7 +92,8 @@ def quantize_linears(proto, nodes: list[str], bits: int, block: int):
     handlers, level = list(root.handlers), root.level
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-    root.handlers[:], _ = handlers, root.setLevel(level)  # its import sets the root logger to print INFO
+    root.handlers[:] = handlers  # its import sets the root logger to print INFO
+    root.setLevel(level)
 
     config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=SYMMETRIC, accuracy_level=ACCURACY_LEVEL,
                                           bits=bits, op_types_to_quantize=("MatMul",))

@@ -10,7 +10,7 @@ import numpy as np
 from gemma_edge.errors import GemmaEdgeError, MissingDependencyError
 from gemma_edge.exporters.manifest import read_manifest
 
-KERNEL_MODULES = ("executorch.extension.llm.custom_ops.custom_ops", "executorch.kernels.quantized")
+KERNEL_MODULES = ("executorch.kernels.quantized",)
 
 
 class ExecuTorchBackend:
@@ -24,8 +24,8 @@ class ExecuTorchBackend:
             import torch
             from executorch.runtime import Runtime
 
-            # Importing these registers kernels a program calls outside its delegate (ExecuTorch's
-            # llama::* cache op, the quantized embeddings); without them loading fails with
+            # Importing these registers kernels a program calls outside its delegate (the quantized
+            # embeddings); without them loading fails with
             # "Missing operator: ...". Only modules of this list are imported, whatever the manifest says.
             for name in self.manifest["io"].get("kernels", []):
                 if name not in KERNEL_MODULES:
