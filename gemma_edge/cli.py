@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--group-size", type=int, default=32, help="weights per int4 scale (ONNX: per int8 scale too) (default: %(default)s)")
     export.add_argument("--embedding-quant", default=None,
                         help="none, int8 or int4 (default: int8 for --quant int8, int4 for int4, none for fp32)")
+    export.add_argument("--ops", default=None, choices=("auto", "contrib", "standard"),
+                        help="ONNX only: ONNX Runtime's fused contrib operators (GroupQueryAttention: faster on its CPU "
+                             "provider), standard ONNX operators only (other runtimes), or auto: contrib where the "
+                             "model allows (default: auto)")
     export.add_argument("--max-seq-len", type=int, default=1024, help="KV cache length in tokens (default: %(default)s)")
     export.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder to create")
     export.add_argument("--overwrite", action="store_true", help="replace OUTDIR if it exists (only once the new export is complete)")

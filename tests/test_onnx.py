@@ -21,6 +21,7 @@ import torch
 from gemma_edge.checkpoints import load_model, resolve
 from gemma_edge.errors import ConfigError
 from gemma_edge.exporters.onnx import export_onnx
+from gemma_edge.exporters.onnx_contrib import unfuse_weights
 from gemma_edge.exporters.onnx_quant import dequantized_weights
 from gemma_edge.exporters.settings import ExportSettings
 from gemma_edge.exporters.torchao_quant import untie_output_projection
@@ -37,15 +38,21 @@ MAX_SEQ_LEN = 64
 PREFILL, DECODE = 20, 16
 GEMMA_EDGE = str(Path(sys.executable).with_name("gemma-edge"))
 FAMILIES = ["tiny-gemma", "tiny-gemma-mha", "tiny-gemma2", "tiny-gemma3"]
-CASES = [(name, quant) for name in FAMILIES for quant in ("fp32", "int8", "int4")]
+# The default operators (auto) are ONNX Runtime's contrib graph where the head size allows it
+# (tiny-gemma2, tiny-gemma3) and the standard graph elsewhere (tiny-gemma's head_dim is 24,
+# tiny-gemma-mha's 20); tiny-gemma3 also explicitly standard, so both graphs see sliding windows,
+# QK-norm and two RoPE bases.
+CASES = [(name, quant, "auto") for name in FAMILIES for quant in ("fp32", "int8", "int4")]
+CASES += [("tiny-gemma3", quant, "standard") for quant in ("fp32", "int4")]
+CONTRIB = {"tiny-gemma2", "tiny-gemma3"}  # what auto resolves to contrib for
 
 
 @pytest.fixture(scope="module")
-def exports(tiny_checkpoints, tmp_path_factory) -> dict[tuple[str, str], Path]:
+def exports(tiny_checkpoints, tmp_path_factory) -> dict[tuple[str, str, str], Path]:
     root = tmp_path_factory.mktemp("onnx")
     out = {}
-    for name, quant in CASES:
-        folder = root / f"{name}-{quant}"
+    for name, quant, ops in CASES:
+        folder = root / f"{name}-{quant}-{ops}"
         if (name, quant) == ("tiny-gemma", "int4"):  # one through the command line
             result = subprocess.run([GEMMA_EDGE, "export", str(tiny_checkpoints[name]), "--format", "onnx",
                                      "--quant", quant, "--max-seq-len", str(MAX_SEQ_LEN), "-o", str(folder)],
@@ -53,8 +60,8 @@ def exports(tiny_checkpoints, tmp_path_factory) -> dict[tuple[str, str], Path]:
             assert result.returncode == 0, result.stderr
             assert "model.onnx" in result.stdout and "quantize" in result.stderr
         else:
-            export_onnx(resolve(tiny_checkpoints[name]), ExportSettings(format="onnx", quant=quant, max_seq_len=MAX_SEQ_LEN), folder)
-        out[(name, quant)] = folder
+            export_onnx(resolve(tiny_checkpoints[name]), ExportSettings(format="onnx", quant=quant, max_seq_len=MAX_SEQ_LEN, ops=ops), folder)
+        out[(name, quant, ops)] = folder
     return out
 
 
@@ -90,17 +97,17 @@ def _eager_with_weights_of(folder: Path, checkpoint: Path) -> EagerBackend:
     """Our eager model carrying exactly the weights the quantized graph holds."""
     import onnx
 
-    weights = dequantized_weights(onnx.load(str(folder / "model.onnx")))
     model = untie_output_projection(load_model(checkpoint, MAX_SEQ_LEN))
+    weights = unfuse_weights(dequantized_weights(onnx.load(str(folder / "model.onnx"))), model.config)
     state = model.state_dict()
     for name, w in weights.items():
         state[name.removeprefix("model.")].copy_(torch.from_numpy(w))
     return EagerBackend(model)
 
 
-@pytest.mark.parametrize("name, quant", CASES)
-def test_onnx_matches_its_reference(name, quant, exports, tiny_checkpoints, tmp_path):
-    checkpoint, folder = tiny_checkpoints[name], exports[(name, quant)]
+@pytest.mark.parametrize("name, quant, ops", CASES)
+def test_onnx_matches_its_reference(name, quant, ops, exports, tiny_checkpoints, tmp_path):
+    checkpoint, folder = tiny_checkpoints[name], exports[(name, quant, ops)]
     onnx_backend = OnnxBackend(folder)
     ids = _ids(onnx_backend.manifest["config"]["vocab_size"])
     got = _rows(onnx_backend, ids)
@@ -125,7 +132,7 @@ def test_onnx_matches_its_reference(name, quant, exports, tiny_checkpoints, tmp_
 def test_the_cache_is_static_and_the_graph_checks(exports):
     import onnx
 
-    for (name, quant), folder in exports.items():
+    for (name, quant, ops), folder in exports.items():
         onnx.checker.check_model(str(folder / "model.onnx"), full_check=True)
         model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
         manifest = json.loads((folder / "gemma_edge.json").read_text())
@@ -135,17 +142,28 @@ def test_the_cache_is_static_and_the_graph_checks(exports):
             if value.name.startswith(("past_key_values.", "present.")):
                 # fixed whatever the number of tokens so far: [1, kv_heads, max_seq_len, head_dim]
                 assert dims == [1, c["num_key_value_heads"], MAX_SEQ_LEN, c["head_dim"]], (name, value.name, dims)
+            elif value.name == "logits":
+                assert dims == [1, "logits_rows", c["vocab_size"]]
+            elif value.name == "logits_to_keep":
+                assert dims == [1]
             else:
                 assert set(dims) - {1, c["vocab_size"]} == {"sequence_length"}, (name, value.name, dims)
-        ops = {n.op_type for n in model.graph.node}
+        op_types = {n.op_type for n in model.graph.node}
         assert "Concat" not in {n.op_type for n in model.graph.node if any(o.startswith("present.") for o in n.output)}
         if quant != "fp32":
-            assert {"MatMulNBits", "GatherBlockQuantized"} <= ops and "Gemm" not in ops
+            assert {"MatMulNBits", "GatherBlockQuantized"} <= op_types and "Gemm" not in op_types
+        contrib = {n.op_type for n in model.graph.node if n.domain == "com.microsoft"} - {"MatMulNBits", "GatherBlockQuantized"}
+        if ops == "auto" and name in CONTRIB:  # attention is one fused node per layer, cache written inside
+            assert contrib == {"GroupQueryAttention"} and not op_types & {"ScatterND", "Softmax"}
+            assert manifest["io"]["ops"] == "contrib"
+        else:
+            assert not contrib and "ScatterND" in op_types and manifest["io"]["ops"] == "standard"
 
 
-def test_quantized_weights_are_stored_once(exports, tiny_checkpoints):
-    """No fp32 copy of a quantized weight remains; the tied table is one quantized table plus one
-    quantized output projection."""
+@pytest.mark.parametrize("ops", ["auto", "standard"])
+def test_quantized_weights_are_stored_once(ops, exports, tiny_checkpoints):
+    """No fp32 copy of a quantized weight remains, and the tied table is stored once: the output
+    projection's quantized weight, which the embedding's GatherBlockQuantized reads reshaped."""
     import onnx
 
     model = load_model(tiny_checkpoints["tiny-gemma3"], MAX_SEQ_LEN)
@@ -155,17 +173,20 @@ def test_quantized_weights_are_stored_once(exports, tiny_checkpoints):
     linears = sum(padded(w) for w in weights)
     table = model.embed_tokens.weight
     shapes = {tuple(w.shape) for w in weights + [table]} | {tuple(w.shape[::-1]) for w in weights + [table]}
-    for quant, bits in (("int8", 8), ("int4", 4)):
-        graph = onnx.load(str(exports[("tiny-gemma3", quant)] / "model.onnx")).graph
+    for quant, bits in (("int8", 8), ("int4", 4)) if ops == "auto" else (("int4", 4),):
+        graph = onnx.load(str(exports[("tiny-gemma3", quant, ops)] / "model.onnx")).graph
         floats = [t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT and tuple(t.dims) in shapes]
         assert not floats  # no float copy of a weight, transposed or not
         values = sum(int(np.prod(t.dims)) for t in graph.initializer
                      if t.data_type == onnx.TensorProto.UINT8 and not t.name.endswith("zero_points")) * 8 // bits
-        assert values == linears + padded(table) + table.numel()
+        assert values == linears + padded(table)  # hidden 96: whole blocks, so padded(table) == table.numel()
+        gather = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
+        head = next(n for n in graph.node if n.op_type == "MatMulNBits" and n.input[1].startswith("model.embed_tokens"))
+        assert gather.input[2:4] == head.input[2:4]  # the same scales and zero points
 
 
 def test_greedy_on_the_onnx_equals_greedy_on_its_eager_twin(exports, tiny_checkpoints, tmp_path):
-    folder = exports[("tiny-gemma2", "int4")]
+    folder = exports[("tiny-gemma2", "int4", "auto")]
     eager = _eager_with_weights_of(folder, tiny_checkpoints["tiny-gemma2"])
     prompt = _ids(eager.model.config.vocab_size, seed=3)[:PREFILL]
     expected = greedy(eager, prompt, 32).token_ids
@@ -173,7 +194,7 @@ def test_greedy_on_the_onnx_equals_greedy_on_its_eager_twin(exports, tiny_checkp
 
 
 def test_manifest_describes_the_export(exports):
-    folder = exports[("tiny-gemma3", "int4")]
+    folder = exports[("tiny-gemma3", "int4", "auto")]
     manifest = json.loads((folder / "gemma_edge.json").read_text())
     assert manifest["format"] == "onnx" and manifest["max_seq_len"] == MAX_SEQ_LEN
     assert manifest["export"]["quant"] == "int4" and manifest["export"]["embedding_quant"] == "int4"
@@ -181,10 +202,43 @@ def test_manifest_describes_the_export(exports):
         assert sha256_file(folder / name) == info["sha256"] and (folder / name).stat().st_size == info["bytes"]
     io = manifest["io"]
     assert [i["name"] for i in io["inputs"][:3]] == ["input_ids", "position_ids", "past_key_values.0.key"]
+    assert io["inputs"][-1]["name"] == "logits_to_keep"
     assert io["outputs"][1]["name"] == "present.0.key" and io["min_onnxruntime"] and io["opset"] == 23
+    assert manifest["export"]["ops"] == "auto" and io["ops"] == "contrib"
     layers = manifest["quantization"]["layers"]
-    assert len([k for k in layers if k != "embed_tokens"]) == 6 * 7 + 1  # every linear and the output projection
+    # every linear and the output projection; the contrib graph multiplies q, k, v as one and gate, up as one
+    assert len([k for k in layers if k != "embed_tokens"]) == 6 * 4 + 1
     assert {"torch", "onnx", "onnxruntime"} <= set(manifest["versions"])
+
+
+@pytest.mark.parametrize("name, ops", [("tiny-gemma3", "auto"), ("tiny-gemma3", "standard"), ("tiny-gemma", "auto")])
+def test_last_row_logits_are_the_last_row_of_all(name, ops, exports):
+    """forward_last asks the graph for one row (logits_to_keep = 1): the same numbers as the last
+    of all rows, and the graph computes only that row."""
+    import onnxruntime as ort
+
+    folder = exports[(name, "int4", ops)]
+    backend = OnnxBackend(folder)
+    ids = _ids(backend.manifest["config"]["vocab_size"])
+    every = backend.forward(ids[:PREFILL], 0)
+    backend.reset()
+    last = backend.forward_last(ids[:PREFILL], 0)
+    assert every.shape[0] == PREFILL
+    np.testing.assert_allclose(last, every[-1], atol=1e-4, rtol=1e-4)
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    feeds = {i.name: np.zeros([d if isinstance(d, int) else 1 for d in i.shape], np.float32) for i in session.get_inputs()}
+    feeds.update(input_ids=np.array([ids[:3]]), position_ids=np.arange(3)[None], logits_to_keep=np.array([2]))
+    assert session.run(["logits"], feeds)[0].shape == (1, 2, backend.manifest["config"]["vocab_size"])
+
+
+def test_contrib_ops_need_a_head_size_ort_takes(tiny_checkpoints, tmp_path):
+    with pytest.raises(ConfigError, match="multiple of 16.*24; use --ops standard"):
+        export_onnx(resolve(tiny_checkpoints["tiny-gemma"]), ExportSettings(format="onnx", quant="fp32", ops="contrib"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match="does not apply to --format pte"):
+        ExportSettings(format="pte", ops="contrib")
+    with pytest.raises(ConfigError, match="unknown ops 'fused'; valid: auto, contrib, standard"):
+        ExportSettings(format="onnx", ops="fused")
 
 
 def test_onnx_group_size_must_be_a_block_ort_takes():

@@ -18,7 +18,7 @@ def run(args: argparse.Namespace) -> int:
     from gemma_edge.exporters.settings import ExportSettings
 
     settings = ExportSettings(format=args.format, quant=args.quant, group_size=args.group_size,
-                              embedding_quant=args.embedding_quant, max_seq_len=args.max_seq_len)
+                              embedding_quant=args.embedding_quant, max_seq_len=args.max_seq_len, ops=args.ops)
     console = progress()
     out = Path(args.output)
 
@@ -44,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
     for name, info in result.manifest["files"].items():
         table.add_row(name, f"{info['bytes'] / 2**20:,.1f} MiB", info["sha256"][:16])
     table.add_row("quantization", f"{settings.quant} / emb {settings.embedding_quant}", f"group {settings.group_size}")
+    if "ops" in result.manifest["io"]:
+        table.add_row("operators", result.manifest["io"]["ops"], "")
     table.add_row("time", f"{sum(result.seconds.values()):.1f} s", ", ".join(f"{k} {v:.0f}s" for k, v in result.seconds.items()))
     results().print(table)
     return 0

@@ -1,8 +1,9 @@
 """Export to ONNX for ONNX Runtime (CPU), with a static KV cache passed in and out as tensors.
 
     OUTDIR/model.onnx       input_ids [1, T], position_ids [1, T] (consecutive), and per layer N
-                            past_key_values.N.key / .value [1, kv_heads, max_seq_len, head_dim]
-                            -> logits [1, T, vocab], present.N.key / .value (same shapes as past)
+                            past_key_values.N.key / .value [1, kv_heads, max_seq_len, head_dim],
+                            optionally logits_to_keep [1] (N > 0: only the last N rows of logits)
+                            -> logits [1, T (or N), vocab], present.N.key / .value (as past)
     OUTDIR/model.onnx.data  the weights, when the model is over 2 GB (ONNX's protobuf limit)
     OUTDIR/tokenizer.json   (and tokenizer.model where the source has one)
     OUTDIR/gemma_edge.json  the manifest
@@ -20,12 +21,14 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from gemma_edge.checkpoints import Checkpoint, load_model
 from gemma_edge.exporters.executorch import ExportResult, Stage
 from gemma_edge.exporters.manifest import copy_tokenizer, special_tokens, versions, write_manifest
+from gemma_edge.exporters.onnx_contrib import resolve_ops, use_ops
 from gemma_edge.exporters.onnx_quant import quantize_onnx
 from gemma_edge.exporters.rewrites import TensorKVCache, pass_caches_as_tensors
 from gemma_edge.exporters.settings import ExportSettings
@@ -60,11 +63,14 @@ class CacheInOut(nn.Module):
         return logits, [[cache.k4, cache.v4] for cache in self.caches]
 
 
-def trace_to_onnx(model: Gemma):
-    """torch.onnx.export (dynamo) with a dynamic token count T up to max_seq_len -> onnx.ModelProto."""
+def trace_to_onnx(model: Gemma, ops: str = "contrib"):
+    """torch.onnx.export (dynamo) with a dynamic token count T up to max_seq_len -> onnx.ModelProto.
+
+    ops: "contrib" (ONNX Runtime's fused operators, see onnx_contrib.py) or "standard".
+    """
     from torch.fx.experimental import _config as fx_config
 
-    wrapper = CacheInOut(model).eval()
+    wrapper = CacheInOut(use_ops(model, ops)).eval()
     layers, n = len(wrapper.caches), model.max_seq_len
     # The symbolic range starts at 2 because torch.export specializes sizes 0 and 1; the graph has
     # no branch on T, so T = 1 (a decode step) runs the same graph, which the tests check.
@@ -84,6 +90,37 @@ def trace_to_onnx(model: Gemma):
             if dim.dim_param:
                 dim.dim_param = "sequence_length"
     return proto
+
+
+LOGITS_TO_KEEP = "logits_to_keep"
+
+
+def keep_last_logits(proto) -> None:
+    """Add an input logits_to_keep (int64 [1], default 0): logits for only the last N positions
+    (0: all, as transformers' logits_to_keep). Generation needs one row per prefill, and the
+    output projection of a 262k vocabulary is most of a prefill's work. The default lives in an
+    initializer of the same name, so a runtime that does not know the input (ONNX Runtime GenAI)
+    gets every row."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = proto.graph
+    producers = {out: n for n in graph.node for out in n.output}
+    node = producers["logits"]
+    while node.op_type not in ("MatMul", "Gemm"):  # back through Gemma 2's soft-cap to the projection
+        node = producers[node.input[0]]
+    hidden = node.input[0]  # [1, T, hidden]
+    graph.input.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, [1]))
+    graph.initializer.extend([numpy_helper.from_array(np.zeros(1, np.int64), LOGITS_TO_KEEP),
+                              numpy_helper.from_array(np.array([np.iinfo(np.int64).max]), "logits_rows_end"),
+                              numpy_helper.from_array(np.ones(1, np.int64), "logits_rows_axis")])
+    at = list(graph.node).index(node)
+    graph.node.insert(at, helper.make_node("Neg", [LOGITS_TO_KEEP], ["logits_rows_start"], name="logits_rows_start"))
+    graph.node.insert(at + 1, helper.make_node("Slice", [hidden, "logits_rows_start", "logits_rows_end", "logits_rows_axis"],
+                                               ["logits_rows"], name="logits_rows"))
+    node.input[0] = "logits_rows"
+    for value in graph.output:
+        if value.name == "logits":
+            value.type.tensor_type.shape.dim[1].dim_param = "logits_rows"
 
 
 def save_onnx(proto, folder: Path) -> list[str]:
@@ -107,8 +144,11 @@ def io_contract(model: Gemma) -> dict:
         "program": ONNX_FILE,
         "inputs": [{"name": "input_ids", "dtype": "int64", "shape": [1, "T"]},
                    {"name": "position_ids", "dtype": "int64", "shape": [1, "T"], "rows": "consecutive positions"}]
-                  + [{"name": name, "dtype": "float32", "shape": cache} for name in cache_names(layers, "past_key_values")],
-        "outputs": [{"name": "logits", "dtype": "float32", "shape": [1, "T", c.vocab_size], "rows": "every position"}]
+                  + [{"name": name, "dtype": "float32", "shape": cache} for name in cache_names(layers, "past_key_values")]
+                  + [{"name": LOGITS_TO_KEEP, "dtype": "int64", "shape": [1], "default": [0],
+                      "rows": "logits for the last N positions only; 0 (the default): every position"}],
+        "outputs": [{"name": "logits", "dtype": "float32", "shape": [1, "R", c.vocab_size],
+                     "rows": "R = logits_to_keep, or T when it is 0"}]
                    + [{"name": name, "dtype": "float32", "shape": cache} for name in cache_names(layers, "present")],
         "tokens_per_call": [1, n],
         "cache": "static: present = past with this call's positions written; bind both to one buffer",
@@ -168,14 +208,16 @@ def export_onnx(ckpt: Checkpoint, settings: ExportSettings, outdir: Path, overwr
             yield
         seconds[name] = time.perf_counter() - start
 
+    ops = resolve_ops(ckpt.config, settings.ops)
     with staged_folder(outdir, overwrite) as tmp:
         with timed("load"):
             model = load_model(ckpt, settings.max_seq_len)
             special = special_tokens(ckpt)
-            io = io_contract(model)
+            io = {**io_contract(model), "ops": ops}
             genai = genai_config(model, special, ONNX_FILE)
         with timed("trace"):
-            proto = trace_to_onnx(model)
+            proto = trace_to_onnx(model, ops)
+            keep_last_logits(proto)
             del model
         with timed("quantize"):
             proto, plan = quantize_onnx(proto, settings)

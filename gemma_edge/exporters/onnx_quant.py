@@ -7,8 +7,9 @@
 - The embedding becomes GatherBlockQuantized, 4-bit or 8-bit asymmetric blocks along the hidden
   axis, written here: onnxruntime's quantizer does 4-bit Gathers only, while the op (1.32) takes
   uint8 data of 4 or 8 bits, so one writer serves both.
-- Gemma ties the output projection to the embedding: the projection gets its own quantized copy
-  (a MatMulNBits weight is laid out for the matmul), the table its own, and no fp32 copy remains.
+- Gemma ties the output projection to the embedding: quantized alike (same bits and block), the
+  projection's MatMulNBits weight is the table too, read through a Reshape: one quantized copy,
+  no fp32 copy. Quantized differently, each gets its own.
 """
 
 from __future__ import annotations
@@ -104,13 +105,39 @@ def quantize_linears(proto, nodes: list[str], bits: int, block: int):
     return quantizer.model.model
 
 
+def _tied_head(graph, bits: int, block: int):
+    """The MatMulNBits of the output projection quantized from the embedding table itself (tied
+    weights), when its blocks can serve as the table's: same bits and block, hidden a whole number
+    of blocks. Its B [vocab, blocks, bytes], scales [vocab, blocks] and zero points [vocab, blocks
+    (4-bit: packed)] are then byte for byte what GatherBlockQuantized reads as [vocab, bytes]."""
+    from onnx import helper
+
+    for node in graph.node:
+        if node.op_type == "MatMulNBits" and node.input[1] == f"{EMBEDDING}.T_Q{bits}":
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            if attrs["bits"] == bits and attrs["block_size"] == block and attrs["K"] % block == 0:
+                return node
+    return None
+
+
 def quantize_embedding(proto, bits: int, block: int):
-    """Gather on the embedding table -> GatherBlockQuantized, blocks of `block` along hidden."""
+    """Gather on the embedding table -> GatherBlockQuantized, blocks of `block` along hidden.
+
+    With tied weights quantized alike, the table is the output projection's quantized weight,
+    reshaped (stored once: a third of the 270M model's file)."""
     from onnx import helper, numpy_helper
 
     graph = proto.graph
+    vocab, hidden = _initializers(graph)[EMBEDDING].dims
+    head = _tied_head(graph, bits, block)
+    if head is not None:
+        shape = numpy_helper.from_array(np.array([vocab, hidden * bits // 8], np.int64), f"{EMBEDDING}.shape")
+        graph.initializer.append(shape)
+        graph.node.insert(0, helper.make_node("Reshape", [head.input[1], shape.name], [f"{EMBEDDING}.q{bits}"],
+                                              name="embed_tokens_shared_with_head"))
+        _gather_block_quantized(graph, [f"{EMBEDDING}.q{bits}", None, *head.input[2:4]], bits, block)
+        return proto
     table = numpy_helper.to_array(_initializers(graph)[EMBEDDING])  # [vocab, hidden]
-    vocab, hidden = table.shape
     # A width that is not a multiple of the block ends in a partial block, which the op takes.
     padded = np.zeros((vocab, -(-hidden // block) * block), np.float32)
     padded[:, :hidden] = table
@@ -135,6 +162,14 @@ def quantize_embedding(proto, bits: int, block: int):
         graph.initializer.append(zero_points)
         inputs.append(zero_points.name)
     graph.initializer.extend([data, scale])
+    _gather_block_quantized(graph, inputs, bits, block)
+    return proto
+
+
+def _gather_block_quantized(graph, inputs: list, bits: int, block: int) -> None:
+    """Every Gather on the table -> GatherBlockQuantized(data, its indices, scales[, zero points])."""
+    from onnx import helper
+
     for i, node in enumerate(graph.node):
         if node.op_type == "Gather" and node.input[0] == EMBEDDING:
             inputs[1] = node.input[1]
@@ -142,7 +177,6 @@ def quantize_embedding(proto, bits: int, block: int):
                 "GatherBlockQuantized", list(inputs), list(node.output), name=node.name,
                 domain="com.microsoft", bits=bits, block_size=block, gather_axis=0, quantize_axis=1))
     _remove_unused(graph, set())
-    return proto
 
 
 def quantize_onnx(proto, settings: ExportSettings):
@@ -170,6 +204,7 @@ def dequantized_weights(proto) -> dict[str, np.ndarray]:
     from onnx import helper, numpy_helper
 
     inits = _initializers(proto.graph)
+    reshaped = {n.output[0]: n.input[0] for n in proto.graph.node if n.op_type == "Reshape" and n.input[0] in inits}
     found = {}
     for node in proto.graph.node:
         if node.op_type not in ("MatMulNBits", "GatherBlockQuantized"):
@@ -177,7 +212,9 @@ def dequantized_weights(proto) -> dict[str, np.ndarray]:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         bits, block = attrs["bits"], attrs["block_size"]
         zero_point = 1 << (bits - 1)  # the op's default
-        data = numpy_helper.to_array(inits[node.input[1 if node.op_type == "MatMulNBits" else 0]])
+        data_name = node.input[1 if node.op_type == "MatMulNBits" else 0]
+        data_name = reshaped.get(data_name, data_name)  # a table shared with the output projection
+        data = numpy_helper.to_array(inits[data_name])
         scales = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32)
         if node.op_type == "MatMulNBits":
             n, k = attrs["N"], attrs["K"]
@@ -190,7 +227,7 @@ def dequantized_weights(proto) -> dict[str, np.ndarray]:
             name = "model.lm_head.weight" if name == EMBEDDING else name
             found[name] = w.reshape(n, -1)[:, :k]
         else:
-            q = _unpack(data, bits)
+            q = _unpack(data.reshape(data.shape[0], -1), bits)
             vocab, hidden = q.shape
             blocks = scales.shape[1]
             if len(node.input) > 3 and node.input[3]:  # uint8 [vocab, blocks] (4-bit: packed)

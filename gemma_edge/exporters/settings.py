@@ -15,6 +15,10 @@ EMBEDDING_QUANTS = ("none", "int8", "int4")
 # Embeddings follow the linear layers unless told otherwise: Gemma's 256k-row embedding is a
 # third of the 2B model, so leaving it in fp32 would undo most of the saving.
 DEFAULT_EMBEDDING_QUANT = {"fp32": "none", "int8": "int8", "int4": "int4"}
+# ONNX graphs: ONNX Runtime's fused contrib operators (faster on its CPU provider), only the ONNX
+# standard's (for other runtimes), or auto: contrib where the model's shapes allow it.
+# ExecuTorch programs have no such choice (None).
+ONNX_OPS = ("auto", "contrib", "standard")
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,7 @@ class ExportSettings:
     group_size: int = 32  # columns sharing one int4 scale
     embedding_quant: str | None = None  # none / int8 / int4; None: as DEFAULT_EMBEDDING_QUANT
     max_seq_len: int = 1024  # positions the static KV cache holds
+    ops: str | None = None  # ONNX only: auto (default), contrib or standard operators
 
     def __post_init__(self) -> None:
         _one_of("format", self.format, FORMATS)
@@ -33,6 +38,12 @@ class ExportSettings:
         _one_of("embedding quantization", self.embedding_quant, EMBEDDING_QUANTS)
         if self.group_size < 2 or self.group_size % 2:
             raise ConfigError(f"--group-size must be an even number of at least 2, got {self.group_size}")
+        if self.format == "onnx":
+            if self.ops is None:
+                object.__setattr__(self, "ops", ONNX_OPS[0])
+            _one_of("ops", self.ops, ONNX_OPS)
+        elif self.ops is not None:
+            raise ConfigError(f"--ops chooses ONNX operators; it does not apply to --format {self.format}")
         g = self.group_size
         if self.format == "onnx" and (g < 16 or g & (g - 1)):  # MatMulNBits and GatherBlockQuantized blocks
             raise ConfigError(f"--format onnx needs a --group-size that is a power of 2 of at least 16 (16, 32, 64, ...), got {g}")

@@ -28,11 +28,13 @@ class OnnxBackend:
         except ImportError:
             raise MissingDependencyError("running an ONNX export needs onnxruntime: pip install onnxruntime") from None
         options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only: not the note that logits_to_keep is an overridable initializer
         if threads:
             options.intra_op_num_threads = threads
         io = self.manifest["io"]
         self.session = ort.InferenceSession(str(folder / io["program"]), options, providers=["CPUExecutionProvider"])
         self._ort = ort
+        self._logits_to_keep = any(i.name == "logits_to_keep" for i in self.session.get_overridable_initializers())
         self._caches = {}  # past name -> (present name, OrtValue)
         for spec in io["inputs"]:
             if spec["name"].startswith("past_key_values."):
@@ -42,6 +44,13 @@ class OnnxBackend:
 
     def forward(self, token_ids: Sequence[int], start_pos: int) -> np.ndarray:
         """Logits [len(token_ids), vocab] for token_ids placed at start_pos.., in one call."""
+        return self._run(token_ids, start_pos, 0)
+
+    def forward_last(self, token_ids: Sequence[int], start_pos: int) -> np.ndarray:
+        """The same call computing the last row only [vocab], where the graph offers that."""
+        return self._run(token_ids, start_pos, 1)[-1]
+
+    def _run(self, token_ids: Sequence[int], start_pos: int, rows: int) -> np.ndarray:
         ids = np.asarray(token_ids, dtype=np.int64)[None, :]
         if ids.shape[1] == 0 or start_pos < 0 or start_pos + ids.shape[1] > self.max_seq_len:
             raise GemmaEdgeError(f"positions {start_pos}..{start_pos + ids.shape[1] - 1} do not fit the "
@@ -49,15 +58,15 @@ class OnnxBackend:
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("position_ids", np.arange(start_pos, start_pos + ids.shape[1], dtype=np.int64)[None, :])
+        if rows and self._logits_to_keep:
+            # (bind_cpu_input looks the name up among the non-initializer inputs only)
+            binding.bind_ortvalue_input("logits_to_keep", self._ort.OrtValue.ortvalue_from_numpy(np.array([rows], np.int64)))
         binding.bind_output("logits")  # first: get_outputs() follows the order of binding
         for past, (present, buffer) in self._caches.items():
             binding.bind_ortvalue_input(past, buffer)
             binding.bind_ortvalue_output(present, buffer)  # written in place
         self.session.run_with_iobinding(binding)
         return binding.get_outputs()[0].numpy()[0]
-
-    def forward_last(self, token_ids: Sequence[int], start_pos: int) -> np.ndarray:
-        return self.forward(token_ids, start_pos)[-1]
 
     def reset(self) -> None:
         """Nothing to clear for correctness (a prefill from 0 masks every slot); zeroed anyway so

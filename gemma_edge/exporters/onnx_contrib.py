@@ -1,0 +1,155 @@
+"""ONNX Runtime's fused CPU operators (domain com.microsoft), as export-only rewrites.
+
+`--ops contrib` (the ONNX default) traces the model with these in place of plain ONNX:
+
+- GroupQueryAttention for each layer's attention. It reads only the filled part of the static
+  cache (the plain graph multiplies by all max_seq_len slots and masks the rest), rotates q and k
+  itself from cos/sin tables (do_rotary), applies the sliding window (local_window_size, the
+  same count of visible keys as Gemma's sliding_window) and Gemma 2's soft-cap, and writes this
+  call's keys and values into past in place when present is bound to the same buffer, as our
+  runtime and ONNX Runtime GenAI do. The graph's inputs and outputs do not change: the cache
+  length it needs (seqlens_k, total_sequence_length) is derived from position_ids.
+
+`--ops standard` keeps every operator in the ONNX standard, for runtimes without contrib ops.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gemma_edge.errors import ConfigError
+from gemma_edge.model import Attention, FeedForward
+
+GQA = "com.microsoft::GroupQueryAttention"
+
+
+class FusedFeedForward(FeedForward):
+    """GeGLU with gate and up as one matmul (one weight [2 * intermediate, hidden]), split after."""
+
+    gate_up_proj: nn.Linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.gelu(gate, approximate=self.approximate) * up)
+
+
+class GroupQueryAttention(Attention):
+    """Attention as one com.microsoft GroupQueryAttention node after one q/k/v matmul (weight
+    [(heads + 2 kv) * head_dim, hidden]). Export only: in eager mode the symbolic node returns no
+    real values."""
+
+    qkv_proj: nn.Linear
+
+    rope_cos_half: torch.Tensor  # [max_seq_len, head_dim / 2]: GQA takes the non-repeated half
+    rope_sin_half: torch.Tensor
+
+    def forward(self, x: torch.Tensor, input_pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor, rotate: torch.Tensor) -> torch.Tensor:
+        h, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x)  # [T, (heads + 2 kv) * d]: GQA's packed BSNH layout
+        if self.q_norm is None:
+            q, k, v = qkv, None, None
+        else:  # Gemma 3 normalizes each head before RoPE, which GQA applies: unpack, normalize
+            q, k, v = qkv.split([h * d, kv * d, kv * d], dim=-1)
+            q = self.q_norm(q.view(-1, h, d)).view(-1, h * d)[None]
+            k = self.k_norm(k.view(-1, kv, d)).view(-1, kv * d)[None]
+            v = v[None]
+        last = input_pos[-1:]  # consecutive positions: the last is the filled length - 1
+        seqlens_k = last.to(torch.int32)  # [batch]
+        total = (last + 1).to(torch.int32).reshape(())
+        past_k, past_v = self.cache.k4, self.cache.v4  # [1, kv, max_seq_len, d]
+        out, self.cache.k4, self.cache.v4 = torch.onnx.ops.symbolic_multi_out(
+            GQA, (qkv[None] if k is None else q, k, v, past_k, past_v, seqlens_k, total, self.rope_cos_half, self.rope_sin_half),
+            {"num_heads": h, "kv_num_heads": kv, "scale": float(self.scale), "softcap": float(self.softcap or 0.0),
+             "local_window_size": self.window or -1, "do_rotary": 1, "rotary_interleaved": 0},
+            dtypes=(q.dtype, past_k.dtype, past_v.dtype), shapes=((1, x.shape[0], h * d), past_k.shape, past_v.shape),
+            version=1)
+        return self.o_proj(out[0])
+
+
+def unsupported(config) -> str | None:
+    """Why the contrib graph cannot be built for this architecture, or None."""
+    if config.head_dim % 16:  # ONNX Runtime's CPU kernel refuses other sizes at run time
+        return f"ONNX Runtime's GroupQueryAttention needs a head_dim that is a multiple of 16, this model's is {config.head_dim}"
+    return None
+
+
+def resolve_ops(config, ops: str) -> str:
+    """auto -> contrib where the architecture allows it, else standard; contrib where it cannot be built is an error."""
+    reason = unsupported(config)
+    if ops == "auto":
+        return "standard" if reason else "contrib"
+    if ops == "contrib" and reason:
+        raise ConfigError(f"--ops contrib: {reason}; use --ops standard")
+    return ops
+
+
+def use_group_query_attention(model: nn.Module) -> nn.Module:
+    """Every layer's Attention -> GroupQueryAttention, with its layer type's RoPE tables."""
+    config = model.config
+    half = config.head_dim // 2  # the tables repeat their first half (rotate-half layout)
+    tables = {}  # one tensor per layer type and table, shared by its layers: stored once in the graph
+    for layer in model.layers:
+        attn = layer.attn
+        if type(attn) is not Attention:
+            continue
+        attn.__class__ = GroupQueryAttention
+        attn.qkv_proj = _fused(attn, FUSED["qkv_proj"])
+        for table in ("cos", "sin"):
+            key = f"rope_{table}_{layer.layer_type}"  # [max_seq_len, head_dim]
+            if key not in tables:
+                tables[key] = getattr(model, key)[:, :half].contiguous()
+            attn.register_buffer(f"rope_{table}_half", tables[key], persistent=False)
+    return model
+
+
+def fuse_gate_up(model: nn.Module) -> nn.Module:
+    for module in model.modules():
+        if type(module) is FeedForward:
+            module.__class__ = FusedFeedForward
+            module.gate_up_proj = _fused(module, FUSED["gate_up_proj"])
+    return model
+
+
+def use_ops(model: nn.Module, ops: str) -> nn.Module:
+    """The model rewritten for `ops` (contrib or standard, as resolve_ops gives)."""
+    if ops == "contrib":
+        return fuse_gate_up(use_group_query_attention(model))
+    return model
+
+
+# Fused linear layer -> the layers it concatenates (rows in this order).
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def _fused(module: nn.Module, names: tuple[str, ...]) -> nn.Linear:
+    """One bias-free linear layer whose rows are the named layers' rows; the originals are removed."""
+    parts = [getattr(module, name) for name in names]
+    fused = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts), bias=False, device="meta")
+    fused.weight = nn.Parameter(torch.cat([p.weight.detach() for p in parts]), requires_grad=False)
+    for name in names:
+        delattr(module, name)
+    return fused
+
+
+def unfuse_weights(weights: dict, config) -> dict:
+    """{name: [out, in] array} with fused layers' weights split back into the model's layers."""
+    sizes = {"q_proj": config.num_attention_heads * config.head_dim, "k_proj": config.num_key_value_heads * config.head_dim,
+             "v_proj": config.num_key_value_heads * config.head_dim,
+             "gate_proj": config.intermediate_size, "up_proj": config.intermediate_size}
+    out = {}
+    for name, w in weights.items():
+        prefix, _, layer = name.removesuffix(".weight").rpartition(".")
+        if layer not in FUSED:
+            out[name] = w
+            continue
+        start = 0
+        for part in FUSED[layer]:
+            out[f"{prefix}.{part}.weight"] = w[start:start + sizes[part]]
+            start += sizes[part]
+    return out
+
+
+__all__ = ["resolve_ops", "use_ops", "unfuse_weights"]
