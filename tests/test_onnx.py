@@ -245,3 +245,74 @@ def test_onnx_group_size_must_be_a_block_ort_takes():
     with pytest.raises(ConfigError, match="power of 2 of at least 16"):
         ExportSettings(format="onnx", group_size=24)
     assert ExportSettings(format="pte", group_size=24).group_size == 24
+
+
+def test_a_model_over_2gb_is_written_with_external_data_and_runs(tmp_path):
+    """Gemma 2B's shapes in fp32 (embedding 256000 x 2048 alone is 2.1 GB), cut to two layers to
+    keep the test's memory and time small: past protobuf's 2 GB limit, so the weights go to
+    model.onnx.data; the checker, ONNX Runtime and the manifest's checksums take the pair."""
+    import dataclasses
+
+    import onnx
+
+    ckpt = resolve("random:gemma-2b")
+    config = dataclasses.replace(ckpt.config, num_hidden_layers=2, layer_types=ckpt.config.layer_types[:2])
+    ckpt = dataclasses.replace(ckpt, config=config)
+    folder = tmp_path / "gemma-2b-2-layers-fp32"
+    result = export_onnx(ckpt, ExportSettings(format="onnx", quant="fp32", max_seq_len=32), folder)
+    files = result.manifest["io"]["files"]
+    assert files == ["model.onnx", "model.onnx.data"]
+    assert (folder / "model.onnx").stat().st_size < 1 << 20 < 2 << 30 < (folder / "model.onnx.data").stat().st_size
+    for name in files:
+        assert sha256_file(folder / name) == result.manifest["files"][name]["sha256"]
+    onnx.checker.check_model(str(folder / "model.onnx"))  # by path: the checker reads the data file too
+    ids = [2, 651, 6037, 576, 6081, 603]
+    got = OnnxBackend(folder).forward(ids, 0)
+    expected = EagerBackend(load_model(ckpt, 32)).forward(ids, 0)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+OLD_ORT_RUN = """
+import sys
+import numpy as np
+import onnxruntime
+from gemma_edge.runtime.onnx_backend import OnnxBackend
+assert onnxruntime.__version__.startswith(sys.argv[1]), onnxruntime.__version__
+ids = [int(i) for i in sys.argv[3].split(",")]
+out = {}
+for i, folder in enumerate(sys.argv[4:]):
+    backend = OnnxBackend(folder)
+    rows = [backend.forward(ids[:20], 0)] + [backend.forward([t], 20 + k) for k, t in enumerate(ids[20:])]
+    out[str(i)] = np.concatenate(rows)
+np.savez(sys.argv[2], **out)
+"""
+
+
+def test_the_oldest_onnxruntime_the_manifest_names_computes_the_same(exports, tmp_path):
+    """The manifest's min_onnxruntime is measured, not guessed: that release (installed from PyPI
+    on first use, cached) runs the contrib and standard graphs, int4 and int8, to the same logits."""
+    import shutil
+
+    from gemma_edge.checkpoints import cache_dir
+    from gemma_edge.exporters.onnx import MIN_ORT
+
+    target = cache_dir() / f"onnxruntime-{MIN_ORT}"
+    if not (target / "onnxruntime").is_dir():
+        staging = tmp_path / "ort"
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(staging),
+                        f"onnxruntime=={MIN_ORT}.*"], check=True, timeout=600)
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.move(str(staging), str(target))
+    folders = [exports[("tiny-gemma3", "int4", "auto")], exports[("tiny-gemma3", "int4", "standard")],
+               exports[("tiny-gemma", "int8", "auto")], exports[("tiny-gemma2", "fp32", "auto")]]
+    ids = _ids(1001)
+    repo = Path(__file__).resolve().parents[1]
+    env = {"PYTHONPATH": f"{target}:{repo}", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-c", OLD_ORT_RUN, MIN_ORT, str(tmp_path / "old.npz"), ",".join(map(str, ids)),
+                             *map(str, folders)], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    old = np.load(tmp_path / "old.npz")
+    for i, folder in enumerate(folders):
+        backend = OnnxBackend(folder)
+        now = np.concatenate([backend.forward(ids[:20], 0)] + [backend.forward([t], 20 + k) for k, t in enumerate(ids[20:])])
+        np.testing.assert_allclose(old[str(i)], now, atol=1e-4, rtol=1e-4, err_msg=str(folder))
