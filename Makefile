@@ -1,5 +1,5 @@
 # The two commands of the README's quick start:
-#   make demo   set up .venv and run the main job on the built-in real Gemma 3 270M
+#   make demo   set up .venv and run the main job on the built-in real Gemma 3 270M (export, check, generate)
 #   make test   set up .venv and run the whole test suite (slow tests included)
 PYTHON ?= python3
 VENV := .venv
@@ -17,8 +17,19 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-demo: setup
+# The main job on the built-in real Gemma 3 270M: check our model against transformers, export
+# it to int4 ONNX and .pte (once: delete out/ to redo), then generate with each, with speeds.
+DEMO_PROMPT := The capital of France is
+demo: setup out/gemma3-int4-onnx/gemma_edge.json out/gemma3-int4-pte/gemma_edge.json
 	$(BIN)/gemma-edge check gemma-3-270m
+	$(BIN)/gemma-edge generate out/gemma3-int4-onnx "$(DEMO_PROMPT)" -n 48
+	$(BIN)/gemma-edge generate out/gemma3-int4-pte "$(DEMO_PROMPT)" -n 48
+
+out/gemma3-int4-onnx/gemma_edge.json: | setup
+	$(BIN)/gemma-edge export gemma-3-270m --format onnx --quant int4 -o out/gemma3-int4-onnx --overwrite
+
+out/gemma3-int4-pte/gemma_edge.json: | setup
+	$(BIN)/gemma-edge export gemma-3-270m --format pte --quant int4 -o out/gemma3-int4-pte --overwrite
 
 test: setup
 	$(BIN)/python -m pytest
@@ -27,4 +38,4 @@ test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info out

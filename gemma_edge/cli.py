@@ -29,6 +29,38 @@ def _export(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from gemma_edge.commands.generate import run
+
+    return run(args)
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from gemma_edge.commands.chat import run
+
+    return run(args)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from gemma_edge.commands.inspect import run
+
+    return run(args)
+
+
+TEMPLATES = ("plain", "gemma", "instruction")  # gemma_edge.runtime.templates, listed here so --help needs no import
+
+
+def _sampling_flags(verb: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    verb.add_argument("--max-new-tokens", "-n", type=int, default=max_new_tokens, help="stop after this many tokens (default: %(default)s)")
+    verb.add_argument("--temperature", type=float, default=0.0, help="0 is greedy; higher is more random (default: %(default)s)")
+    verb.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens; 0: all (default: %(default)s)")
+    verb.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set reaching this probability (default: %(default)s)")
+    verb.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeating context tokens (default: %(default)s)")
+    verb.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
+    verb.add_argument("--stop", action="append", metavar="TEXT", help="stop when the text contains TEXT (repeatable); eos and <end_of_turn> always stop")
+    verb.add_argument("--threads", type=int, default=None, help="CPU threads (default: the runtime's choice)")
+
+
 def _variants(args: argparse.Namespace) -> int:
     from gemma_edge.commands.variants import run
 
@@ -73,6 +105,38 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder to create")
     export.add_argument("--overwrite", action="store_true", help="replace OUTDIR if it exists (only once the new export is complete)")
     export.set_defaults(func=_export)
+
+    generate = verbs.add_parser(
+        "generate", help="generate a completion from an export folder (ONNX or .pte)",
+        description="Generate text from OUTDIR (written by 'gemma-edge export'), streamed to stdout; statistics to "
+                    "stderr. The ONNX path needs no torch.")
+    generate.add_argument("outdir", metavar="OUTDIR", help="an export folder")
+    generate.add_argument("prompt", metavar="PROMPT", help="the text to continue (<bos> is added)")
+    _sampling_flags(generate, 128)
+    generate.add_argument("--template", default="plain", choices=TEMPLATES,
+                          help="plain: continue PROMPT as it is; gemma: PROMPT as a user turn of Gemma's chat format; "
+                               "instruction: as the Instruction of the dolly-style format (default: %(default)s)")
+    generate.add_argument("--truncate", choices=("left",), default=None,
+                          help="cut a prompt longer than the cache from the left instead of failing")
+    generate.add_argument("--json", action="store_true",
+                          help="print one JSON object: text, token_ids (generated), finish_reason, stats")
+    generate.set_defaults(func=_generate)
+
+    chat = verbs.add_parser("chat", help="chat with an export folder interactively",
+                            description="An interactive, streamed conversation with OUTDIR. /reset forgets it, /quit leaves.")
+    chat.add_argument("outdir", metavar="OUTDIR", help="an export folder")
+    _sampling_flags(chat, 512)
+    chat.add_argument("--template", default="gemma", choices=TEMPLATES, help="prompt format (default: %(default)s)")
+    chat.add_argument("--system", default=None, help="a system instruction (Gemma: prepended to the first user turn)")
+    chat.add_argument("--verbose", "-v", action="store_true", help="print statistics after each reply")
+    chat.set_defaults(func=_chat)
+
+    inspect = verbs.add_parser("inspect", help="show an export's manifest and verify its files",
+                               description="Show OUTDIR's manifest (format, source, quantization, I/O, versions) and "
+                                           "check every file against its SHA-256; exit 1 if one does not match.")
+    inspect.add_argument("outdir", metavar="OUTDIR", help="an export folder")
+    inspect.add_argument("--no-verify", action="store_true", help="do not hash the files (faster for large exports)")
+    inspect.set_defaults(func=_inspect)
 
     variants = verbs.add_parser("variants", help="list the named architectures (for random:<variant>)",
                                 description="List the named Gemma architectures with their shapes and parameter counts.")

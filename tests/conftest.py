@@ -44,3 +44,58 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
     return {name: make_checkpoint(name, root / name) for name in TINY}
 
+
+
+def byte_fallback_tokenizer(vocab_size: int):
+    """A Gemma-style tokenizer small enough for the tiny vocabularies: <pad> <eos> <bos> <unk>, the
+    turn markers, 256 byte tokens <0x00>..<0xFF> for what it lacks (so "é" is <0xC3><0xA9>, two
+    ids whose halves are no text), then printable ASCII and a few merges; spaces become "▁" as in
+    Gemma's tokenizer.json."""
+    from tokenizers import Tokenizer, decoders, normalizers
+    from tokenizers.models import BPE
+
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+    tokens += [f"<0x{b:02X}>" for b in range(256)]
+    tokens += ["▁"] + [chr(c) for c in range(33, 127)]
+    merges = [("▁", "t"), ("h", "e"), ("▁t", "he"), ("i", "n"), ("▁", "a"), ("e", "r"), ("o", "n"), ("▁", "s")]
+    tokens += ["".join(m) for m in merges]
+    assert len(tokens) <= vocab_size
+    tokenizer = Tokenizer(BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, byte_fallback=True,
+                              unk_token="<unk>", fuse_unk=True))
+    tokenizer.normalizer = normalizers.Replace(" ", "▁")
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tokenizer.add_special_tokens(tokens[:6])
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_with_tokenizers(tmp_path_factory) -> dict[str, Path]:
+    """The tiny checkpoints with a tokenizer.json beside them, as a fine-tuned folder would have."""
+    root = tmp_path_factory.mktemp("tiny-tok")
+    out = {}
+    for name in TINY:
+        folder = make_checkpoint(name, root / name)
+        byte_fallback_tokenizer(VARIANTS[name].vocab_size).save(str(folder / "tokenizer.json"))
+        out[name] = folder
+    return out
+
+
+REAL_TOKENS = 512  # of the CPython reference manual: English written by others
+REAL_MAX_SEQ_LEN = 1024
+
+
+@pytest.fixture(scope="session")
+def real():
+    """The real Gemma 3 270M: (checkpoint, tokenizer, REAL_TOKENS ids of real English, the eager
+    fp32 model's logits for them [REAL_TOKENS, vocab], one prefill). Shared by the real-model tests."""
+    from tokenizers import Tokenizer
+
+    from gemma_edge.checkpoints import load_model, resolve
+    from gemma_edge.runtime.eager import EagerBackend
+    from test_real_model import real_english_ids
+
+    ckpt = resolve("gemma-3-270m")
+    tokenizer = Tokenizer.from_file(str(ckpt.hf_dir / "tokenizer.json"))
+    ids = real_english_ids(tokenizer, REAL_TOKENS)
+    fp32 = EagerBackend(load_model(ckpt, REAL_MAX_SEQ_LEN)).forward(ids, 0)
+    return ckpt, tokenizer, ids, fp32

@@ -8,32 +8,17 @@ import pytest
 import torch
 
 from export_cache import cached_export
-from gemma_edge.checkpoints import load_model, resolve
 from gemma_edge.exporters.settings import ExportSettings
 from gemma_edge.exporters.torchao_quant import INT4, INT8, untie_output_projection
 from gemma_edge.model import Gemma, RMSNorm
-from gemma_edge.runtime.eager import EagerBackend
 from gemma_edge.runtime.executorch_backend import ExecuTorchBackend
 from gemma_edge.runtime.generation import greedy
 from test_executorch import mean_kl
-from test_real_model import real_english_ids
 
 pytestmark = pytest.mark.slow
 
-TOKENS = 512  # of the CPython reference manual: English written by others
-MAX_SEQ_LEN = 1024
+from conftest import REAL_MAX_SEQ_LEN as MAX_SEQ_LEN, REAL_TOKENS as TOKENS  # the `real` fixture's text
 MIB = 1 << 20
-
-
-@pytest.fixture(scope="module")
-def real():
-    from tokenizers import Tokenizer
-
-    ckpt = resolve("gemma-3-270m")
-    tokenizer = Tokenizer.from_file(str(ckpt.hf_dir / "tokenizer.json"))
-    ids = real_english_ids(tokenizer, TOKENS)
-    fp32 = EagerBackend(load_model(ckpt, MAX_SEQ_LEN)).forward(ids, 0)  # [TOKENS, vocab], one prefill
-    return ckpt, tokenizer, ids, fp32
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,8 @@ import numpy as np
 
 class Backend(Protocol):
     max_seq_len: int  # positions the static cache holds
+    can_rewind: bool  # a call may start before the cache's end (else only at its end, or at 0)
+    manifest: dict  # the export's gemma_edge.json ({} for the eager model)
 
     def forward(self, token_ids: Sequence[int], start_pos: int) -> np.ndarray:
         """Place token_ids at positions start_pos.. in the cache; float32 logits [len(token_ids), vocab]."""
@@ -20,18 +22,20 @@ class Backend(Protocol):
         """Forget the cache."""
 
 
-def open_backend(folder) -> Backend:
+def open_backend(folder, threads: int | None = None) -> Backend:
     """The backend for an export folder, chosen by the format its manifest records."""
     from gemma_edge.errors import GemmaEdgeError
     from gemma_edge.exporters.manifest import read_manifest
 
     fmt = read_manifest(folder).get("format")
+    if threads is not None and threads < 1:
+        raise GemmaEdgeError(f"--threads must be at least 1, got {threads}")
     if fmt == "onnx":
         from gemma_edge.runtime.onnx_backend import OnnxBackend
 
-        return OnnxBackend(folder)
+        return OnnxBackend(folder, threads=threads)
     if fmt == "pte":
         from gemma_edge.runtime.executorch_backend import ExecuTorchBackend
 
-        return ExecuTorchBackend(folder)
+        return ExecuTorchBackend(folder, threads=threads)
     raise GemmaEdgeError(f"{folder}: unknown export format {fmt!r} in its manifest; valid: onnx, pte")

@@ -14,10 +14,15 @@ KERNEL_MODULES = ("executorch.kernels.quantized",)
 
 
 class ExecuTorchBackend:
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, threads: int | None = None):
         folder = Path(folder)
         self.manifest = read_manifest(folder)
         self.max_seq_len = int(self.manifest["max_seq_len"])
+        # Sliding layers whose window is shorter than the cache keep a ring of the last keys: a call
+        # before the cache's end would need keys the ring has overwritten (cache.py).
+        config = self.manifest["config"]
+        self.can_rewind = not ("sliding_attention" in config.get("layer_types", ())
+                               and (config.get("sliding_window") or 0) < self.max_seq_len)
         try:
             import importlib
 
@@ -34,6 +39,10 @@ class ExecuTorchBackend:
         except ImportError:
             raise MissingDependencyError("running a .pte needs executorch: pip install executorch==1.5.1") from None
         self._torch = torch
+        if threads:
+            from executorch.extension.pybindings import portable_lib
+
+            portable_lib._unsafe_reset_threadpool(threads)  # before loading: XNNPACK takes the pool then
         program = Runtime.get().load_program(folder / self.manifest["io"]["program"])
         self._method = program.load_method(self.manifest["io"]["method"])
 

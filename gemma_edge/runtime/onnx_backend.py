@@ -23,6 +23,7 @@ class OnnxBackend:
         if self.manifest.get("format") != "onnx":
             raise GemmaEdgeError(f"{folder} holds a {self.manifest.get('format')!r} export, not onnx")
         self.max_seq_len = int(self.manifest["max_seq_len"])
+        self.can_rewind = True  # every layer keeps all max_seq_len positions; the graph reads only those before a call
         try:
             import onnxruntime as ort
         except ImportError:

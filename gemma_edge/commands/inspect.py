@@ -1,0 +1,55 @@
+"""gemma-edge inspect: an export's manifest as a table, and whether its files match their checksums."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from gemma_edge.commands.ui import results
+    from gemma_edge.exporters.manifest import read_manifest
+    from gemma_edge.files import sha256_file
+
+    folder = Path(args.outdir)
+    m = read_manifest(folder)
+    c, e = m["config"], m["export"]
+    about = Table(title=f"{folder}", show_header=False)
+    about.add_column(style="bold")
+    about.add_column()
+    rows = [
+        ("format", m["format"] + (f" ({m['io']['ops']} operators)" if "ops" in m.get("io", {}) else "")),
+        ("source", str(m["source"])),
+        ("architecture", f"{c['model_type']}: {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, "
+                         f"heads {c['num_attention_heads']} / kv {c['num_key_value_heads']}, head_dim {c['head_dim']}, vocab {c['vocab_size']}"),
+        ("quantization", f"{e['quant']} (group {e['group_size']}), embedding {e['embedding_quant']}"),
+        ("max_seq_len", str(m["max_seq_len"])),
+        ("special tokens", ", ".join(f"{k} {v}" for k, v in m["special_tokens"].items())),
+        ("versions", ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items())),
+    ]
+    for key, value in rows:
+        about.add_row(key, value)
+    files = Table(title="files")
+    for col in ("file", "size", "sha256", "check"):
+        files.add_column(col, justify="right" if col == "size" else "left")
+    bad = 0
+    for name, info in m["files"].items():
+        path = folder / name
+        if not path.is_file():
+            status, bad = "[red]missing[/red]", bad + 1
+        elif args.no_verify:
+            status = "not checked"
+        elif path.stat().st_size != info["bytes"] or sha256_file(path) != info["sha256"]:
+            status, bad = "[red]CHANGED[/red]", bad + 1
+        else:
+            status = "[green]ok[/green]"
+        files.add_row(name, f"{info['bytes'] / 2**20:,.1f} MiB", info["sha256"][:16], status)
+    out = results()
+    out.print(about)
+    out.print(files)
+    if bad:
+        out.print(f"[red]{bad} file(s) do not match the manifest: re-export, or copy the folder again[/red]")
+        return 1
+    return 0

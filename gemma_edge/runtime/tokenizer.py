@@ -1,0 +1,100 @@
+"""The export folder's tokenizer (tokenizer.json through `tokenizers`, or a SentencePiece
+tokenizer.model), with the special ids the manifest records, and a decoder that streams text.
+
+Gemma's vocabulary falls back to bytes for characters it lacks (<0xC3><0xA9> for "é"), so the
+text of a prefix of the generated ids may end in half a character. The stream decoder only
+releases text once it no longer ends in U+FFFD (the replacement of an incomplete UTF-8 sequence).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from gemma_edge.errors import GemmaEdgeError, MissingDependencyError
+
+INCOMPLETE = "\ufffd"
+
+
+class Tokenizer:
+    def __init__(self, folder: str | Path, special_tokens: dict):
+        folder = Path(folder)
+        self.bos_id: int | None = special_tokens.get("bos_token_id")
+        self.stop_ids: list[int] = list(special_tokens.get("stop_token_ids") or special_tokens.get("eos_token_ids") or [])
+        self.end_of_turn_id: int | None = special_tokens.get("end_of_turn_id")
+        if (folder / "tokenizer.json").is_file():
+            try:
+                from tokenizers import Tokenizer as HFTokenizer
+            except ImportError:
+                raise MissingDependencyError("reading tokenizer.json needs tokenizers: pip install tokenizers") from None
+            self._hf = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+            self._sp = None
+        elif (folder / "tokenizer.model").is_file():
+            try:
+                import sentencepiece
+            except ImportError:
+                raise MissingDependencyError("reading tokenizer.model needs sentencepiece: pip install sentencepiece") from None
+            self._hf = None
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+        else:
+            raise GemmaEdgeError(f"{folder} has no tokenizer.json or tokenizer.model; re-export it, or copy the "
+                                 "checkpoint's tokenizer files into it")
+
+    def encode(self, text: str, bos: bool = False) -> list[int]:
+        """Ids of text; special tokens written in it (<start_of_turn>, ...) become their ids."""
+        if self._hf is not None:
+            ids = self._hf.encode(text, add_special_tokens=False).ids
+        else:
+            ids = self._sp.encode(text)
+        return ([self.bos_id] if bos and self.bos_id is not None else []) + list(ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ids, special tokens left out."""
+        ids = [int(i) for i in ids]
+        if self._hf is not None:
+            return self._hf.decode(ids, skip_special_tokens=True)
+        return self._sp.decode(ids)
+
+    def token_id(self, token: str) -> int | None:
+        if self._hf is not None:
+            return self._hf.token_to_id(token)
+        i = self._sp.piece_to_id(token)
+        return None if i == self._sp.unk_id() else i
+
+
+class StreamDecoder:
+    """Text of a growing list of ids, released in pieces that are whole characters.
+
+    Each new id is decoded together with the few ids before it (from the start of the last
+    released piece), so the tokenizer's joining rules (leading spaces, byte fallback) apply, each
+    step costs the same however long the text, and released text is never taken back, even when
+    the model emits bytes that are no valid UTF-8 (a whole-list decode would then rewrite earlier
+    characters as U+FFFD).
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""  # released so far
+        self._prefix = 0  # ids[_prefix:_read] decode to the last released piece
+        self._read = 0
+
+    def add(self, token_id: int) -> str:
+        """The new complete text after one more id ("" while a character is incomplete)."""
+        self.ids.append(int(token_id))
+        before = self.tokenizer.decode(self.ids[self._prefix:self._read])
+        after = self.tokenizer.decode(self.ids[self._prefix:])
+        if len(after) <= len(before) or after.endswith(INCOMPLETE):
+            return ""
+        return self._release(after[len(before):])
+
+    def flush(self) -> str:
+        """Whatever remains at the end (an incomplete character stays U+FFFD)."""
+        before = self.tokenizer.decode(self.ids[self._prefix:self._read])
+        after = self.tokenizer.decode(self.ids[self._prefix:])
+        return self._release(after[len(before):])
+
+    def _release(self, piece: str) -> str:
+        self._prefix, self._read = self._read, len(self.ids)
+        self.text += piece
+        return piece
