@@ -17,11 +17,12 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# The main job on the built-in real Gemma 3 270M: check our model against transformers, export
-# it to int4 ONNX and .pte (once: delete out/ to redo), then generate with each, with speeds.
+# The main job on the built-in real Gemma 3 270M: export it to int4 ONNX and .pte (once: delete
+# out/ to redo), verify each against transformers, then generate with each, with speeds.
 DEMO_PROMPT := The capital of France is
 demo: setup out/gemma3-int4-onnx/gemma_edge.json out/gemma3-int4-pte/gemma_edge.json
-	$(BIN)/gemma-edge check gemma-3-270m
+	$(BIN)/gemma-edge verify out/gemma3-int4-onnx
+	$(BIN)/gemma-edge verify out/gemma3-int4-pte
 	$(BIN)/gemma-edge generate out/gemma3-int4-onnx "$(DEMO_PROMPT)" -n 48
 	$(BIN)/gemma-edge generate out/gemma3-int4-pte "$(DEMO_PROMPT)" -n 48
 

@@ -61,6 +61,12 @@ def _sampling_flags(verb: argparse.ArgumentParser, max_new_tokens: int) -> None:
     verb.add_argument("--threads", type=int, default=None, help="CPU threads (default: the runtime's choice)")
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from gemma_edge.commands.verify import run
+
+    return run(args)
+
+
 def _variants(args: argparse.Namespace) -> int:
     from gemma_edge.commands.variants import run
 
@@ -137,6 +143,24 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("outdir", metavar="OUTDIR", help="an export folder")
     inspect.add_argument("--no-verify", action="store_true", help="do not hash the files (faster for large exports)")
     inspect.set_defaults(func=_inspect)
+
+    verify = verbs.add_parser(
+        "verify", help="prove an export computes what the PyTorch reference computes",
+        description="Run the same real text through OUTDIR and its reference (the source recorded in the manifest, or "
+                    "--reference): a long prefill, single-token decode steps through the static cache, a greedy "
+                    "continuation. Reports max/mean |diff|, top-1 agreement, KL, perplexity and the first greedy "
+                    "divergence; limits depend on the quantization. Exit 0 on pass, 1 on fail.")
+    verify.add_argument("outdir", metavar="OUTDIR", help="an export folder")
+    verify.add_argument("--reference", metavar="MODEL", help="the checkpoint to compare with (default: the manifest's source)")
+    verify.add_argument("--prompts", metavar="FILE", help="a text file to run (default: Python's reference manual)")
+    verify.add_argument("--prefill", type=int, default=128, help="tokens of the one-call prefill (default: %(default)s)")
+    verify.add_argument("--decode", type=int, default=16, help="single-token decode steps after it (default: %(default)s)")
+    verify.add_argument("--greedy", type=int, default=16, help="greedy tokens to compare (default: %(default)s)")
+    verify.add_argument("--save-golden", metavar="FILE", help="also save the reference's logits and tokens (.npz) for --golden")
+    verify.add_argument("--golden", metavar="FILE", help="compare with a saved golden file instead of running the reference (no torch needed)")
+    verify.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    verify.add_argument("--no-verify-checksums", action="store_true", help="skip the files' SHA-256 check")
+    verify.set_defaults(func=_verify)
 
     variants = verbs.add_parser("variants", help="list the named architectures (for random:<variant>)",
                                 description="List the named Gemma architectures with their shapes and parameter counts.")

@@ -115,6 +115,26 @@ def test_stream_decoder_never_releases_half_a_character(tokenizer):
     assert "" in pieces  # some ids (the first byte of é) released nothing yet
 
 
+def test_a_sentencepiece_folder_streams_the_same(tmp_path):
+    """A folder with tokenizer.model only (SentencePiece, byte fallback), as older Gemma checkpoints ship."""
+    import sentencepiece as spm
+    import pydoc_data.topics
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(list(pydoc_data.topics.topics.values())[:40]))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "tokenizer"), vocab_size=400,
+                                   model_type="bpe", byte_fallback=True, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+                                   user_defined_symbols=["<start_of_turn>", "<end_of_turn>"], character_coverage=1.0,
+                                   minloglevel=2)
+    tok = Tokenizer(tmp_path, SPECIAL)
+    ids = tok.encode("the café ☃ works<end_of_turn>", bos=True)
+    assert ids[0] == 2 and ids[-1] == 5 and tok.token_id("<end_of_turn>") == 5
+    assert tok.decode(ids) == "the café ☃ works"  # <bos> and the turn marker are no text
+    decoder = StreamDecoder(tok)
+    pieces = [decoder.add(i) for i in ids] + [decoder.flush()]
+    assert "".join(pieces) == "the café ☃ works" and not any("\ufffd" in p for p in pieces)
+
+
 def test_invalid_bytes_from_the_model_never_take_back_released_text(tokenizer):
     """A random model may emit "U" then a lone continuation byte: a whole-list decode turns the
     already shown "U" into U+FFFD too; the stream keeps what it showed and goes on."""

@@ -36,6 +36,9 @@ class Tokenizer:
                 raise MissingDependencyError("reading tokenizer.model needs sentencepiece: pip install sentencepiece") from None
             self._hf = None
             self._sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+            # left out of text, as tokenizers' skip_special_tokens does: control pieces and the turn markers
+            turn = {self._sp.piece_to_id(p) for p in ("<start_of_turn>", "<end_of_turn>")} - {self._sp.unk_id()}
+            self._sp_special = {i for i in range(self._sp.get_piece_size()) if self._sp.is_control(i)} | turn
         else:
             raise GemmaEdgeError(f"{folder} has no tokenizer.json or tokenizer.model; re-export it, or copy the "
                                  "checkpoint's tokenizer files into it")
@@ -53,7 +56,7 @@ class Tokenizer:
         ids = [int(i) for i in ids]
         if self._hf is not None:
             return self._hf.decode(ids, skip_special_tokens=True)
-        return self._sp.decode(ids)
+        return self._sp.decode([i for i in ids if i not in self._sp_special])
 
     def token_id(self, token: str) -> int | None:
         if self._hf is not None:

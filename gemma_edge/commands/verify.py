@@ -1,0 +1,130 @@
+"""gemma-edge verify: an export against the PyTorch reference (or a golden file of its logits)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+from gemma_edge.errors import ConfigError, GemmaEdgeError
+
+
+SHAPE_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "head_dim")
+
+
+def run(args: argparse.Namespace) -> int:
+    from gemma_edge.commands.ui import progress
+    from gemma_edge.exporters.manifest import read_manifest
+    from gemma_edge.runtime.backend import open_backend
+    from gemma_edge.verify import THRESHOLDS, Golden, verify
+
+    folder = Path(args.outdir)
+    manifest = read_manifest(folder)
+    quant = manifest["export"]["quant"]
+    if quant not in THRESHOLDS:
+        raise GemmaEdgeError(f"{folder}: unknown quantization {quant!r} in its manifest")
+    console = progress()
+    checksums = None if args.no_verify_checksums else _changed_files(folder, manifest)
+    if checksums:
+        console.print(f"[red]files changed since export: {', '.join(checksums)}[/red]")
+    with console.status(f"loading {folder}"):
+        backend = open_backend(folder)
+    if args.golden and not args.reference:
+        golden = Golden.load(args.golden)
+        if golden.logits.shape[1] != manifest["config"]["vocab_size"]:
+            raise GemmaEdgeError(f"{args.golden} holds logits over {golden.logits.shape[1]} tokens, the export's vocabulary "
+                                 f"has {manifest['config']['vocab_size']}: it was saved for another model")
+    else:
+        golden = _golden(args, folder, manifest, backend.max_seq_len, console)
+        if args.save_golden:
+            tmp = Path(args.save_golden + ".tmp.npz")
+            golden.save(tmp)
+            tmp.replace(args.save_golden)
+    with console.status(f"running {len(golden.ids) - 1} tokens through the export, then {len(golden.greedy)} greedy"):
+        report = verify(backend, golden, quant, checksums_ok=None if checksums is None else not checksums)
+    _print(report, folder, manifest)
+    if args.json:
+        tmp = Path(args.json + ".tmp")
+        tmp.write_text(json.dumps({"export": str(folder), "format": manifest["format"], **report.to_dict()}, indent=2) + "\n")
+        tmp.replace(args.json)
+    return 0 if report.passed else 1
+
+
+def _changed_files(folder: Path, manifest: dict) -> list[str]:
+    from gemma_edge.files import sha256_file
+
+    changed = []
+    for name, info in manifest["files"].items():
+        path = folder / name
+        if not path.is_file() or path.stat().st_size != info["bytes"] or sha256_file(path) != info["sha256"]:
+            changed.append(name)
+    return changed
+
+
+def _golden(args, folder: Path, manifest: dict, max_seq_len: int, console):
+    from gemma_edge.checkpoints import load_model, resolve
+    from gemma_edge.reference import load_reference, reference_from_model
+    from gemma_edge.verify import golden_from_reference
+
+    source = args.reference or manifest["source"]
+    with console.status(f"loading the reference {source}"):
+        ckpt = resolve(source)
+        ours, theirs = ckpt.config.to_dict(), manifest["config"]
+        shape = [k for k in SHAPE_FIELDS if ours.get(k) != theirs.get(k)]
+        if shape:  # other fields (RoPE bases, soft-caps, ...) may differ: that is for the numbers to show
+            raise ConfigError(f"the reference {source} has another shape than this export ({', '.join(shape)}); "
+                              "pass the checkpoint it was exported from with --reference")
+        reference = reference_from_model(load_model(ckpt, max_seq_len)) if ckpt.hf_dir is None else load_reference(ckpt)
+    prefill = min(args.prefill, max_seq_len // 2)
+    decode = max(0, min(args.decode, max_seq_len - prefill - 1))
+    steps = max(1, min(args.greedy, max_seq_len - prefill))
+    ids = _text_ids(args, folder, manifest, prefill + decode + 1)
+    with console.status(f"running the reference on {len(ids)} tokens"):
+        return golden_from_reference(reference, ids, prefill, steps)
+
+
+def _text_ids(args, folder: Path, manifest: dict, n: int) -> list[int]:
+    """n ids of real text (--prompts FILE, else the Python reference manual); random ids after
+    <bos> when the export has no tokenizer (random weights)."""
+    special = manifest["special_tokens"]
+    if not manifest.get("tokenizer", {}).get("files"):
+        rng = random.Random(0)
+        return [special["bos_token_id"]] + [rng.randrange(manifest["config"]["vocab_size"]) for _ in range(n - 1)]
+    from gemma_edge.runtime.tokenizer import Tokenizer
+
+    if args.prompts:
+        text = Path(args.prompts).read_text()
+    else:
+        import pydoc_data.topics
+
+        topics = pydoc_data.topics.topics
+        text = "\n\n".join(topics[k] for k in sorted(topics))
+    ids = Tokenizer(folder, special).encode(text, bos=True)
+    if len(ids) < n:
+        raise ConfigError(f"the text has {len(ids)} tokens; verify needs {n} (--prefill + --decode + 1): give a longer --prompts file")
+    return ids[:n]
+
+
+def _print(report, folder: Path, manifest: dict) -> None:
+    from rich.table import Table
+
+    from gemma_edge.commands.ui import results
+
+    ok, bad = "[green]pass[/green]", "[red]FAIL[/red]"
+    table = Table(title=f"{folder}: {manifest['format']} {report.quant} vs the reference")
+    for col in ("check", "rows", "max |diff|", "mean |diff|", "top-1", "KL", "ppl (ref)", "result"):
+        table.add_column(col, justify="left" if col in ("check", "result") else "right")
+    for c in report.checks:
+        table.add_row(c.name, str(c.rows), f"{c.max_abs:.2e}", f"{c.mean_abs:.2e}", f"{c.top1:.1%}", f"{c.kl:.4f}",
+                      f"{c.ppl:.2f} ({c.ppl_reference:.2f})", ok if c.passed else bad)
+    div = report.first_divergence
+    table.add_row(f"greedy ({len(report.greedy_reference)} tokens)", "", "", "", "", "",
+                  "identical" if div is None else f"first differs at {div}", ok if report.greedy_passed else bad)
+    if report.checksums_ok is not None:
+        table.add_row("file checksums", "", "", "", "", "", "", ok if report.checksums_ok else bad)
+    out = results()
+    out.print(table)
+    limits = ", ".join(f"{k} {v}" for k, v in report.limits.items())
+    out.print(f"limits for {report.quant}: {limits}.  " + ("[green]PASSED[/green]" if report.passed else "[red]FAILED[/red]"))

@@ -1,0 +1,141 @@
+"""The parity suite: `gemma-edge verify` on every tiny family x format x quantization, and proof
+that it fails on a broken export, by checksum and, with the checksum check off, by the numbers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gemma_edge.checkpoints import resolve
+from gemma_edge.exporters.settings import ExportSettings
+from gemma_edge.verify import THRESHOLDS
+
+pytestmark = pytest.mark.slow  # two dozen exports
+
+GEMMA_EDGE = str(Path(sys.executable).with_name("gemma-edge"))
+FAMILIES = ["tiny-gemma", "tiny-gemma-mha", "tiny-gemma2", "tiny-gemma3"]
+CASES = [(name, fmt, quant) for name in FAMILIES for fmt in ("onnx", "pte") for quant in ("fp32", "int8", "int4")]
+MAX_SEQ_LEN = 64
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([GEMMA_EDGE, *args], capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def exports(tiny_with_tokenizers, tmp_path_factory) -> dict[tuple[str, str, str], Path]:
+    from gemma_edge.exporters.executorch import export_pte
+    from gemma_edge.exporters.onnx import export_onnx
+
+    root = tmp_path_factory.mktemp("verify")
+    out = {}
+    for name, fmt, quant in CASES:
+        folder = out[(name, fmt, quant)] = root / f"{name}-{fmt}-{quant}"
+        export = export_onnx if fmt == "onnx" else export_pte
+        export(resolve(tiny_with_tokenizers[name]), ExportSettings(format=fmt, quant=quant, max_seq_len=MAX_SEQ_LEN), folder)
+    return out
+
+
+def verify(folder: Path, tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
+    report = tmp_path / f"{folder.name}.json"
+    result = run("verify", str(folder), "--prefill", "24", "--decode", "12", "--greedy", "16", "--json", str(report), *extra)
+    assert result.returncode in (0, 1), result.stderr  # a verdict, not a crash
+    return result, json.loads(report.read_text())
+
+
+@pytest.mark.parametrize("name, fmt, quant", CASES)
+def test_every_export_verifies(name, fmt, quant, exports, tmp_path):
+    result, report = verify(exports[(name, fmt, quant)], tmp_path)
+    checks = {c["name"]: c for c in report["checks"]}
+    print(f"{name} {fmt} {quant}: " + "; ".join(f"{k} max {c['max_abs']:.1e} top-1 {c['top1']:.0%} KL {c['kl']:.4f} "
+                                                  f"ppl x{c['ppl_ratio']:.3f}" for k, c in checks.items())
+          + f"; greedy first differs at {report['greedy']['first_divergence']}")
+    assert result.returncode == 0 and report["passed"], result.stdout
+    assert set(checks) == {"prefill", "decode"} and checks["prefill"]["rows"] == 24 and checks["decode"]["rows"] == 12
+    assert report["checksums_ok"] is True and report["limits"] == THRESHOLDS[quant]
+    if quant == "fp32":
+        assert report["greedy"]["first_divergence"] is None and checks["prefill"]["max_abs"] < 1e-4
+
+
+def test_a_golden_file_checks_without_the_reference(exports, tmp_path):
+    folder = exports[("tiny-gemma3", "onnx", "int8")]
+    golden = tmp_path / "golden.npz"
+    _, live = verify(folder, tmp_path, "--save-golden", str(golden))
+    result, saved = verify(folder, tmp_path, "--golden", str(golden))
+    assert result.returncode == 0 and saved["checks"] == live["checks"] and saved["greedy"] == live["greedy"]
+    other = run("verify", str(exports[("tiny-gemma", "onnx", "int8")]), "--golden", str(golden))
+    assert other.returncode == 2 and "saved for another model" in other.stderr
+
+
+def _perturb_onnx_weight(folder: Path) -> None:
+    """Scale one decoder weight's quantization scales by 1.5 in model.onnx, as a bad copy or a bad tool would."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(folder / "model.onnx"))
+    for i, t in enumerate(model.graph.initializer):
+        if t.name.startswith("model.layers.0.") and t.name.endswith("_scales"):
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * 1.5, t.name))
+            break
+    else:
+        raise AssertionError("no scales to perturb")
+    onnx.save(model, str(folder / "model.onnx"))
+
+
+def test_a_perturbed_weight_fails_by_checksum_and_by_numbers(exports, tmp_path):
+    folder = tmp_path / "broken"
+    shutil.copytree(exports[("tiny-gemma3", "onnx", "int4")], folder)
+    _perturb_onnx_weight(folder)
+    result, report = verify(folder, tmp_path)
+    assert result.returncode == 1 and report["checksums_ok"] is False and not report["passed"]
+    assert "model.onnx" in result.stderr and "FAIL" in result.stdout
+    result, report = verify(folder, tmp_path, "--no-verify-checksums")
+    assert result.returncode == 1 and report["checksums_ok"] is None and not report["passed"]
+    assert any(not c["passed"] for c in report["checks"])  # the numbers alone catch it
+
+
+def test_a_wrong_rope_base_fails_by_the_numbers(tiny_with_tokenizers, tmp_path):
+    """An export made with the wrong RoPE base (a config edited by hand, a converter's bug) is
+    verified against the true checkpoint: its own checksums match, the numbers do not."""
+    from gemma_edge.exporters.executorch import export_pte
+
+    source = tiny_with_tokenizers["tiny-gemma2"]
+    wrong = tmp_path / "wrong-theta"
+    shutil.copytree(source, wrong)
+    config = json.loads((wrong / "config.json").read_text())
+    config["rope_parameters"]["rope_theta"] *= 10  # transformers 5 keeps the base here
+    (wrong / "config.json").write_text(json.dumps(config))
+    folder = tmp_path / "export"
+    export_pte(resolve(wrong), ExportSettings(format="pte", quant="fp32", max_seq_len=MAX_SEQ_LEN), folder)
+    result, report = verify(folder, tmp_path, "--reference", str(source))
+    assert result.returncode == 1 and report["checksums_ok"] is True and not report["passed"]
+    assert not all(c["passed"] for c in report["checks"]) and max(c["max_abs"] for c in report["checks"]) > 1e-2
+    result, report = verify(folder, tmp_path)  # against the checkpoint it was made from: consistent
+    assert result.returncode == 0 and report["passed"]
+
+
+def test_verify_refuses_a_reference_of_another_shape(exports):
+    result = run("verify", str(exports[("tiny-gemma", "onnx", "fp32")]), "--reference", "random:tiny-gemma3")
+    assert result.returncode == 2 and "another shape" in result.stderr and "--reference" in result.stderr
+
+
+def test_golden_rows_match_the_reference_directly(exports, tiny_with_tokenizers, tmp_path):
+    """The golden file's logits are transformers' own: spot-check one row against a fresh forward."""
+    import torch
+
+    from gemma_edge.reference import load_reference
+    from gemma_edge.verify import Golden
+
+    golden_path = tmp_path / "g.npz"
+    verify(exports[("tiny-gemma2", "onnx", "fp32")], tmp_path, "--save-golden", str(golden_path))
+    golden = Golden.load(golden_path)
+    reference = load_reference(str(tiny_with_tokenizers["tiny-gemma2"]))
+    with torch.no_grad():
+        row = reference(torch.tensor([golden.ids[:10]])).logits[0, -1].numpy()
+    np.testing.assert_allclose(golden.logits[9], row, atol=1e-5, rtol=1e-5)
