@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup tools demo test test-fast clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,12 @@ out/gemma3-int4-onnx/gemma_edge.json: | setup
 out/gemma3-int4-pte/gemma_edge.json: | setup
 	$(BIN)/gemma-edge export gemma-3-270m --format pte --quant int4 -o out/gemma3-int4-pte --overwrite
 
-test: setup
+# The arm64 parity tests (verify --target arm64) unpack an arm64 Debian userland with mmdebstrap.
+tools:
+	@command -v mmdebstrap >/dev/null || { if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq mmdebstrap >/dev/null; \
+	  else echo "the arm64 tests need mmdebstrap: sudo apt-get install mmdebstrap"; exit 1; fi; }
+
+test: setup tools
 	$(BIN)/python -m pytest
 
 test-fast: setup

@@ -160,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--golden", metavar="FILE", help="compare with a saved golden file instead of running the reference (no torch needed)")
     verify.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     verify.add_argument("--no-verify-checksums", action="store_true", help="skip the files' SHA-256 check")
+    verify.add_argument("--target", choices=("host", "arm64"), default="host",
+                        help="host: this CPU; arm64: ONNX Runtime's ARM kernels on an emulated arm64 CPU (QEMU user mode, "
+                             "set up on first use; ONNX exports; keep --prefill/--decode short) (default: %(default)s)")
+    verify.add_argument("--cpu", choices=("cortex-a76", "neoverse-n2"), default="cortex-a76",
+                        help="the emulated CPU: cortex-a76 (NEON, dot product, fp16: most phones) or neoverse-n2 "
+                             "(adds i8mm) (default: %(default)s)")
     verify.set_defaults(func=_verify)
 
     variants = verbs.add_parser("variants", help="list the named architectures (for random:<variant>)",

@@ -21,7 +21,9 @@ from gemma_edge.runtime.backend import Backend
 from gemma_edge.runtime.generation import greedy
 
 # fp32: the export against the float32 reference, summation order aside (.pte measured 1e-6,
-# ONNX 1e-5), and the same greedy tokens. Quantized: mean KL and the perplexity ratio, from the
+# ONNX 1e-5), and the same greedy tokens. Quantized: mean KL per check, and the perplexity ratio
+# over all rows (a check's own ratio over a few decode rows is noise: 16 rows of the real .pte
+# int8 measured x1.09, its 128 prefill rows x1.01, 512 rows x1.006). Both from the
 # real Gemma 3 270M on 512 tokens of English (measured: .pte int8 KL 0.026 x1.006; ONNX int8 0.003
 # x1.007; .pte int4 0.70 x1.93; ONNX int4 0.38 x1.49; on verify's default 128 + 16 tokens .pte
 # int4 measures KL 0.65 x2.05, ONNX int4 0.36 x1.80), with room for other models and texts; a
@@ -45,7 +47,7 @@ class Check:
     kl: float  # mean KL(reference || export), nats
     ppl: float  # perplexity of the text's next tokens, export
     ppl_reference: float
-    passed: bool
+    passed: bool  # fp32: every logit within tolerance; quantized: KL within its limit
 
     @property
     def ppl_ratio(self) -> float:
@@ -69,15 +71,27 @@ class Report:
         return None
 
     @property
+    def ppl_ratio(self) -> float:
+        """Perplexity ratio over every row of every check (their mean log-likelihoods, row-weighted)."""
+        rows = sum(c.rows for c in self.checks)
+        return float(np.exp(sum(c.rows * np.log(c.ppl / c.ppl_reference) for c in self.checks) / rows))
+
+    @property
+    def ppl_passed(self) -> bool:
+        return self.ppl_ratio <= self.limits.get("ppl_ratio", np.inf)
+
+    @property
     def greedy_passed(self) -> bool:
         return self.first_divergence is None or not self.limits.get("greedy_identical")
 
     @property
     def passed(self) -> bool:
-        return self.checksums_ok is not False and self.greedy_passed and all(c.passed for c in self.checks)
+        return (self.checksums_ok is not False and self.greedy_passed and self.ppl_passed
+                and all(c.passed for c in self.checks))
 
     def to_dict(self) -> dict:
         return {"quant": self.quant, "passed": self.passed, "checksums_ok": self.checksums_ok, "limits": self.limits,
+                "ppl_ratio": self.ppl_ratio, "ppl_passed": self.ppl_passed,
                 "checks": [{**asdict(c), "ppl_ratio": c.ppl_ratio} for c in self.checks],
                 "greedy": {"ours": self.greedy_ours, "reference": self.greedy_reference,
                            "first_divergence": self.first_divergence, "passed": self.greedy_passed}}
@@ -135,7 +149,7 @@ def _compare(name: str, ours: np.ndarray, ref: np.ndarray, targets: Sequence[int
     if "atol" in limits:
         passed = bool(np.all(diff <= limits["atol"] + limits["rtol"] * np.abs(ref)))
     else:
-        passed = kl <= limits["kl"] and ppl / ppl_ref <= limits["ppl_ratio"]
+        passed = kl <= limits["kl"]
     return Check(name, len(ours), float(diff.max()), float(diff.mean()), top1, kl, ppl, ppl_ref, passed)
 
 

@@ -99,3 +99,20 @@ def real():
     ids = real_english_ids(tokenizer, REAL_TOKENS)
     fp32 = EagerBackend(load_model(ckpt, REAL_MAX_SEQ_LEN)).forward(ids, 0)
     return ckpt, tokenizer, ids, fp32
+
+
+TINY_MAX_SEQ_LEN = 64
+
+
+@pytest.fixture(scope="session")
+def tiny_exports(tiny_with_tokenizers):
+    """export(name, format, quant) -> the folder of that tiny checkpoint's export (max_seq_len 64),
+    made once per exporter code and reused across runs (tests/export_cache.py)."""
+    from export_cache import cached_export
+    from gemma_edge.checkpoints import resolve
+    from gemma_edge.exporters.settings import ExportSettings
+
+    def export(name: str, fmt: str, quant: str) -> Path:
+        return cached_export(resolve(tiny_with_tokenizers[name]), ExportSettings(format=fmt, quant=quant, max_seq_len=TINY_MAX_SEQ_LEN))
+
+    return export

@@ -55,7 +55,11 @@ def _imported_closure(start: Path, package: Path) -> set[Path]:
 
 def cached_export(ckpt: Checkpoint, settings: ExportSettings) -> Path:
     fmt = "" if settings.format == "pte" else f"{settings.format}-"  # .pte entries predate the ONNX ones
-    label = f"{ckpt.source.replace('/', '_')}-{fmt}{settings.quant}-g{settings.group_size}-e{settings.embedding_quant}-{settings.max_seq_len}"
+    # A folder source is named by its last part: the tests' tiny checkpoints live in a new temporary
+    # folder each run but are the same bytes, which the key covers, so their exports are reused too.
+    name = Path(ckpt.source).name if ckpt.hf_dir is not None else ckpt.source.replace("/", "_")
+    ops = "" if settings.ops in (None, "auto") else f"-{settings.ops}"
+    label = f"{name}-{fmt}{settings.quant}-g{settings.group_size}-e{settings.embedding_quant}-{settings.max_seq_len}{ops}"
     root = cache_dir() / "test-exports"
     folder = root / f"{label}-{content_key(ckpt, settings)}"
     if not (folder / MANIFEST).is_file():

@@ -66,3 +66,18 @@ def test_onnx_runtime_genai_generates_what_our_runtime_generates(real, exports):
     assert theirs == ours and len(ours) == 24
     print("GenAI and ours:", repr(tokenizer.decode(ours)))
 
+
+
+def test_real_int4_verifies_on_emulated_arm64(exports, tmp_path):
+    """The real model's int4 graph through ONNX Runtime's ARM kernels (QEMU, Cortex-A76): a short check."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    report = tmp_path / "arm.json"
+    result = subprocess.run([str(Path(sys.executable).with_name("gemma-edge")), "verify", str(exports["int4"]), "--target", "arm64",
+                             "--prefill", "32", "--decode", "8", "--greedy", "8", "--json", str(report)],
+                            capture_output=True, text=True, timeout=1800)
+    data = json.loads(report.read_text())
+    print({c["name"]: (round(c["kl"], 3), round(c["ppl_ratio"], 3)) for c in data["checks"]})
+    assert result.returncode == 0 and data["passed"] and data["target"] == "arm64", result.stdout + result.stderr[-2000:]

@@ -229,20 +229,8 @@ MAX_SEQ_LEN = 64
 
 
 @pytest.fixture(scope="module")
-def fp32_exports(tiny_with_tokenizers, tmp_path_factory):
-    from gemma_edge.checkpoints import resolve
-    from gemma_edge.exporters.executorch import export_pte
-    from gemma_edge.exporters.onnx import export_onnx
-    from gemma_edge.exporters.settings import ExportSettings
-
-    root = tmp_path_factory.mktemp("fp32")
-    out = {}
-    for name in FAMILIES:
-        ckpt = resolve(tiny_with_tokenizers[name])
-        for fmt, export in (("onnx", export_onnx), ("pte", export_pte)):
-            out[(name, fmt)] = root / f"{name}-{fmt}"
-            export(ckpt, ExportSettings(format=fmt, quant="fp32", max_seq_len=MAX_SEQ_LEN), out[(name, fmt)])
-    return out
+def fp32_exports(tiny_exports):
+    return {(name, fmt): tiny_exports(name, fmt, "fp32") for name in FAMILIES for fmt in ("onnx", "pte")}
 
 
 @pytest.mark.slow

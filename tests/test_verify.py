@@ -29,20 +29,13 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def exports(tiny_with_tokenizers, tmp_path_factory) -> dict[tuple[str, str, str], Path]:
-    from gemma_edge.exporters.executorch import export_pte
-    from gemma_edge.exporters.onnx import export_onnx
-
-    root = tmp_path_factory.mktemp("verify")
-    out = {}
-    for name, fmt, quant in CASES:
-        folder = out[(name, fmt, quant)] = root / f"{name}-{fmt}-{quant}"
-        export = export_onnx if fmt == "onnx" else export_pte
-        export(resolve(tiny_with_tokenizers[name]), ExportSettings(format=fmt, quant=quant, max_seq_len=MAX_SEQ_LEN), folder)
-    return out
+def exports(tiny_exports) -> dict[tuple[str, str, str], Path]:
+    return {case: tiny_exports(*case) for case in CASES}
 
 
 def verify(folder: Path, tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """verify with --json; the reference is the manifest's source unless extra names one (a cached
+    export's manifest names the temporary folder of the run that made it: pass --reference)."""
     report = tmp_path / f"{folder.name}.json"
     result = run("verify", str(folder), "--prefill", "24", "--decode", "12", "--greedy", "16", "--json", str(report), *extra)
     assert result.returncode in (0, 1), result.stderr  # a verdict, not a crash
@@ -50,8 +43,8 @@ def verify(folder: Path, tmp_path: Path, *extra: str) -> tuple[subprocess.Comple
 
 
 @pytest.mark.parametrize("name, fmt, quant", CASES)
-def test_every_export_verifies(name, fmt, quant, exports, tmp_path):
-    result, report = verify(exports[(name, fmt, quant)], tmp_path)
+def test_every_export_verifies(name, fmt, quant, exports, tiny_with_tokenizers, tmp_path):
+    result, report = verify(exports[(name, fmt, quant)], tmp_path, "--reference", str(tiny_with_tokenizers[name]))
     checks = {c["name"]: c for c in report["checks"]}
     print(f"{name} {fmt} {quant}: " + "; ".join(f"{k} max {c['max_abs']:.1e} top-1 {c['top1']:.0%} KL {c['kl']:.4f} "
                                                   f"ppl x{c['ppl_ratio']:.3f}" for k, c in checks.items())
@@ -63,10 +56,10 @@ def test_every_export_verifies(name, fmt, quant, exports, tmp_path):
         assert report["greedy"]["first_divergence"] is None and checks["prefill"]["max_abs"] < 1e-4
 
 
-def test_a_golden_file_checks_without_the_reference(exports, tmp_path):
+def test_a_golden_file_checks_without_the_reference(exports, tiny_with_tokenizers, tmp_path):
     folder = exports[("tiny-gemma3", "onnx", "int8")]
     golden = tmp_path / "golden.npz"
-    _, live = verify(folder, tmp_path, "--save-golden", str(golden))
+    _, live = verify(folder, tmp_path, "--save-golden", str(golden), "--reference", str(tiny_with_tokenizers["tiny-gemma3"]))
     result, saved = verify(folder, tmp_path, "--golden", str(golden))
     assert result.returncode == 0 and saved["checks"] == live["checks"] and saved["greedy"] == live["greedy"]
     other = run("verify", str(exports[("tiny-gemma", "onnx", "int8")]), "--golden", str(golden))
@@ -74,30 +67,36 @@ def test_a_golden_file_checks_without_the_reference(exports, tmp_path):
 
 
 def _perturb_onnx_weight(folder: Path) -> None:
-    """Scale one decoder weight's quantization scales by 1.5 in model.onnx, as a bad copy or a bad tool would."""
+    """Change every 7th value of one decoder weight matrix by 2% in model.onnx, as a bad copy or a
+    bad tool would. (Scaling a whole matrix would not do: Gemma 2/3 normalize each sub-block's
+    output, so o_proj * 1.01 computes exactly what o_proj does.)"""
     import onnx
     from onnx import numpy_helper
 
     model = onnx.load(str(folder / "model.onnx"))
     for i, t in enumerate(model.graph.initializer):
-        if t.name.startswith("model.layers.0.") and t.name.endswith("_scales"):
-            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * 1.5, t.name))
+        if t.name.startswith("model.layers.0.") and t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2:
+            w = numpy_helper.to_array(t).copy()
+            w.flat[::7] *= 1.02
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(w, t.name))
             break
     else:
-        raise AssertionError("no scales to perturb")
+        raise AssertionError("no weight to perturb")
     onnx.save(model, str(folder / "model.onnx"))
 
 
-def test_a_perturbed_weight_fails_by_checksum_and_by_numbers(exports, tmp_path):
+def test_a_perturbed_weight_fails_by_checksum_and_by_numbers(exports, tiny_with_tokenizers, tmp_path):
     folder = tmp_path / "broken"
-    shutil.copytree(exports[("tiny-gemma3", "onnx", "int4")], folder)
+    shutil.copytree(exports[("tiny-gemma3", "onnx", "fp32")], folder)
     _perturb_onnx_weight(folder)
-    result, report = verify(folder, tmp_path)
+    reference = ("--reference", str(tiny_with_tokenizers["tiny-gemma3"]))
+    result, report = verify(folder, tmp_path, *reference)
     assert result.returncode == 1 and report["checksums_ok"] is False and not report["passed"]
     assert "model.onnx" in result.stderr and "FAIL" in result.stdout
-    result, report = verify(folder, tmp_path, "--no-verify-checksums")
+    result, report = verify(folder, tmp_path, "--no-verify-checksums", *reference)
     assert result.returncode == 1 and report["checksums_ok"] is None and not report["passed"]
-    assert any(not c["passed"] for c in report["checks"])  # the numbers alone catch it
+    assert not any(c["passed"] for c in report["checks"])  # the numbers alone catch it
+    print("perturbed:", [(c["name"], f"{c['max_abs']:.1e}") for c in report["checks"]])
 
 
 def test_a_wrong_rope_base_fails_by_the_numbers(tiny_with_tokenizers, tmp_path):
@@ -133,9 +132,33 @@ def test_golden_rows_match_the_reference_directly(exports, tiny_with_tokenizers,
     from gemma_edge.verify import Golden
 
     golden_path = tmp_path / "g.npz"
-    verify(exports[("tiny-gemma2", "onnx", "fp32")], tmp_path, "--save-golden", str(golden_path))
+    verify(exports[("tiny-gemma2", "onnx", "fp32")], tmp_path, "--save-golden", str(golden_path),
+           "--reference", str(tiny_with_tokenizers["tiny-gemma2"]))
     golden = Golden.load(golden_path)
     reference = load_reference(str(tiny_with_tokenizers["tiny-gemma2"]))
     with torch.no_grad():
         row = reference(torch.tensor([golden.ids[:10]])).logits[0, -1].numpy()
     np.testing.assert_allclose(golden.logits[9], row, atol=1e-5, rtol=1e-5)
+
+
+# The same checks on an emulated arm64 CPU (ONNX Runtime's ARM kernels; QEMU user mode).
+
+@pytest.mark.parametrize("quant, cpu", [("fp32", "cortex-a76"), ("int8", "cortex-a76"), ("int4", "cortex-a76"),
+                                        ("int4", "neoverse-n2")])
+def test_onnx_exports_verify_on_emulated_arm64(quant, cpu, exports, tiny_with_tokenizers, tmp_path):
+    folder = exports[("tiny-gemma3", "onnx", quant)]
+    reference = ("--reference", str(tiny_with_tokenizers["tiny-gemma3"]))
+    _, host = verify(folder, tmp_path, *reference)
+    result, arm = verify(folder, tmp_path, "--target", "arm64", "--cpu", cpu, *reference)
+    assert result.returncode == 0 and arm["passed"] and (arm["target"], arm["cpu"]) == ("arm64", cpu), result.stdout
+    assert "emulated arm64" in result.stderr
+    for h, a in zip(host["checks"], arm["checks"]):  # other kernels, the same model: close, not equal
+        print(f"{quant} {cpu} {a['name']}: max |diff| host {h['max_abs']:.2e} arm64 {a['max_abs']:.2e}, KL {h['kl']:.4f} / {a['kl']:.4f}")
+        assert abs(h["kl"] - a["kl"]) < 0.01 and abs(h["ppl_ratio"] - a["ppl_ratio"]) < 0.02
+    if quant == "fp32":
+        assert arm["greedy"]["first_divergence"] is None
+
+
+def test_a_pte_is_not_verified_on_arm64_yet(exports):
+    result = run("verify", str(exports[("tiny-gemma3", "pte", "fp32")]), "--target", "arm64")
+    assert result.returncode == 2 and "native ExecuTorch runner" in result.stderr

@@ -29,6 +29,8 @@ def run(args: argparse.Namespace) -> int:
     checksums = None if args.no_verify_checksums else _changed_files(folder, manifest)
     if checksums:
         console.print(f"[red]files changed since export: {', '.join(checksums)}[/red]")
+    if args.target == "arm64":
+        return _arm64(args, folder, manifest, checksums, console)
     with console.status(f"loading {folder}"):
         backend = open_backend(folder)
     if args.golden and not args.reference:
@@ -47,9 +49,44 @@ def run(args: argparse.Namespace) -> int:
     _print(report, folder, manifest)
     if args.json:
         tmp = Path(args.json + ".tmp")
-        tmp.write_text(json.dumps({"export": str(folder), "format": manifest["format"], **report.to_dict()}, indent=2) + "\n")
+        tmp.write_text(json.dumps({"export": str(folder), "format": manifest["format"], "target": "host",
+                                   **report.to_dict()}, indent=2) + "\n")
         tmp.replace(args.json)
     return 0 if report.passed else 1
+
+
+def _arm64(args, folder: Path, manifest: dict, checksums: list[str] | None, console) -> int:
+    """The same checks on an emulated arm64 CPU: the reference runs here (its logits saved to a
+    golden file), the export runs in the arm64 Python under QEMU against it."""
+    import tempfile
+
+    from gemma_edge.emulation import ensure_arm64, run_arm64
+
+    if manifest["format"] != "onnx":
+        raise ConfigError("--target arm64 runs ONNX exports; a .pte under emulation needs a native ExecuTorch "
+                          "runner, which is not built yet: verify the .pte on the host")
+    ensure_arm64(progress=lambda message: console.print(f"[dim]{message}[/dim]"))
+    with tempfile.TemporaryDirectory() as tmp:
+        golden = args.golden
+        if not golden or args.reference:
+            golden = args.save_golden or str(Path(tmp) / "golden.npz")
+            g = _golden(args, folder, manifest, int(manifest["max_seq_len"]), console)
+            g.save(Path(tmp) / "golden.tmp.npz")
+            Path(tmp, "golden.tmp.npz").replace(golden)
+        report = args.json or str(Path(tmp) / "report.json")
+        console.print(f"[bold]emulated arm64 ({args.cpu}, QEMU user mode): slower than native by 30-400x[/bold]")
+        code = run_arm64(["verify", str(folder), "--golden", golden, "--no-verify-checksums", "--json", report],
+                         cpu=args.cpu).returncode
+        if code not in (0, 1) or not Path(report).is_file():
+            raise GemmaEdgeError(f"the emulated arm64 run failed (exit {code}); see its output above")
+        data = json.loads(Path(report).read_text())
+    data.update(target="arm64", cpu=args.cpu, checksums_ok=None if checksums is None else not checksums)
+    data["passed"] = data["passed"] and not checksums
+    if args.json:
+        tmp_json = Path(args.json + ".tmp")
+        tmp_json.write_text(json.dumps(data, indent=2) + "\n")
+        tmp_json.replace(args.json)
+    return 0 if data["passed"] else 1
 
 
 def _changed_files(folder: Path, manifest: dict) -> list[str]:
@@ -122,6 +159,9 @@ def _print(report, folder: Path, manifest: dict) -> None:
     div = report.first_divergence
     table.add_row(f"greedy ({len(report.greedy_reference)} tokens)", "", "", "", "", "",
                   "identical" if div is None else f"first differs at {div}", ok if report.greedy_passed else bad)
+    if "ppl_ratio" in report.limits:
+        table.add_row(f"perplexity, all {sum(c.rows for c in report.checks)} rows", "", "", "", "", "",
+                      f"x{report.ppl_ratio:.3f}", ok if report.ppl_passed else bad)
     if report.checksums_ok is not None:
         table.add_row("file checksums", "", "", "", "", "", "", ok if report.checksums_ok else bad)
     out = results()
