@@ -186,7 +186,7 @@ def test_manifest_describes_the_export(exports):
     manifest = json.loads((folder / "gemma_edge.json").read_text())
     assert manifest["format"] == "pte" and manifest["max_seq_len"] == MAX_SEQ_LEN
     assert manifest["export"] == {"format": "pte", "quant": "int4", "group_size": 32, "embedding_quant": "int4",
-                                  "max_seq_len": MAX_SEQ_LEN}
+                                  "max_seq_len": MAX_SEQ_LEN, "ops": None}  # ops: an ONNX setting
     assert manifest["config"]["attn_logit_softcapping"] == 5.0
     for name, info in manifest["files"].items():
         assert sha256_file(folder / name) == info["sha256"] and (folder / name).stat().st_size == info["bytes"]

@@ -173,7 +173,11 @@ def test_a_prompt_longer_than_the_cache_is_an_error_or_truncated_from_the_left(t
     gen = Generator(ScriptedBackend(sequence, max_seq_len=16), tokenizer)
     with pytest.raises(GemmaEdgeError, match="20 tokens but the cache holds 16.*truncate"):
         gen.generate([2] + sequence[:19], 4)
-    assert gen.generate([2] + sequence[:19], 1, truncate="left") is not None
+    backend = gen.backend
+    backend.calls.clear()
+    gen.generate([2] + sequence[:5], 2)  # after a refused prompt nothing is taken as cached
+    assert backend.calls[1] == (0, 6) and gen.last.stats.cached_tokens == 0
+    gen.generate([2] + sequence[:19], 1, truncate="left")
     assert gen.last.stats.prompt_tokens == 15  # <bos> kept, then the last 14: room for one new token
 
 

@@ -102,7 +102,9 @@ class Generator:
             yield from _text(steps, result, StreamDecoder(self.tokenizer), [s for s in stop if s])
         finally:
             steps.close()
-            self._cache = ids + result.token_ids[:-1]  # the last id was drawn, not computed
+            # the prompt and every drawn id but the last (drawn, not computed); nothing known if the
+            # prefill never completed (a prompt refused, an error inside the backend)
+            self._cache = ids + result.token_ids[:-1] if result.token_ids else []
 
     def _fit(self, ids: list[int], truncate: str | None) -> list[int]:
         if truncate not in TRUNCATE:
