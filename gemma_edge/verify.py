@@ -106,8 +106,14 @@ class Golden:
     greedy: list[int]  # the reference's greedy continuation of ids[:prefill]
 
     def save(self, path) -> None:
-        np.savez_compressed(path, ids=np.asarray(self.ids, np.int64), prefill=self.prefill,
+        """To path (.npz), through a temporary file: never half written."""
+        from pathlib import Path
+
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp.npz")  # numpy adds .npz to any other name
+        np.savez_compressed(tmp, ids=np.asarray(self.ids, np.int64), prefill=self.prefill,
                             logits=self.logits.astype(np.float32), greedy=np.asarray(self.greedy, np.int64))
+        tmp.replace(path)
 
     @classmethod
     def load(cls, path) -> "Golden":

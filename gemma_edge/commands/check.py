@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import random
 from pathlib import Path
 
@@ -16,7 +15,7 @@ def run(args: argparse.Namespace) -> int:
     from gemma_edge.checkpoints import load_model, resolve
     from gemma_edge.parity import check_against_reference
     from gemma_edge.reference import load_reference, reference_from_model
-    from gemma_edge.commands.ui import progress, results
+    from gemma_edge.commands.ui import progress, results, write_json
     from gemma_edge.runtime.eager import EagerBackend
 
     if args.new_tokens < 1:
@@ -61,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     if tokenizer is not None:
         out.print(f"[bold]{args.prompt}[/bold]{tokenizer.decode(report.greedy_ours)}")
     if args.json:
-        _write_json(Path(args.json), {
+        write_json(args.json, {
             "model": args.model, "prompt_tokens": len(prompt), "new_tokens": args.new_tokens,
             "prefill_max_abs": report.prefill_max_abs, "decode_max_abs": report.decode_max_abs,
             "top1_agreement": report.top1_agreement, "first_divergence": div,
@@ -81,8 +80,3 @@ def _tokenizer(files: list[Path]):
                 raise GemmaEdgeError(f"{f}: not a readable tokenizer.json ({e})") from None
     return None
 
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)

@@ -10,8 +10,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from gemma_edge.commands.ui import results
+    from gemma_edge.commands.verify import changed_files
     from gemma_edge.exporters.manifest import read_manifest
-    from gemma_edge.files import sha256_file
 
     folder = Path(args.outdir)
     m = read_manifest(folder)
@@ -34,22 +34,14 @@ def run(args: argparse.Namespace) -> int:
     files = Table(title="files")
     for col in ("file", "size", "sha256", "check"):
         files.add_column(col, justify="right" if col == "size" else "left")
-    bad = 0
+    bad = {} if args.no_verify else changed_files(folder, m)
     for name, info in m["files"].items():
-        path = folder / name
-        if not path.is_file():
-            status, bad = "[red]missing[/red]", bad + 1
-        elif args.no_verify:
-            status = "not checked"
-        elif path.stat().st_size != info["bytes"] or sha256_file(path) != info["sha256"]:
-            status, bad = "[red]CHANGED[/red]", bad + 1
-        else:
-            status = "[green]ok[/green]"
+        status = f"[red]{bad[name].upper()}[/red]" if name in bad else "not checked" if args.no_verify else "[green]ok[/green]"
         files.add_row(name, f"{info['bytes'] / 2**20:,.1f} MiB", info["sha256"][:16], status)
     out = results()
     out.print(about)
     out.print(files)
     if bad:
-        out.print(f"[red]{bad} file(s) do not match the manifest: re-export, or copy the folder again[/red]")
+        out.print(f"[red]{len(bad)} file(s) do not match the manifest: re-export, or copy the folder again[/red]")
         return 1
     return 0

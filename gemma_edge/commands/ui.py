@@ -12,6 +12,17 @@ def results() -> Console:
     return Console() if sys.stdout.isatty() else Console(width=160)
 
 
+def write_json(path, data: dict) -> None:
+    """data as indented JSON at path, written to a temporary file and renamed: never half written."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
 def progress() -> Console:
     """stderr, for spinners and stage messages that must not mix with results."""
     return Console(stderr=True)

@@ -15,7 +15,7 @@ SHAPE_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", 
 
 
 def run(args: argparse.Namespace) -> int:
-    from gemma_edge.commands.ui import progress
+    from gemma_edge.commands.ui import progress, write_json
     from gemma_edge.exporters.manifest import read_manifest
     from gemma_edge.runtime.backend import open_backend
     from gemma_edge.verify import THRESHOLDS, Golden, verify
@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     if quant not in THRESHOLDS:
         raise GemmaEdgeError(f"{folder}: unknown quantization {quant!r} in its manifest")
     console = progress()
-    checksums = None if args.no_verify_checksums else _changed_files(folder, manifest)
+    checksums = None if args.no_verify_checksums else list(changed_files(folder, manifest))
     if checksums:
         console.print(f"[red]files changed since export: {', '.join(checksums)}[/red]")
     if args.target == "arm64":
@@ -41,17 +41,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         golden = _golden(args, folder, manifest, backend.max_seq_len, console)
         if args.save_golden:
-            tmp = Path(args.save_golden + ".tmp.npz")
-            golden.save(tmp)
-            tmp.replace(args.save_golden)
+            golden.save(args.save_golden)
     with console.status(f"running {len(golden.ids) - 1} tokens through the export, then {len(golden.greedy)} greedy"):
         report = verify(backend, golden, quant, checksums_ok=None if checksums is None else not checksums)
     _print(report, folder, manifest)
     if args.json:
-        tmp = Path(args.json + ".tmp")
-        tmp.write_text(json.dumps({"export": str(folder), "format": manifest["format"], "target": "host",
-                                   **report.to_dict()}, indent=2) + "\n")
-        tmp.replace(args.json)
+        write_json(args.json, {"export": str(folder), "format": manifest["format"], "target": "host", **report.to_dict()})
     return 0 if report.passed else 1
 
 
@@ -60,6 +55,7 @@ def _arm64(args, folder: Path, manifest: dict, checksums: list[str] | None, cons
     golden file), the export runs in the arm64 Python under QEMU against it."""
     import tempfile
 
+    from gemma_edge.commands.ui import write_json
     from gemma_edge.emulation import ensure_arm64, run_arm64
 
     if manifest["format"] != "onnx":
@@ -70,9 +66,7 @@ def _arm64(args, folder: Path, manifest: dict, checksums: list[str] | None, cons
         golden = args.golden
         if not golden or args.reference:
             golden = args.save_golden or str(Path(tmp) / "golden.npz")
-            g = _golden(args, folder, manifest, int(manifest["max_seq_len"]), console)
-            g.save(Path(tmp) / "golden.tmp.npz")
-            Path(tmp, "golden.tmp.npz").replace(golden)
+            _golden(args, folder, manifest, int(manifest["max_seq_len"]), console).save(golden)
         report = args.json or str(Path(tmp) / "report.json")
         console.print(f"[bold]emulated arm64 ({args.cpu}, QEMU user mode): slower than native by 30-400x[/bold]")
         code = run_arm64(["verify", str(folder), "--golden", golden, "--no-verify-checksums", "--json", report],
@@ -83,20 +77,21 @@ def _arm64(args, folder: Path, manifest: dict, checksums: list[str] | None, cons
     data.update(target="arm64", cpu=args.cpu, checksums_ok=None if checksums is None else not checksums)
     data["passed"] = data["passed"] and not checksums
     if args.json:
-        tmp_json = Path(args.json + ".tmp")
-        tmp_json.write_text(json.dumps(data, indent=2) + "\n")
-        tmp_json.replace(args.json)
+        write_json(args.json, data)
     return 0 if data["passed"] else 1
 
 
-def _changed_files(folder: Path, manifest: dict) -> list[str]:
+def changed_files(folder: Path, manifest: dict) -> dict[str, str]:
+    """{file: "missing" or "changed"} for the manifest's files that no longer match their SHA-256."""
     from gemma_edge.files import sha256_file
 
-    changed = []
+    changed = {}
     for name, info in manifest["files"].items():
         path = folder / name
-        if not path.is_file() or path.stat().st_size != info["bytes"] or sha256_file(path) != info["sha256"]:
-            changed.append(name)
+        if not path.is_file():
+            changed[name] = "missing"
+        elif path.stat().st_size != info["bytes"] or sha256_file(path) != info["sha256"]:
+            changed[name] = "changed"
     return changed
 
 

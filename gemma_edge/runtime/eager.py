@@ -15,8 +15,7 @@ class EagerBackend:
         self.model = model.eval()
         self.max_seq_len = model.max_seq_len
         self.can_rewind = model.can_rewind
-        self.manifest = {"config": model.config.to_dict() if hasattr(model.config, "to_dict") else {},
-                         "max_seq_len": model.max_seq_len}
+        self.manifest = {"config": model.config.to_dict(), "max_seq_len": model.max_seq_len}
 
     def _hidden(self, token_ids: Sequence[int], start_pos: int) -> torch.Tensor:
         tokens = torch.as_tensor(np.asarray(token_ids, dtype=np.int64))[None, :]

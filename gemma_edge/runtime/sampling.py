@@ -46,10 +46,9 @@ class Sampler:
     def __call__(self, logits: np.ndarray, context: Sequence[int] = ()) -> int:
         """logits [vocab] -> a token id; context: the ids so far (prompt and generated)."""
         c = self.config
-        logits = np.asarray(logits, dtype=np.float64)
         if c.repetition_penalty != 1.0 and len(context):
             seen = np.unique(np.asarray(context, dtype=np.int64))
-            logits = logits.copy()
+            logits = np.array(logits, dtype=np.float64)  # a copy: the caller's row stays as it was
             logits[seen] = np.where(logits[seen] > 0, logits[seen] / c.repetition_penalty, logits[seen] * c.repetition_penalty)
         if c.greedy:
             return int(np.argmax(logits))

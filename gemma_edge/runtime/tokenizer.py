@@ -79,25 +79,26 @@ class StreamDecoder:
         self.tokenizer = tokenizer
         self.ids: list[int] = []
         self.text = ""  # released so far
-        self._prefix = 0  # ids[_prefix:_read] decode to the last released piece
+        self._prefix = 0  # ids[_prefix:_read] decode to the last released piece ...
         self._read = 0
+        self._before = ""  # ... which is this text
 
     def add(self, token_id: int) -> str:
         """The new complete text after one more id ("" while a character is incomplete)."""
         self.ids.append(int(token_id))
-        before = self.tokenizer.decode(self.ids[self._prefix:self._read])
         after = self.tokenizer.decode(self.ids[self._prefix:])
-        if len(after) <= len(before) or after.endswith(INCOMPLETE):
+        if len(after) <= len(self._before) or after.endswith(INCOMPLETE):
             return ""
-        return self._release(after[len(before):])
+        return self._release(after)
 
     def flush(self) -> str:
         """Whatever remains at the end (an incomplete character stays U+FFFD)."""
-        before = self.tokenizer.decode(self.ids[self._prefix:self._read])
-        after = self.tokenizer.decode(self.ids[self._prefix:])
-        return self._release(after[len(before):])
+        return self._release(self.tokenizer.decode(self.ids[self._prefix:]))
 
-    def _release(self, piece: str) -> str:
+    def _release(self, after: str) -> str:
+        """Release the window's text past what was already shown; the new window starts at the last piece."""
+        piece = after[len(self._before):]
+        self._before = self.tokenizer.decode(self.ids[self._read:])
         self._prefix, self._read = self._read, len(self.ids)
         self.text += piece
         return piece
