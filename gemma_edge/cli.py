@@ -161,8 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     verify.add_argument("--no-verify-checksums", action="store_true", help="skip the files' SHA-256 check")
     verify.add_argument("--target", choices=("host", "arm64"), default="host",
-                        help="host: this CPU; arm64: ONNX Runtime's ARM kernels on an emulated arm64 CPU (QEMU user mode, "
-                             "set up on first use; ONNX exports; keep --prefill/--decode short) (default: %(default)s)")
+                        help="host: this CPU; arm64: the phones' kernels on an emulated arm64 CPU (QEMU user mode, set up on "
+                             "first use): ONNX Runtime's arm64 build, or for a .pte our native runner on ExecuTorch's "
+                             "arm64 runtime and XNNPACK; keep --prefill/--decode short (default: %(default)s)")
     verify.add_argument("--cpu", choices=("cortex-a76", "neoverse-n2"), default="cortex-a76",
                         help="the emulated CPU: cortex-a76 (NEON, dot product, fp16: most phones) or neoverse-n2 "
                              "(adds i8mm) (default: %(default)s)")

@@ -11,10 +11,17 @@ x86 host never executes. An arm64 userland runs them under QEMU's user-mode emul
 All of it is set up on first use in the cache (about 200 MB, under a minute) and reused. The
 emulated process imports this package from its source folder, torch-free: it checks an export
 against a golden file of the reference's logits saved on the host.
+
+A .pte runs in our native runner (gemma_edge/native/), cross-compiled with Debian's
+aarch64-linux-gnu-g++ against the executorch aarch64 wheel's runtime, optimized and quantized
+kernels and XNNPACK delegate (libexecutorch*.so and headers; its Python binding needs libtorch,
+which has no usable aarch64 CPU wheel). The host process drives it under QEMU
+(runtime/native_backend.py), so the reference and the checks stay on the host.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -30,6 +37,15 @@ SUITE = "bookworm"  # the userland; its python3.11 matches the wheels' ABI
 QEMU_SUITE = "trixie"  # QEMU 10
 PACKAGES = ("onnxruntime", "numpy", "tokenizers", "rich")
 PLATFORMS = ("manylinux_2_28_aarch64", "manylinux_2_17_aarch64", "manylinux2014_aarch64")
+CROSS_CXX = "aarch64-linux-gnu-g++"
+NATIVE_SOURCES = ("pte_program.cpp", "runner_main.cpp", "pte_program.h")
+# What executorch's CMake config gives its consumers: the vendored c10 headers without PyTorch's
+# generated cmake_macros.h, and the class layouts the shipped libraries were compiled with.
+ET_DEFINES = ("C10_USING_CUSTOM_GENERATED_MACROS", "ET_EVENT_TRACER_ENABLED", "ET_USE_THREADPOOL")
+# Linked whether or not the runner names a symbol of theirs: their static initializers register the
+# kernels (optimized + portable, quantized embeddings) and the XNNPACK delegate.
+ET_LIBS = ("executorch_kernels_optimized", "executorch_kernels_quantized", "executorch_backend_xnnpack",
+           "executorch_threadpool", "executorch")
 
 
 def arm64_dir() -> Path:
@@ -92,18 +108,78 @@ def _wheels(base: Path) -> None:
     tmp.rename(base / "site")
 
 
-def run_arm64(argv: list[str], cpu: str = DEFAULT_CPU, timeout: float = 3600) -> subprocess.CompletedProcess:
-    """`gemma-edge <argv>` in the emulated arm64 Python (output passed through, not captured)."""
+def ensure_pte_runner(progress=print) -> Path:
+    """The native .pte runner for arm64 (bin/gemma-edge-runner in the kit), built once per
+    executorch version and runner source."""
+    from importlib.metadata import version
+
+    base = ensure_arm64(progress)
+    et_version = version("executorch")  # the runtime must read what this exporter writes
+    source = Path(__file__).with_name("native")
+    digest = hashlib.sha256(et_version.encode() + b"".join((source / f).read_bytes() for f in NATIVE_SOURCES)).hexdigest()[:16]
+    runner = base / "bin" / f"gemma-edge-runner-{digest}"
+    if runner.is_file():
+        return runner
+    if shutil.which(CROSS_CXX) is None:
+        raise GemmaEdgeError(f"building the arm64 .pte runner needs {CROSS_CXX}: apt-get install g++-aarch64-linux-gnu")
+    et = _executorch_wheel(base, et_version, progress)
+    progress("cross-compiling the native .pte runner for arm64")
+    runner.parent.mkdir(exist_ok=True)
+    tmp = runner.with_suffix(".partial")
+    _run([CROSS_CXX, "-std=c++17", "-O2", "-Wno-deprecated-declarations", *(f"-D{d}" for d in ET_DEFINES),
+          f"-I{et / 'include'}", f"-I{et / 'include/executorch/runtime/core/portable_type/c10'}",
+          "-o", str(tmp), *(str(source / f) for f in NATIVE_SOURCES if f.endswith(".cpp")),
+          f"-L{et / 'lib'}", "-Wl,--no-as-needed", *(f"-l{lib}" for lib in ET_LIBS), f"-Wl,-rpath,{et / 'lib'}"],
+         "compiling the .pte runner")
+    for old in runner.parent.glob("gemma-edge-runner-*"):  # other versions' builds
+        if old != tmp:
+            old.unlink()
+    tmp.rename(runner)
+    return runner
+
+
+def _executorch_wheel(base: Path, et_version: str, progress) -> Path:
+    """lib/ and include/ of the executorch aarch64 wheel of this version, unpacked once."""
+    import zipfile
+
+    target = base / f"executorch-{et_version}"
+    if (target / "lib" / "libexecutorch.so").is_file():
+        return target
+    progress(f"downloading the executorch {et_version} aarch64 wheel (its native runtime)")
+    download = base / "wheels"
+    shutil.rmtree(download, ignore_errors=True)
+    _run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", str(download),
+          "--platform", PLATFORMS[0], "--python-version", "3.11", "--only-binary=:all:", f"executorch=={et_version}"],
+         "downloading the executorch aarch64 wheel")
+    tmp = base / f"executorch-{et_version}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    with zipfile.ZipFile(next(download.glob("executorch-*.whl"))) as wheel:
+        for name in wheel.namelist():
+            if name.startswith(("executorch/lib/", "executorch/include/")) and not name.endswith("/"):
+                wheel.extract(name, tmp)
+    (tmp / "executorch").rename(target)
+    shutil.rmtree(tmp)
+    shutil.rmtree(download)
+    return target
+
+
+def arm64_command(cpu: str = DEFAULT_CPU) -> tuple[list[str], dict[str, str]]:
+    """The prefix that runs an arm64 program of the kit under QEMU, and its environment."""
     if cpu not in CPUS:
         raise GemmaEdgeError(f"unknown emulated CPU {cpu!r}; valid: {', '.join(CPUS)}")
     base = ensure_arm64()
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "QEMU_CPU": cpu, "HOME": os.environ.get("HOME", "/tmp")}
+    return [str(base / "qemu" / "usr" / "bin" / "qemu-aarch64"), "-L", str(base / "root")], env
+
+
+def run_arm64(argv: list[str], cpu: str = DEFAULT_CPU, timeout: float = 3600) -> subprocess.CompletedProcess:
+    """`gemma-edge <argv>` in the emulated arm64 Python (output passed through, not captured)."""
+    prefix, env = arm64_command(cpu)
+    base = arm64_dir()
     source = Path(__file__).resolve().parents[1]  # the folder holding the gemma_edge package
     script = (f"import sys; sys.path[:0] = [{str(base / 'site')!r}, {str(source)!r}]; "
               "from gemma_edge.cli import main; sys.exit(main(sys.argv[1:]))")
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "QEMU_CPU": cpu, "HOME": os.environ.get("HOME", "/tmp")}
-    root = base / "root"
-    return subprocess.run([str(base / "qemu" / "usr" / "bin" / "qemu-aarch64"), "-L", str(root),
-                           str(root / "usr" / "bin" / "python3.11"), "-c", script, *argv], env=env, timeout=timeout)
+    return subprocess.run([*prefix, str(base / "root" / "usr" / "bin" / "python3.11"), "-c", script, *argv], env=env, timeout=timeout)
 
 
 def _run(cmd: list[str], what: str, cwd: Path | None = None) -> None:

@@ -85,6 +85,24 @@ def _perturb_onnx_weight(folder: Path) -> None:
     onnx.save(model, str(folder / "model.onnx"))
 
 
+def _perturb_pte_weight(pte: Path, checkpoint: Path) -> None:
+    """The same 2% change to every 7th value of layer 0's down projection, found in the program's
+    XNNPACK data by its bytes (an fp32 .pte keeps the checkpoint's [out, in] float32 weights as they are)."""
+    from safetensors.numpy import load_file
+
+    weights = {}
+    for f in checkpoint.glob("*.safetensors"):
+        weights.update(load_file(f))
+    w = weights["model.layers.0.mlp.down_proj.weight"].astype(np.float32)
+    data = bytearray(pte.read_bytes())
+    at = data.find(w.tobytes())
+    assert at >= 0, "the weight's bytes are not in the program"
+    changed = w.copy()
+    changed.flat[::7] *= 1.02
+    data[at:at + w.nbytes] = changed.tobytes()
+    pte.write_bytes(bytes(data))
+
+
 def test_a_perturbed_weight_fails_by_checksum_and_by_numbers(exports, tiny_with_tokenizers, tmp_path):
     folder = tmp_path / "broken"
     shutil.copytree(exports[("tiny-gemma3", "onnx", "fp32")], folder)
@@ -159,6 +177,42 @@ def test_onnx_exports_verify_on_emulated_arm64(quant, cpu, exports, tiny_with_to
         assert arm["greedy"]["first_divergence"] is None
 
 
-def test_a_pte_is_not_verified_on_arm64_yet(exports):
-    result = run("verify", str(exports[("tiny-gemma3", "pte", "fp32")]), "--target", "arm64")
-    assert result.returncode == 2 and "native ExecuTorch runner" in result.stderr
+# A .pte on arm64: our native runner (gemma_edge/native/) on the executorch aarch64 wheel's runtime,
+# kernels and XNNPACK delegate, driven from the host under QEMU.
+
+@pytest.mark.parametrize("quant, cpu", [("fp32", "cortex-a76"), ("int8", "cortex-a76"), ("int4", "cortex-a76"),
+                                        ("int4", "neoverse-n2")])
+def test_pte_exports_verify_on_emulated_arm64(quant, cpu, exports, tiny_with_tokenizers, tmp_path):
+    folder = exports[("tiny-gemma3", "pte", quant)]
+    reference = ("--reference", str(tiny_with_tokenizers["tiny-gemma3"]))
+    _, host = verify(folder, tmp_path, *reference)
+    result, arm = verify(folder, tmp_path, "--target", "arm64", "--cpu", cpu, *reference)
+    assert result.returncode == 0 and arm["passed"] and (arm["target"], arm["cpu"]) == ("arm64", cpu), result.stdout
+    assert "native ExecuTorch runner" in result.stderr
+    for h, a in zip(host["checks"], arm["checks"]):  # XNNPACK's arm64 kernels, the same program: close, not equal
+        print(f"{quant} {cpu} {a['name']}: max |diff| host {h['max_abs']:.2e} arm64 {a['max_abs']:.2e}, KL {h['kl']:.4f} / {a['kl']:.4f}")
+        assert abs(h["kl"] - a["kl"]) < 0.01 and abs(h["ppl_ratio"] - a["ppl_ratio"]) < 0.02
+    if quant == "fp32":
+        assert arm["greedy"]["first_divergence"] is None
+
+
+def test_a_broken_pte_fails_on_arm64_by_its_numbers(exports, tiny_with_tokenizers, tmp_path):
+    """The emulated run can fail too: a perturbed weight, checksums not consulted."""
+    folder = tmp_path / "broken"
+    shutil.copytree(exports[("tiny-gemma3", "pte", "fp32")], folder)
+    _perturb_pte_weight(folder / "model.pte", tiny_with_tokenizers["tiny-gemma3"])
+    result, arm = verify(folder, tmp_path, "--target", "arm64", "--no-verify-checksums",
+                         "--reference", str(tiny_with_tokenizers["tiny-gemma3"]))
+    assert result.returncode == 1 and not arm["passed"] and arm["target"] == "arm64", result.stdout
+    assert arm["checks"][0]["max_abs"] > 1e-2
+
+def test_a_truncated_pte_is_reported_by_the_arm64_runner(exports, tiny_with_tokenizers, tmp_path):
+    """A program the runtime cannot load: the runner's own reason, not a hang or a stack trace."""
+    folder = tmp_path / "truncated"
+    shutil.copytree(exports[("tiny-gemma3", "pte", "int8")], folder)
+    pte = folder / "model.pte"
+    pte.write_bytes(pte.read_bytes()[:4096])
+    result = run("verify", str(folder), "--target", "arm64", "--no-verify-checksums",
+                 "--reference", str(tiny_with_tokenizers["tiny-gemma3"]))
+    assert result.returncode == 2 and "the native runner stopped while loading the program (exit 1)" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr

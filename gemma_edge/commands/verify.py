@@ -17,7 +17,6 @@ SHAPE_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", 
 def run(args: argparse.Namespace) -> int:
     from gemma_edge.commands.ui import progress, write_json
     from gemma_edge.exporters.manifest import read_manifest
-    from gemma_edge.runtime.backend import open_backend
     from gemma_edge.verify import THRESHOLDS, Golden, verify
 
     folder = Path(args.outdir)
@@ -29,10 +28,9 @@ def run(args: argparse.Namespace) -> int:
     checksums = None if args.no_verify_checksums else list(changed_files(folder, manifest))
     if checksums:
         console.print(f"[red]files changed since export: {', '.join(checksums)}[/red]")
-    if args.target == "arm64":
-        return _arm64(args, folder, manifest, checksums, console)
-    with console.status(f"loading {folder}"):
-        backend = open_backend(folder)
+    if args.target == "arm64" and manifest["format"] == "onnx":
+        return _arm64_python(args, folder, manifest, checksums, console)
+    backend = _backend(args, folder, console)
     if args.golden and not args.reference:
         golden = Golden.load(args.golden)
         if golden.logits.shape[1] != manifest["config"]["vocab_size"]:
@@ -46,21 +44,37 @@ def run(args: argparse.Namespace) -> int:
         report = verify(backend, golden, quant, checksums_ok=None if checksums is None else not checksums)
     _print(report, folder, manifest)
     if args.json:
-        write_json(args.json, {"export": str(folder), "format": manifest["format"], "target": "host", **report.to_dict()})
+        target = {"target": "arm64", "cpu": args.cpu} if args.target == "arm64" else {"target": "host"}
+        write_json(args.json, {"export": str(folder), "format": manifest["format"], **target, **report.to_dict()})
     return 0 if report.passed else 1
 
 
-def _arm64(args, folder: Path, manifest: dict, checksums: list[str] | None, console) -> int:
-    """The same checks on an emulated arm64 CPU: the reference runs here (its logits saved to a
+def _backend(args, folder: Path, console):
+    """The export's backend on the host, or (a .pte on arm64) our native runner under QEMU."""
+    from gemma_edge.runtime.backend import open_backend
+
+    if args.target == "host":
+        with console.status(f"loading {folder}"):
+            return open_backend(folder)
+    from gemma_edge.emulation import arm64_command, ensure_pte_runner
+    from gemma_edge.runtime.native_backend import NativeBackend
+
+    runner = ensure_pte_runner(progress=lambda message: console.print(f"[dim]{message}[/dim]"))
+    console.print(f"[bold]emulated arm64 ({args.cpu}, QEMU user mode, native ExecuTorch runner): "
+                  "slower than native by 30-400x[/bold]")
+    prefix, env = arm64_command(args.cpu)
+    with console.status(f"loading {folder} in the arm64 runner"):
+        return NativeBackend(folder, runner, prefix, env)
+
+
+def _arm64_python(args, folder: Path, manifest: dict, checksums: list[str] | None, console) -> int:
+    """An ONNX export on an emulated arm64 CPU: the reference runs here (its logits saved to a
     golden file), the export runs in the arm64 Python under QEMU against it."""
     import tempfile
 
     from gemma_edge.commands.ui import write_json
     from gemma_edge.emulation import ensure_arm64, run_arm64
 
-    if manifest["format"] != "onnx":
-        raise ConfigError("--target arm64 runs ONNX exports; a .pte under emulation needs a native ExecuTorch "
-                          "runner, which is not built yet: verify the .pte on the host")
     ensure_arm64(progress=lambda message: console.print(f"[dim]{message}[/dim]"))
     with tempfile.TemporaryDirectory() as tmp:
         golden = args.golden

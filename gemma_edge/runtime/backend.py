@@ -22,6 +22,14 @@ class Backend(Protocol):
         """Forget the cache."""
 
 
+def can_rewind(manifest: dict) -> bool:
+    """Whether a call may start before the cache's end: not where sliding layers keep a ring of the
+    last keys shorter than the cache (a call there would need keys the ring has overwritten)."""
+    config = manifest["config"]
+    return not ("sliding_attention" in config.get("layer_types", ())
+                and (config.get("sliding_window") or 0) < int(manifest["max_seq_len"]))
+
+
 def open_backend(folder, threads: int | None = None) -> Backend:
     """The backend for an export folder, chosen by the format its manifest records."""
     from gemma_edge.errors import GemmaEdgeError

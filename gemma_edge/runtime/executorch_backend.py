@@ -9,6 +9,7 @@ import numpy as np
 
 from gemma_edge.errors import GemmaEdgeError, MissingDependencyError
 from gemma_edge.exporters.manifest import read_manifest
+from gemma_edge.runtime.backend import can_rewind
 
 KERNEL_MODULES = ("executorch.kernels.quantized",)
 
@@ -18,11 +19,7 @@ class ExecuTorchBackend:
         folder = Path(folder)
         self.manifest = read_manifest(folder)
         self.max_seq_len = int(self.manifest["max_seq_len"])
-        # Sliding layers whose window is shorter than the cache keep a ring of the last keys: a call
-        # before the cache's end would need keys the ring has overwritten (cache.py).
-        config = self.manifest["config"]
-        self.can_rewind = not ("sliding_attention" in config.get("layer_types", ())
-                               and (config.get("sliding_window") or 0) < self.max_seq_len)
+        self.can_rewind = can_rewind(self.manifest)  # not on ring caches (cache.py)
         try:
             import importlib
 

@@ -1,0 +1,41 @@
+// An exported gemma-edge .pte program: load it, then call it with tokens at cache positions.
+//
+// The one native piece of gemma-edge: the emulated-arm64 parity check drives it through
+// runner_main.cpp, and an app or board links it as it is (no libtorch; ExecuTorch's runtime,
+// its optimized and quantized kernels and the XNNPACK delegate only).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace executorch::extension::module {
+class Module;
+}
+
+namespace gemma_edge {
+
+class PteProgram {
+ public:
+  // Loads model.pte (memory-mapped) and its "forward" method; throws std::runtime_error saying why not.
+  explicit PteProgram(const std::string& path);
+  ~PteProgram();
+
+  // Places tokens at positions start_pos.. of the static KV cache and returns the logits of the
+  // last one: the exporter's contract, forward(tokens [1, T], input_pos [T]) -> [1, vocab].
+  // Throws std::runtime_error when the call fails (e.g. past the cache's end).
+  const std::vector<float>& forward_last(const std::vector<int64_t>& tokens, int64_t start_pos);
+
+  int64_t vocab_size() const { return vocab_size_; }
+  int64_t max_seq_len() const { return max_seq_len_; }  // positions the cache holds
+
+ private:
+  std::unique_ptr<executorch::extension::module::Module> module_;
+  int64_t vocab_size_ = 0;
+  int64_t max_seq_len_ = 0;
+  std::vector<int64_t> positions_;  // [T], rebuilt per call
+  std::vector<float> logits_;  // [vocab], the last call's
+};
+
+}  // namespace gemma_edge

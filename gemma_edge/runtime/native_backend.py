@@ -1,0 +1,88 @@
+"""A .pte run by gemma-edge's native runner (gemma_edge/native/) in a child process, as a
+generation backend: no torch, no executorch Python package. Under QEMU (a command prefix) it
+runs the arm64 build on this x86 machine; on an arm64 board, the same runner runs as it is.
+
+The child speaks the binary protocol of native/runner_main.cpp over its stdin and stdout.
+"""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import tempfile
+import weakref
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from gemma_edge.errors import GemmaEdgeError
+from gemma_edge.exporters.manifest import read_manifest
+from gemma_edge.runtime.backend import can_rewind
+
+READY = struct.Struct("=4siqq")  # "GERN", version, vocab_size, max_seq_len
+REQUEST = struct.Struct("=iq")  # count, start_pos; then count int64 tokens
+PROTOCOL = 1
+
+
+class NativeBackend:
+    def __init__(self, folder: str | Path, runner: str | Path, prefix: Sequence[str] = (), env: dict | None = None):
+        folder = Path(folder)
+        self.manifest = read_manifest(folder)
+        if self.manifest.get("format") != "pte":
+            raise GemmaEdgeError(f"{folder}: the native runner runs .pte exports, this one is {self.manifest.get('format')}")
+        self.max_seq_len = int(self.manifest["max_seq_len"])
+        self.can_rewind = can_rewind(self.manifest)
+        # The runtime's own log lines (cpuinfo, XNNPACK) go to a file, shown only when the runner fails.
+        self._log = tempfile.TemporaryFile()
+        self._process = subprocess.Popen([*prefix, str(runner), str(folder / self.manifest["io"]["program"])],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, env=env)
+        self._closer = weakref.finalize(self, _close, self._process, self._log)
+        magic, version, self.vocab_size, runner_seq_len = READY.unpack(self._read(READY.size, "loading the program"))
+        if magic != b"GERN" or version != PROTOCOL:
+            raise GemmaEdgeError(f"{runner} is not a gemma-edge runner of protocol {PROTOCOL}")
+        if runner_seq_len != self.max_seq_len or self.vocab_size != self.manifest["config"]["vocab_size"]:
+            raise GemmaEdgeError(f"{folder}: the program and its manifest disagree (max_seq_len {runner_seq_len} vs "
+                                 f"{self.max_seq_len}, vocab {self.vocab_size}); re-export the folder")
+
+    def forward_last(self, token_ids: Sequence[int], start_pos: int) -> np.ndarray:
+        """Logits [vocab] of the last of token_ids, placed at start_pos..: one program call."""
+        tokens = np.asarray(token_ids, dtype=np.int64)
+        self._process.stdin.write(REQUEST.pack(len(tokens), start_pos) + tokens.tobytes())
+        self._process.stdin.flush()
+        (status,) = struct.unpack("=i", self._read(4, "a forward call"))
+        if status:
+            (length,) = struct.unpack("=i", self._read(4, "a forward call"))
+            raise GemmaEdgeError(f"the native runner: {self._read(length, 'a forward call').decode(errors='replace')}")
+        return np.frombuffer(self._read(4 * self.vocab_size, "a forward call"), dtype=np.float32)
+
+    def forward(self, token_ids: Sequence[int], start_pos: int) -> np.ndarray:
+        """Logits [len(token_ids), vocab]: the program returns the last row only, so one call per row."""
+        return np.stack([self.forward_last([t], start_pos + i) for i, t in enumerate(token_ids)])
+
+    def reset(self) -> None:
+        """Nothing to clear: a prefill from position 0 masks every cached slot."""
+
+    def close(self) -> None:
+        self._closer()
+
+    def _read(self, size: int, doing: str) -> bytes:
+        data = self._process.stdout.read(size)
+        if len(data) == size:
+            return data
+        code = self._process.wait()
+        self._log.seek(0)
+        log = self._log.read().decode(errors="replace").strip().splitlines()
+        raise GemmaEdgeError(f"the native runner stopped while {doing} (exit {code}): " + " | ".join(log[-5:]))
+
+
+def _close(process: subprocess.Popen, log) -> None:
+    if process.poll() is None:
+        try:
+            process.stdin.write(struct.pack("=i", 0))
+            process.stdin.close()
+            process.wait(timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            process.kill()
+            process.wait()
+    log.close()
