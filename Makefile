@@ -32,13 +32,17 @@ out/gemma3-int4-onnx/gemma_edge.json: | setup
 out/gemma3-int4-pte/gemma_edge.json: | setup
 	$(BIN)/gemma-edge export gemma-3-270m --format pte --quant int4 -o out/gemma3-int4-pte --overwrite
 
-# The arm64 parity tests (verify --target arm64) unpack an arm64 Debian userland with mmdebstrap.
+# The arm64 parity tests (verify --target arm64) unpack an arm64 Debian userland with mmdebstrap
+# and cross-compile the native .pte runner with aarch64-linux-gnu-g++.
+ARM64_TOOLS := mmdebstrap:mmdebstrap aarch64-linux-gnu-g++:g++-aarch64-linux-gnu
 tools:
-	@command -v mmdebstrap >/dev/null || { if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq mmdebstrap >/dev/null; \
-	  else echo "the arm64 tests need mmdebstrap: sudo apt-get install mmdebstrap"; exit 1; fi; }
+	@missing=""; for t in $(ARM64_TOOLS); do command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; done; \
+	if [ -n "$$missing" ]; then if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "the arm64 tests need:$$missing (sudo apt-get install$$missing)"; exit 1; fi; fi
 
 test: setup tools
 	$(BIN)/python -m pytest
+	$(MAKE) -C android_demo check
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
