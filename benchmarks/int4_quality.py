@@ -87,6 +87,9 @@ RECIPES = {
     "int4 head only": dict(linear=None, embedding=None, head=4),
     "int4 embedding only": dict(linear=None, embedding=4, head=None),
     "int8 all": dict(linear=8, embedding=8, head=8),
+    "int8 linears, int4 table (asym)": dict(linear=8, embedding=4, head=4),
+    "int8 linears, int4 table (asym) + search": dict(linear=8, embedding=4, head=4, search=True),
+    "int8 linears, int4 table (sym)": dict(linear=8, embedding=4, head=4, symmetric=True),
 }
 
 

@@ -16,10 +16,14 @@ from test_real_executorch import MAX_SEQ_LEN, MIB, TOKENS, quality
 pytestmark = pytest.mark.slow
 
 
+# int8+e4: int8 decoder layers, the tied table (embedding and output projection) in int4.
+RECIPES = {"int8": {"quant": "int8"}, "int4": {"quant": "int4"}, "int8+e4": {"quant": "int8", "embedding_quant": "int4"}}
+
+
 @pytest.fixture(scope="module")
 def exports(real):
     ckpt = real[0]
-    return {q: cached_export(ckpt, ExportSettings(format="onnx", quant=q, max_seq_len=MAX_SEQ_LEN)) for q in ("int8", "int4")}
+    return {q: cached_export(ckpt, ExportSettings(format="onnx", max_seq_len=MAX_SEQ_LEN, **r)) for q, r in RECIPES.items()}
 
 
 # Measured on the same text as the .pte tests (fp32 perplexity 21.61), default settings (block 32;
@@ -27,12 +31,15 @@ def exports(real):
 # MatMulNBits accuracy level 4; the contrib graph). Sizes: int8 298 MiB, int4 166.5 MiB.
 BOUNDS = {
     "int8": {"ppl_ratio": 1.03, "top1": 0.92, "kl": 0.02},  # measured x1.007, top-1 97.1%, KL 0.003
-    "int4": {"ppl_ratio": 1.60, "top1": 0.64, "kl": 0.45},  # measured x1.493, top-1 67.9%, KL 0.382
+    "int4": {"ppl_ratio": 1.60, "top1": 0.64, "kl": 0.45},  # measured x1.493, top-1 67.9%, KL 0.382 (before clipping)
+    # The product's target, x1.10: measured x1.092, top-1 81.4%, KL 0.103 (the table's int4 blocks clipped:
+    # x1.108 in simulation without it, benchmarks/int4_quality.py)
+    "int8+e4": {"ppl_ratio": 1.10, "top1": 0.78, "kl": 0.12},
 }
-SIZE_MIB = {"int8": 310, "int4": 175}  # measured 298.3 and 166.5: one copy of the tied table
+SIZE_MIB = {"int8": 310, "int4": 175, "int8+e4": 220}  # measured 298.3, 166.5, 215.8: one copy of the tied table
 
 
-@pytest.mark.parametrize("quant", ["int8", "int4"])
+@pytest.mark.parametrize("quant", list(RECIPES))
 def test_real_onnx_quality_on_real_english(quant, real, exports):
     ckpt, tokenizer, ids, fp32 = real
     backend = OnnxBackend(exports[quant])

@@ -159,38 +159,23 @@ def test_golden_rows_match_the_reference_directly(exports, tiny_with_tokenizers,
     np.testing.assert_allclose(golden.logits[9], row, atol=1e-5, rtol=1e-5)
 
 
-# The same checks on an emulated arm64 CPU (ONNX Runtime's ARM kernels; QEMU user mode).
+# The same checks on an emulated arm64 CPU (QEMU user mode): ONNX Runtime's ARM kernels in an arm64
+# Python; a .pte in our native runner (gemma_edge/native/) on the executorch aarch64 wheel's runtime,
+# kernels and XNNPACK delegate, driven from the host.
 
+@pytest.mark.parametrize("fmt", ["onnx", "pte"])
 @pytest.mark.parametrize("quant, cpu", [("fp32", "cortex-a76"), ("int8", "cortex-a76"), ("int4", "cortex-a76"),
                                         ("int4", "neoverse-n2")])
-def test_onnx_exports_verify_on_emulated_arm64(quant, cpu, exports, tiny_with_tokenizers, tmp_path):
-    folder = exports[("tiny-gemma3", "onnx", quant)]
+def test_exports_verify_on_emulated_arm64(fmt, quant, cpu, exports, tiny_with_tokenizers, tmp_path):
+    folder = exports[("tiny-gemma3", fmt, quant)]
     reference = ("--reference", str(tiny_with_tokenizers["tiny-gemma3"]))
     _, host = verify(folder, tmp_path, *reference)
     result, arm = verify(folder, tmp_path, "--target", "arm64", "--cpu", cpu, *reference)
     assert result.returncode == 0 and arm["passed"] and (arm["target"], arm["cpu"]) == ("arm64", cpu), result.stdout
-    assert "emulated arm64" in result.stderr
+    assert "emulated arm64" in result.stderr and ("native ExecuTorch runner" in result.stderr) == (fmt == "pte")
     for h, a in zip(host["checks"], arm["checks"]):  # other kernels, the same model: close, not equal
-        print(f"{quant} {cpu} {a['name']}: max |diff| host {h['max_abs']:.2e} arm64 {a['max_abs']:.2e}, KL {h['kl']:.4f} / {a['kl']:.4f}")
-        assert abs(h["kl"] - a["kl"]) < 0.01 and abs(h["ppl_ratio"] - a["ppl_ratio"]) < 0.02
-    if quant == "fp32":
-        assert arm["greedy"]["first_divergence"] is None
-
-
-# A .pte on arm64: our native runner (gemma_edge/native/) on the executorch aarch64 wheel's runtime,
-# kernels and XNNPACK delegate, driven from the host under QEMU.
-
-@pytest.mark.parametrize("quant, cpu", [("fp32", "cortex-a76"), ("int8", "cortex-a76"), ("int4", "cortex-a76"),
-                                        ("int4", "neoverse-n2")])
-def test_pte_exports_verify_on_emulated_arm64(quant, cpu, exports, tiny_with_tokenizers, tmp_path):
-    folder = exports[("tiny-gemma3", "pte", quant)]
-    reference = ("--reference", str(tiny_with_tokenizers["tiny-gemma3"]))
-    _, host = verify(folder, tmp_path, *reference)
-    result, arm = verify(folder, tmp_path, "--target", "arm64", "--cpu", cpu, *reference)
-    assert result.returncode == 0 and arm["passed"] and (arm["target"], arm["cpu"]) == ("arm64", cpu), result.stdout
-    assert "native ExecuTorch runner" in result.stderr
-    for h, a in zip(host["checks"], arm["checks"]):  # XNNPACK's arm64 kernels, the same program: close, not equal
-        print(f"{quant} {cpu} {a['name']}: max |diff| host {h['max_abs']:.2e} arm64 {a['max_abs']:.2e}, KL {h['kl']:.4f} / {a['kl']:.4f}")
+        print(f"{fmt} {quant} {cpu} {a['name']}: max |diff| host {h['max_abs']:.2e} arm64 {a['max_abs']:.2e}, "
+              f"KL {h['kl']:.4f} / {a['kl']:.4f}")
         assert abs(h["kl"] - a["kl"]) < 0.01 and abs(h["ppl_ratio"] - a["ppl_ratio"]) < 0.02
     if quant == "fp32":
         assert arm["greedy"]["first_divergence"] is None

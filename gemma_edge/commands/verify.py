@@ -17,13 +17,13 @@ SHAPE_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", 
 def run(args: argparse.Namespace) -> int:
     from gemma_edge.commands.ui import progress, write_json
     from gemma_edge.exporters.manifest import read_manifest
-    from gemma_edge.verify import THRESHOLDS, Golden, verify
+    from gemma_edge.verify import THRESHOLDS, Golden, limits_key, verify
 
     folder = Path(args.outdir)
     manifest = read_manifest(folder)
-    quant = manifest["export"]["quant"]
-    if quant not in THRESHOLDS:
-        raise GemmaEdgeError(f"{folder}: unknown quantization {quant!r} in its manifest")
+    if manifest["export"]["quant"] not in THRESHOLDS:
+        raise GemmaEdgeError(f"{folder}: unknown quantization {manifest['export']['quant']!r} in its manifest")
+    quant = limits_key(manifest["export"])
     console = progress()
     checksums = None if args.no_verify_checksums else list(changed_files(folder, manifest))
     if checksums:
@@ -159,7 +159,10 @@ def _print(report, folder: Path, manifest: dict) -> None:
     from gemma_edge.commands.ui import results
 
     ok, bad = "[green]pass[/green]", "[red]FAIL[/red]"
-    table = Table(title=f"{folder}: {manifest['format']} {report.quant} vs the reference")
+    export = manifest["export"]
+    table_quant = export.get("embedding_quant") or "none"
+    recipe = export["quant"] + ("" if table_quant in ("none", export["quant"]) else f", embedding {table_quant}")
+    table = Table(title=f"{folder}: {manifest['format']} {recipe} vs the reference")
     for col in ("check", "rows", "max |diff|", "mean |diff|", "top-1", "KL", "ppl (ref)", "result"):
         table.add_column(col, justify="left" if col in ("check", "result") else "right")
     for c in report.checks:
