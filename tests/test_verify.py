@@ -201,3 +201,13 @@ def test_a_truncated_pte_is_reported_by_the_arm64_runner(exports, tiny_with_toke
                  "--reference", str(tiny_with_tokenizers["tiny-gemma3"]))
     assert result.returncode == 2 and "the native runner stopped while loading the program (exit 1)" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_an_export_is_judged_by_its_lowest_precision():
+    from gemma_edge.verify import limits_key
+
+    assert limits_key({"quant": "int8", "embedding_quant": "int8"}) == "int8"
+    assert limits_key({"quant": "int8", "embedding_quant": "int4"}) == "int4"  # the x1.09 recipe
+    assert limits_key({"quant": "fp32", "embedding_quant": "none"}) == "fp32"
+    assert limits_key({"quant": "fp32", "embedding_quant": "int8"}) == "int8"
+    assert limits_key({"quant": "int4"}) == "int4"  # manifests without the field
