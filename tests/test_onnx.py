@@ -322,12 +322,13 @@ def test_the_oldest_onnxruntime_the_manifest_names_computes_the_same(exports, tm
     """The manifest's min_onnxruntime is measured, not guessed: that release (installed from PyPI
     on first use, cached) runs the contrib and standard graphs, int4 and int8, to the same logits.
 
-    Compared with MatMulNBits in float32 arithmetic (accuracy level 0), where the two releases agree
-    to the bit: at level 4 (int8 activations) they may round an activation that falls exactly
-    between two int8 steps to different sides (measured on tiny-gemma3 int4: one such value at
-    position 9, logits off by up to 0.05 from there on, bit-identical at level 0). What the old
+    Logits are compared with MatMulNBits in float32 arithmetic (accuracy level 0), where the two
+    releases agree to the bit: at level 4 (int8 activations) they may round an activation that falls
+    exactly between two int8 steps to different sides (measured on tiny-gemma3 int4: one such value
+    at position 9, logits off by up to 0.05 from there on, bit-identical at level 0). What the old
     releases got wrong (GroupQueryAttention in 1.23, 4-bit GatherBlockQuantized in 1.24-1.26) shows
-    in exact arithmetic."""
+    in exact arithmetic. The graphs as shipped (level 4) are compared by distribution: mean KL
+    measured 5e-5 at most (that tie), 1e-8 elsewhere."""
     import shutil
 
     import onnx
@@ -342,9 +343,11 @@ def test_the_oldest_onnxruntime_the_manifest_names_computes_the_same(exports, tm
                         f"onnxruntime=={MIN_ORT}.*"], check=True, timeout=600)
         shutil.rmtree(target, ignore_errors=True)
         shutil.move(str(staging), str(target))
-    folders = []
-    for case in [("tiny-gemma3", "int4", "auto"), ("tiny-gemma3", "int4", "standard"), ("tiny-gemma", "int8", "auto"),
-                 ("tiny-gemma2", "fp32", "auto")]:
+    cases = [("tiny-gemma3", "int4", "auto"), ("tiny-gemma3", "int4", "standard"), ("tiny-gemma", "int8", "auto"),
+             ("tiny-gemma2", "fp32", "auto")]
+    shipped = [exports[case] for case in cases if case[1] != "fp32"]
+    exact = []
+    for case in cases:
         folder = tmp_path / "-".join(case)
         shutil.copytree(exports[case], folder)
         proto = onnx.load(str(folder / "model.onnx"))
@@ -353,7 +356,8 @@ def test_the_oldest_onnxruntime_the_manifest_names_computes_the_same(exports, tm
             attr.i = 0
         assert bool(levels) == (case[1] != "fp32")
         onnx.save(proto, str(folder / "model.onnx"))
-        folders.append(folder)
+        exact.append(folder)
+    folders = exact + shipped
     ids = _ids(1001)
     repo = Path(__file__).resolve().parents[1]
     env = {"PYTHONPATH": f"{target}:{repo}", "PATH": "/usr/bin:/bin"}
@@ -364,4 +368,7 @@ def test_the_oldest_onnxruntime_the_manifest_names_computes_the_same(exports, tm
     for i, folder in enumerate(folders):
         backend = OnnxBackend(folder)
         now = np.concatenate([backend.forward(ids[:20], 0)] + [backend.forward([t], 20 + k) for k, t in enumerate(ids[20:])])
-        np.testing.assert_allclose(old[str(i)], now, atol=1e-4, rtol=1e-4, err_msg=str(folder))
+        if folder in exact:
+            np.testing.assert_allclose(old[str(i)], now, atol=1e-4, rtol=1e-4, err_msg=str(folder))
+        else:
+            assert mean_kl(now, old[str(i)]) < 1e-3, folder
