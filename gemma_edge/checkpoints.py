@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -25,7 +24,7 @@ import torch
 
 from gemma_edge.config import GemmaConfig, check_model_type, variant
 from gemma_edge.errors import CheckpointError, MissingDependencyError, UnsupportedModelError
-from gemma_edge.files import sha256_file
+from gemma_edge.files import make_temp_dir, remove_dead_leftovers, sha256_file
 from gemma_edge.model import Gemma
 
 BUILTIN = "gemma-3-270m"
@@ -161,11 +160,12 @@ def load_model(source: str | os.PathLike | Checkpoint, max_seq_len: int,
                dtype: torch.dtype = torch.float32) -> Gemma:
     """Build the export-ready model for a source with a static cache of max_seq_len positions."""
     ckpt = source if isinstance(source, Checkpoint) else resolve(source)
+    tensors = None if ckpt.hf_dir is None else match_tensors(ckpt.config, ckpt.hf_dir)  # before allocating
     model = empty_model(ckpt.config, max_seq_len, dtype)
-    if ckpt.hf_dir is None:
+    if tensors is None:
         _randomize(model, ckpt.seed)
     else:
-        _load_safetensors(model, ckpt.hf_dir)
+        _load_safetensors(model, tensors)
     return model.eval().requires_grad_(False)  # inference and export only
 
 
@@ -215,39 +215,57 @@ def _open_tensors(folder: Path) -> Iterator[tuple[str, Path, object]]:
             yield key, file, handle
 
 
-def _load_safetensors(model: Gemma, folder: Path) -> None:
-    from safetensors import SafetensorError
-
-    table = weight_names(model.config)
-    params = dict(model.named_parameters())
+def match_tensors(config: GemmaConfig, folder: Path) -> dict[str, tuple[str, Path, object]]:
+    """{our parameter name: (tensor name, file, handle)} for every weight the architecture needs,
+    from the safetensors headers alone (safetensors itself checks that each header's offsets fit
+    its file). Missing, unexpected and misshapen tensors are named before any memory is allocated
+    for them, so a config that disagrees with the weights cannot ask for a 2^40-element model."""
+    table = weight_names(config)
+    with torch.device("meta"):  # shapes only: nothing allocated
+        expected = {name: tuple(p.shape) for name, p in Gemma(config, 1, torch.float32).named_parameters()}
     found: dict[str, tuple[str, Path, object]] = {}
-    extra, untied_head = [], None
+    extra = []
     for key, file, handle in _open_tensors(folder):
         name = _canonical(key)
         if name in table:
-            found[name] = (key, file, handle)
-        elif name == "lm_head.weight" and model.config.tie_word_embeddings:
-            untied_head = (key, file, handle)  # checked against the embedding below
+            found[table[name]] = (key, file, handle)
+        elif name == "lm_head.weight" and config.tie_word_embeddings:
+            found[UNTIED_HEAD] = (key, file, handle)  # checked against the embedding once loaded
         elif not _IGNORED.match(key):
             extra.append(key)
-    missing = sorted(set(table) - set(found))
+    missing = sorted(set(table) - {hf for hf, ours in table.items() if ours in found})
     if missing:
         raise CheckpointError(f"{folder}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     if extra:
         raise CheckpointError(f"{folder}: unexpected tensor {extra[0]}" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
                               + "; is this a Gemma text checkpoint of the architecture config.json names?")
+    for ours, (key, file, handle) in found.items():
+        shape = tuple(handle.get_slice(key).get_shape())
+        want = expected["embed_tokens.weight" if ours == UNTIED_HEAD else ours]
+        if shape != want:
+            raise CheckpointError(f"{file}: tensor {key} has shape {list(shape)}, but config.json asks for {list(want)}; "
+                                  "the config and the weights are of different models")
+    return found
+
+
+UNTIED_HEAD = "<lm_head of a tied checkpoint>"
+
+
+def _load_safetensors(model: Gemma, tensors: dict[str, tuple[str, Path, object]]) -> None:
+    """Copy each tensor (match_tensors) into the allocated model, one at a time."""
+    from safetensors import SafetensorError
+
+    params = dict(model.named_parameters())
     with torch.no_grad():
-        for hf_name, (key, file, handle) in found.items():
-            param = params[table[hf_name]]
-            shape = tuple(handle.get_slice(key).get_shape())
-            if shape != tuple(param.shape):
-                raise CheckpointError(f"{file}: tensor {key} has shape {list(shape)}, expected {list(param.shape)}")
+        for ours, (key, file, handle) in tensors.items():
+            if ours == UNTIED_HEAD:
+                continue
             try:
-                param.copy_(handle.get_tensor(key))
+                params[ours].copy_(handle.get_tensor(key))
             except (SafetensorError, RuntimeError) as e:
                 raise CheckpointError(f"{file}: cannot read tensor {key} ({e})") from None
-        if untied_head is not None:
-            key, file, handle = untied_head
+        if UNTIED_HEAD in tensors:
+            key, file, handle = tensors[UNTIED_HEAD]
             if not torch.equal(handle.get_tensor(key).to(model.embed_tokens.weight.dtype), model.embed_tokens.weight):
                 raise CheckpointError(
                     f"{file}: config.json says tie_word_embeddings but {key} differs from the embedding; "
@@ -270,8 +288,15 @@ def gguf_architecture(path: Path) -> str:
     try:
         from gguf import GGUFReader
 
+        # The reader memory-maps the file and checks each tensor's declared size against it
+        # (a truncated file, or a header claiming a 2^40-element tensor, fails here, unallocated).
         field = GGUFReader(str(path)).fields.get("general.architecture")
         return field.contents() if field is not None else ""
+    except ValueError as e:
+        if "reshape" in str(e):
+            raise CheckpointError(f"{path}: its header declares tensors that the file does not hold "
+                                  f"({path.stat().st_size:,} bytes): it is truncated or damaged; get it again") from None
+        raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
     except Exception as e:  # the reader raises assorted errors on bad files
         raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
 
@@ -294,7 +319,8 @@ def _convert_gguf(path: Path, folder: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=folder.parent))
+    remove_dead_leftovers(folder.parent, ".convert-")  # a conversion killed with SIGKILL
+    tmp = make_temp_dir(folder.parent, ".convert-")
     tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared like any other
     try:
         try:
@@ -328,5 +354,5 @@ def _save_plain(model: torch.nn.Module, folder: Path) -> None:
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
-__all__ = ["Checkpoint", "resolve", "load_model", "empty_model", "weight_names", "read_hf_config",
+__all__ = ["Checkpoint", "resolve", "load_model", "empty_model", "match_tensors", "weight_names", "read_hf_config",
            "BUILTIN", "cache_dir"]

@@ -1,16 +1,19 @@
 """The gemma-edge command line. Each verb imports what it needs when it runs, so --help is instant.
 
-Exit codes: 0 ok, 1 a check failed, 2 bad usage or bad input.
+Exit codes: 0 ok, 1 a check failed, 2 bad usage or bad input (one line on stderr; the traceback
+with --debug), 130 Ctrl-C, 143 SIGTERM (an export removes its temporary folder either way).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from typing import Callable, Sequence
 
 from gemma_edge import __version__
-from gemma_edge.errors import GemmaEdgeError
+from gemma_edge.errors import GemmaEdgeError, Terminated
 
 DEFAULT_MODEL = "gemma-3-270m"
 MODEL_HELP = ("a local Hugging Face folder, a .gguf file, 'gemma-3-270m' (the real model, built in) "
@@ -78,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gemma-edge",
         description="Export Gemma models for phones and edge boards, and prove they still compute what the reference computes.")
     parser.add_argument("--version", action="version", version=f"gemma-edge {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     check = verbs.add_parser(
@@ -127,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                                "instruction: as the Instruction of the dolly-style format (default: %(default)s)")
     generate.add_argument("--truncate", choices=("left",), default=None,
                           help="cut a prompt longer than the cache from the left instead of failing")
+    generate.add_argument("--verify-checksums", action="store_true",
+                          help="check every file's SHA-256 against the manifest before loading (sizes are always checked)")
     generate.add_argument("--json", action="store_true",
                           help="print one JSON object: text, token_ids (generated), finish_reason, stats")
     generate.set_defaults(func=_generate)
@@ -137,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_flags(chat, 512)
     chat.add_argument("--template", default="gemma", choices=TEMPLATES, help="prompt format (default: %(default)s)")
     chat.add_argument("--system", default=None, help="a system instruction (Gemma: prepended to the first user turn)")
+    chat.add_argument("--verify-checksums", action="store_true",
+                      help="check every file's SHA-256 against the manifest before loading (sizes are always checked)")
     chat.add_argument("--verbose", "-v", action="store_true", help="print statistics after each reply")
     chat.set_defaults(func=_chat)
 
@@ -181,14 +189,29 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
+    in_main = threading.current_thread() is threading.main_thread()  # only it may handle signals
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None  # unwinds like Ctrl-C: every `finally` runs
     try:
         return func(args)
     except GemmaEdgeError as e:
+        if args.debug:
+            raise
         print(f"gemma-edge: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("gemma-edge: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        if args.debug:
+            raise
+        how = "terminated" if isinstance(e, Terminated) else "interrupted"
+        print(f"gemma-edge: {how}", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: cleaning up is not interrupted again
+    raise Terminated()
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 
 from gemma_edge.errors import GemmaEdgeError
+from gemma_edge.files import write_atomic
 
 # NEON, dot product and fp16, as in most phones since 2019 (Cortex-A76). neoverse-n2 adds i8mm.
 DEFAULT_CPU = "cortex-a76"
@@ -67,7 +68,9 @@ def ensure_arm64(progress=print) -> Path:
     _qemu(base)
     _userland(base)
     _wheels(base)
-    (base / "ready").write_text("qemu-user from trixie, python3.11 from bookworm arm64, " + ", ".join(PACKAGES) + "\n")
+    # Last, and whole: a kit without it (a killed setup) is completed step by step on the next use;
+    # each step's folder appears by a rename once complete, so no half-made step is ever taken as done.
+    write_atomic(base / "ready", "qemu-user from trixie, python3.11 from bookworm arm64, " + ", ".join(PACKAGES) + "\n")
     return base
 
 
@@ -84,7 +87,11 @@ def _qemu(base: Path) -> None:
     _run(["apt-get", *options, "update", "-qq"], "downloading Debian trixie's package lists")
     _run(["apt-get", *options, "download", "qemu-user"], "downloading qemu-user", cwd=apt)
     deb = next(apt.glob("qemu-user_*.deb"))
-    _run(["dpkg", "-x", str(deb), str(base / "qemu")], "unpacking qemu-user")
+    tmp = base / "qemu.partial"  # unpacked here, then renamed: a killed run leaves no half a QEMU in use
+    shutil.rmtree(tmp, ignore_errors=True)
+    _run(["dpkg", "-x", str(deb), str(tmp)], "unpacking qemu-user")
+    shutil.rmtree(base / "qemu", ignore_errors=True)
+    tmp.rename(base / "qemu")
     deb.unlink()
 
 

@@ -19,3 +19,23 @@ class CheckpointError(GemmaEdgeError):
 
 class MissingDependencyError(GemmaEdgeError):
     """An optional package is needed for this path and is not installed."""
+
+
+class OutputFolderError(GemmaEdgeError):
+    """An output folder cannot be written: it is not ours to replace, the disk is full, or it is read-only."""
+
+
+class DamagedExportError(GemmaEdgeError):
+    """A file of an export folder is missing, truncated, changed since export, or cannot be loaded."""
+
+
+class UnsafeManifestError(GemmaEdgeError):
+    """A manifest names a file outside its export folder (a path, '..', or a symlink that leaves it)."""
+
+
+class ConcurrentUseError(GemmaEdgeError):
+    """One Generator was used from two threads at once."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that every `finally` cleans up on the way out."""

@@ -17,6 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
+from gemma_edge.errors import GemmaEdgeError
 from gemma_edge.runtime.backend import Backend
 from gemma_edge.runtime.generation import greedy
 
@@ -115,19 +116,26 @@ class Golden:
     greedy: list[int]  # the reference's greedy continuation of ids[:prefill]
 
     def save(self, path) -> None:
-        """To path (.npz), through a temporary file: never half written."""
-        from pathlib import Path
+        """To path (.npz), through a temporary file and a rename: never half written."""
+        import io
 
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp.npz")  # numpy adds .npz to any other name
-        np.savez_compressed(tmp, ids=np.asarray(self.ids, np.int64), prefill=self.prefill,
+        from gemma_edge.files import write_atomic
+
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, ids=np.asarray(self.ids, np.int64), prefill=self.prefill,
                             logits=self.logits.astype(np.float32), greedy=np.asarray(self.greedy, np.int64))
-        tmp.replace(path)
+        write_atomic(path, buffer.getvalue())
 
     @classmethod
     def load(cls, path) -> "Golden":
-        with np.load(path) as data:
-            return cls(data["ids"].tolist(), int(data["prefill"]), data["logits"], data["greedy"].tolist())
+        import zipfile
+
+        try:
+            with np.load(path, allow_pickle=False) as data:  # arrays only: a golden file from a stranger runs no code
+                return cls(data["ids"].tolist(), int(data["prefill"]), data["logits"], data["greedy"].tolist())
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            raise GemmaEdgeError(f"{path}: not a golden file written by 'gemma-edge verify --save-golden' "
+                                 f"({type(e).__name__}: {e}); save it again") from None
 
 
 def golden_from_reference(reference, ids: Sequence[int], prefill: int, greedy_tokens: int) -> Golden:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import gemma_edge
 from gemma_edge.checkpoints import Checkpoint, cache_dir
-from gemma_edge.exporters.manifest import MANIFEST, versions
+from gemma_edge.exporters.manifest import versions
+from gemma_edge.manifest import MANIFEST
 from gemma_edge.exporters.settings import ExportSettings
 from gemma_edge.files import sha256_file
 

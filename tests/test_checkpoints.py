@@ -119,7 +119,7 @@ def test_extra_tensor_is_named(tiny_checkpoints, tmp_path):
 def test_misshapen_tensor_is_named(tiny_checkpoints, tmp_path):
     folder = _edited(tiny_checkpoints["tiny-gemma-mha"], tmp_path / "ckpt",
                      lambda t: t.update({"model.layers.1.mlp.up_proj.weight": torch.zeros(99, 48)}))
-    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.up_proj\.weight has shape \[99, 48\], expected \[100, 48\]"):
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.up_proj\.weight has shape \[99, 48\], but config.json asks for \[100, 48\]"):
         load_model(folder, 16)
 
 

@@ -11,17 +11,18 @@ HELP = "/reset forgets the conversation, /quit (or Ctrl-D) leaves"
 
 def run(args: argparse.Namespace) -> int:
     from gemma_edge.commands.generate import sampling_options, stats_line
+    from gemma_edge.errors import GemmaEdgeError
     from gemma_edge.commands.ui import progress
     from gemma_edge.runtime.generator import Generator
 
+    options = sampling_options(args)  # checked before anything loads
     console = progress()
     with console.status(f"loading {args.outdir}"):
-        gen = Generator.load(args.outdir, threads=args.threads)
+        gen = Generator.load(args.outdir, threads=args.threads, verify_checksums=args.verify_checksums)
     console.print(f"[bold]gemma-edge chat[/bold] with {args.outdir} ({args.template} template). {HELP}")
     messages: list[dict] = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
-    options = sampling_options(args)
     while True:
         console.print("[bold cyan]>[/bold cyan] ", end="")
         line = sys.stdin.readline()
@@ -37,10 +38,15 @@ def run(args: argparse.Namespace) -> int:
             continue
         messages.append({"role": "user", "content": line})
         reply = []
-        for piece in gen.chat_stream(messages, args.max_new_tokens, args.template, **options):
-            reply.append(piece)
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+        try:
+            for piece in gen.chat_stream(messages, args.max_new_tokens, args.template, **options):
+                reply.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except GemmaEdgeError as e:  # a turn too long for the cache: say so, and keep the conversation
+            messages.pop()
+            console.print(f"[red]{e}[/red]")
+            continue
         sys.stdout.write("\n")
         sys.stdout.flush()
         messages.append({"role": "assistant", "content": "".join(reply)})

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 
-
 def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
@@ -16,11 +15,13 @@ def run(args: argparse.Namespace) -> int:
     from gemma_edge.commands.ui import progress, results
     from gemma_edge.config import check_max_seq_len
     from gemma_edge.exporters.settings import ExportSettings
+    from gemma_edge.files import check_output_folder
 
     settings = ExportSettings(format=args.format, quant=args.quant, group_size=args.group_size,
                               embedding_quant=args.embedding_quant, max_seq_len=args.max_seq_len, ops=args.ops)
     console = progress()
     out = Path(args.output)
+    check_output_folder(out, args.overwrite)  # before minutes of work, not after them
 
     @contextlib.contextmanager
     def stage(name: str):

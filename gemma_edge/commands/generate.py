@@ -8,6 +8,15 @@ import sys
 
 
 def sampling_options(args: argparse.Namespace) -> dict:
+    """The sampling flags, checked (SamplingConfig's rules) before anything is loaded."""
+    from gemma_edge.errors import GemmaEdgeError
+    from gemma_edge.runtime.sampling import SamplingConfig
+
+    SamplingConfig(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
+    if args.threads is not None and args.threads < 1:
+        raise GemmaEdgeError(f"--threads must be at least 1, got {args.threads}")
+    if args.max_new_tokens < 1:
+        raise GemmaEdgeError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
             "repetition_penalty": args.repetition_penalty, "seed": args.seed, "stop": args.stop or ()}
 
@@ -21,16 +30,21 @@ def stats_line(result) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from gemma_edge.commands.ui import progress
-    from gemma_edge.runtime.generator import Generator
+    from gemma_edge.manifest import read_manifest
+    from gemma_edge.runtime.backend import open_backend
+    from gemma_edge.runtime.generator import Generator, check_request, open_export, prompt_ids
 
+    # Everything that can be wrong with the request is said before the program loads (seconds, and
+    # the runtimes' own log lines): the flags, the folder's files, the prompt's length.
+    options = sampling_options(args)
+    tokenizer = open_export(args.outdir, verify_checksums=args.verify_checksums)
+    ids = prompt_ids(tokenizer, args.prompt if args.template == "plain" else [{"role": "user", "content": args.prompt}],
+                     None if args.template == "plain" else args.template)
+    check_request(ids, int(read_manifest(args.outdir)["max_seq_len"]), args.max_new_tokens, args.truncate)
     console = progress()
     with console.status(f"loading {args.outdir}"):
-        gen = Generator.load(args.outdir, threads=args.threads)
-    options = {**sampling_options(args), "truncate": args.truncate}
-    if args.template == "plain":
-        pieces = gen.stream(args.prompt, args.max_new_tokens, **options)
-    else:
-        pieces = gen.chat_stream([{"role": "user", "content": args.prompt}], args.max_new_tokens, args.template, **options)
+        gen = Generator(open_backend(args.outdir, threads=args.threads), tokenizer)
+    pieces = gen.stream(ids, args.max_new_tokens, **options, truncate=args.truncate)
     if args.json:
         text = "".join(pieces)
         result = gen.last

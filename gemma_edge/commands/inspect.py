@@ -10,8 +10,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from gemma_edge.commands.ui import results
-    from gemma_edge.commands.verify import changed_files
-    from gemma_edge.exporters.manifest import read_manifest
+    from gemma_edge.manifest import file_problems, read_manifest
 
     folder = Path(args.outdir)
     m = read_manifest(folder)
@@ -34,9 +33,9 @@ def run(args: argparse.Namespace) -> int:
     files = Table(title="files")
     for col in ("file", "size", "sha256", "check"):
         files.add_column(col, justify="right" if col == "size" else "left")
-    bad = {} if args.no_verify else changed_files(folder, m)
+    bad = file_problems(folder, m, checksums=not args.no_verify)
     for name, info in m["files"].items():
-        status = f"[red]{bad[name].upper()}[/red]" if name in bad else "not checked" if args.no_verify else "[green]ok[/green]"
+        status = f"[red]{bad[name].split(':')[0].upper()}[/red]" if name in bad else "not checked" if args.no_verify else "[green]ok[/green]"
         files.add_row(name, f"{info['bytes'] / 2**20:,.1f} MiB", info["sha256"][:16], status)
     out = results()
     out.print(about)

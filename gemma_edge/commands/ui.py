@@ -15,12 +15,10 @@ def results() -> Console:
 def write_json(path, data: dict) -> None:
     """data as indented JSON at path, written to a temporary file and renamed: never half written."""
     import json
-    from pathlib import Path
 
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    from gemma_edge.files import write_atomic
+
+    write_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def progress() -> Console:

@@ -16,7 +16,7 @@ SHAPE_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", 
 
 def run(args: argparse.Namespace) -> int:
     from gemma_edge.commands.ui import progress, write_json
-    from gemma_edge.exporters.manifest import read_manifest
+    from gemma_edge.manifest import file_problems, read_manifest
     from gemma_edge.verify import THRESHOLDS, Golden, limits_key, verify
 
     folder = Path(args.outdir)
@@ -25,9 +25,15 @@ def run(args: argparse.Namespace) -> int:
         raise GemmaEdgeError(f"{folder}: unknown quantization {manifest['export']['quant']!r} in its manifest")
     quant = limits_key(manifest["export"])
     console = progress()
-    checksums = None if args.no_verify_checksums else list(changed_files(folder, manifest))
-    if checksums:
-        console.print(f"[red]files changed since export: {', '.join(checksums)}[/red]")
+    problems = {} if args.no_verify_checksums else file_problems(folder, manifest)
+    checksums = None if args.no_verify_checksums else list(problems)
+    for name, problem in problems.items():
+        console.print(f"[red]{folder / name}: {problem}[/red]", soft_wrap=True)
+    if any(not p.startswith("changed") for p in problems.values()):  # missing or truncated: nothing to run
+        console.print("[red]verify: FAIL: the export is incomplete; copy the folder again or export it anew[/red]", soft_wrap=True)
+        if args.json:
+            write_json(args.json, {"export": str(folder), "format": manifest["format"], "passed": False, "files": problems})
+        return 1
     if args.target == "arm64" and manifest["format"] == "onnx":
         return _arm64_python(args, folder, manifest, checksums, console)
     backend = _backend(args, folder, console)
@@ -93,20 +99,6 @@ def _arm64_python(args, folder: Path, manifest: dict, checksums: list[str] | Non
     if args.json:
         write_json(args.json, data)
     return 0 if data["passed"] else 1
-
-
-def changed_files(folder: Path, manifest: dict) -> dict[str, str]:
-    """{file: "missing" or "changed"} for the manifest's files that no longer match their SHA-256."""
-    from gemma_edge.files import sha256_file
-
-    changed = {}
-    for name, info in manifest["files"].items():
-        path = folder / name
-        if not path.is_file():
-            changed[name] = "missing"
-        elif path.stat().st_size != info["bytes"] or sha256_file(path) != info["sha256"]:
-            changed[name] = "changed"
-    return changed
 
 
 def _golden(args, folder: Path, manifest: dict, max_seq_len: int, console):

@@ -1,8 +1,7 @@
-"""gemma_edge.json: what an export folder holds, how it was made, and how to drive it."""
+"""What an exporter writes into gemma_edge.json (the schema and its reader: gemma_edge/manifest.py)."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from importlib import metadata
 from pathlib import Path
@@ -11,11 +10,12 @@ from typing import TYPE_CHECKING, Any
 from gemma_edge import __version__
 from gemma_edge.exporters.settings import ExportSettings
 from gemma_edge.files import sha256_file
+from gemma_edge.manifest import MANIFEST, VERSION
+from gemma_edge.manifest import write_manifest as write_manifest_file
 
 if TYPE_CHECKING:  # the runtime reads manifests where torch (which checkpoints needs) is absent
     from gemma_edge.checkpoints import Checkpoint
 
-MANIFEST = "gemma_edge.json"
 END_OF_TURN = "<end_of_turn>"  # Gemma's chat turns end here; instruction-tuned models stop on it
 
 
@@ -57,7 +57,7 @@ def write_manifest(folder: Path, ckpt: Checkpoint, settings: ExportSettings, spe
     files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
              for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
     manifest = {
-        "gemma_edge_manifest": 1,
+        "gemma_edge_manifest": VERSION,
         "format": settings.format,
         "source": ckpt.source,
         "config": ckpt.config.to_dict(),
@@ -67,17 +67,5 @@ def write_manifest(folder: Path, ckpt: Checkpoint, settings: ExportSettings, spe
         **sections,
         "files": files,
     }
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    write_manifest_file(folder, manifest)
     return manifest
-
-
-def read_manifest(folder: Path) -> dict[str, Any]:
-    from gemma_edge.errors import GemmaEdgeError
-
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
-        raise GemmaEdgeError(f"{folder}: no {MANIFEST}; is this a folder written by 'gemma-edge export'?")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise GemmaEdgeError(f"{path}: not valid JSON ({e})") from None

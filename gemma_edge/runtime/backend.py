@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+import contextlib
+import os
+import sys
+import tempfile
+from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -30,10 +34,38 @@ def can_rewind(manifest: dict) -> bool:
                 and (config.get("sliding_window") or 0) < int(manifest["max_seq_len"]))
 
 
+@contextlib.contextmanager
+def native_log_captured() -> Iterator[list[str]]:
+    """What a runtime logs inside the block, to fd 2 or through Python's sys.stderr (ExecuTorch's
+    pybindings), kept out of the terminal and handed back as lines when the block ends: why a
+    program failed to load is said there, and only there."""
+    import io
+
+    lines: list[str] = []
+    sys.stderr.flush()
+    python = io.StringIO()
+    with tempfile.TemporaryFile() as log, contextlib.redirect_stderr(python):
+        saved = os.dup(2)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            log.seek(0)
+            lines += log.read().decode(errors="replace").splitlines() + python.getvalue().splitlines()
+
+
+def first_line(error: BaseException) -> str:
+    """A native library's exception message, its first line only (some append pages of context)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def open_backend(folder, threads: int | None = None) -> Backend:
     """The backend for an export folder, chosen by the format its manifest records."""
     from gemma_edge.errors import GemmaEdgeError
-    from gemma_edge.exporters.manifest import read_manifest
+    from gemma_edge.manifest import read_manifest
 
     fmt = read_manifest(folder).get("format")
     if threads is not None and threads < 1:

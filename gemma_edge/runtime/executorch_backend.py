@@ -7,9 +7,9 @@ from typing import Sequence
 
 import numpy as np
 
-from gemma_edge.errors import GemmaEdgeError, MissingDependencyError
-from gemma_edge.exporters.manifest import read_manifest
-from gemma_edge.runtime.backend import can_rewind
+from gemma_edge.errors import DamagedExportError, GemmaEdgeError, MissingDependencyError
+from gemma_edge.manifest import damaged, read_manifest
+from gemma_edge.runtime.backend import can_rewind, first_line, native_log_captured
 
 KERNEL_MODULES = ("executorch.kernels.quantized",)
 
@@ -40,8 +40,15 @@ class ExecuTorchBackend:
             from executorch.extension.pybindings import portable_lib
 
             portable_lib._unsafe_reset_threadpool(threads)  # before loading: XNNPACK takes the pool then
-        program = Runtime.get().load_program(folder / self.manifest["io"]["program"])
-        self._method = program.load_method(self.manifest["io"]["method"])
+        name = self.manifest["io"]["program"]
+        try:
+            with native_log_captured() as log:  # ExecuTorch logs the reason; the exception has only a code
+                program = Runtime.get().load_program(folder / name)
+                self._method = program.load_method(self.manifest["io"]["method"])
+        except RuntimeError as e:  # "Failed to load program, error: 0x23"
+            reason = next((line.split("] ", 1)[-1] for line in reversed(log) if "] " in line), "")
+            raise DamagedExportError(damaged(folder, name, f"ExecuTorch cannot load it: {first_line(e)}"
+                                             + (f"; {reason}" if reason else ""))) from None
 
     def forward_last(self, token_ids: Sequence[int], start_pos: int) -> np.ndarray:
         """Logits [vocab] of the last of token_ids, placed at start_pos..: one program call."""

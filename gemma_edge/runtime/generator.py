@@ -10,18 +10,29 @@
 
 The generator remembers which ids its backend's cache holds, so a prompt that starts with them
 (the next turn of a chat) computes only what is new.
+
+Loading checks the folder first: every file the manifest names must be a plain name inside it, and
+of the size the export wrote (with verify_checksums=True, of its SHA-256 too), so a truncated copy
+is named (DamagedExportError) before ONNX Runtime or ExecuTorch trips over it.
+
+Threads: Generators of different exports work side by side in one process. One Generator holds one
+KV cache, so it generates for one thread at a time: a call from a second thread while another
+thread's generation is under way raises ConcurrentUseError (give each thread its own Generator).
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 
-from gemma_edge.errors import GemmaEdgeError
+from gemma_edge.errors import ConcurrentUseError, GemmaEdgeError
+from gemma_edge.manifest import check_files, read_manifest
 from gemma_edge.runtime.backend import Backend, open_backend
-from gemma_edge.runtime.generation import GenerationResult, tokens
+from gemma_edge.runtime.generation import GenerationResult, check_prompt, tokens
 from gemma_edge.runtime.sampling import Sampler, SamplingConfig
 from gemma_edge.runtime.templates import Messages, template
 from gemma_edge.runtime.tokenizer import StreamDecoder, Tokenizer
@@ -35,20 +46,42 @@ class Generator:
         self.tokenizer = tokenizer
         self.last: GenerationResult | None = None  # ids, finish reason and stats of the latest generation
         self._cache: list[int] = []  # the ids the backend's cache holds, at positions 0..
+        self._guard = threading.Lock()  # guards _owner and _depth
+        self._owner: int | None = None  # the thread whose call (or open stream) is using the cache
+        self._depth = 0
 
     @classmethod
-    def load(cls, folder: str | Path, threads: int | None = None) -> "Generator":
-        backend = open_backend(folder, threads=threads)
-        return cls(backend, Tokenizer(folder, backend.manifest["special_tokens"]))
+    def load(cls, folder: str | Path, threads: int | None = None, verify_checksums: bool = False) -> "Generator":
+        """The export in folder, its files checked first (sizes; SHA-256 with verify_checksums)."""
+        tokenizer = open_export(folder, verify_checksums)
+        return cls(open_backend(folder, threads=threads), tokenizer)
 
     @property
     def max_seq_len(self) -> int:
         return self.backend.max_seq_len
 
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """The cache for this thread until the block ends; another thread's call meanwhile fails."""
+        me = threading.get_ident()
+        with self._guard:
+            if self._owner not in (None, me):
+                raise ConcurrentUseError("this Generator is generating in another thread; it holds one KV cache, so "
+                                         "give each thread its own Generator (or wait for the other generation to end)")
+            self._owner, self._depth = me, self._depth + 1
+        try:
+            yield
+        finally:
+            with self._guard:
+                self._depth -= 1
+                if self._depth == 0:
+                    self._owner = None
+
     def reset(self) -> None:
         """Empty the KV cache."""
-        self.backend.reset()
-        self._cache = []
+        with self._exclusive():
+            self.backend.reset()
+            self._cache = []
 
     def forward(self, token_ids: Sequence[int] | np.ndarray, start_pos: int) -> np.ndarray:
         """float32 logits [len(token_ids), vocab] for token_ids placed at positions start_pos.. of
@@ -59,7 +92,8 @@ class Generator:
         vocab = self.backend.manifest["config"]["vocab_size"]
         if ids.min() < 0 or ids.max() >= vocab:
             raise GemmaEdgeError(f"token ids must be in 0..{vocab - 1}, got {ids.min()}..{ids.max()}")
-        logits = np.asarray(self.backend.forward(ids.tolist(), int(start_pos)), dtype=np.float32)
+        with self._exclusive():
+            logits = np.asarray(self.backend.forward(ids.tolist(), int(start_pos)), dtype=np.float32)
         reusable = start_pos == len(self._cache) or (start_pos < len(self._cache) and self.backend.can_rewind)
         self._cache = self._cache[:start_pos] + ids.tolist() if reusable else []
         return logits
@@ -72,8 +106,7 @@ class Generator:
 
     def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 256, **options) -> Iterator[str]:
         """The completion as it is generated, in pieces of whole characters."""
-        ids = self.tokenizer.encode(prompt, bos=True) if isinstance(prompt, str) else [int(t) for t in prompt]
-        return self._run(ids, max_new_tokens, **options)
+        return self._run(prompt_ids(self.tokenizer, prompt), max_new_tokens, **options)
 
     def chat(self, messages: Messages, max_new_tokens: int = 256, template_name: str = "gemma", **options) -> str:
         """The model's reply to a conversation (Gemma's turns by default; see templates.py)."""
@@ -81,16 +114,19 @@ class Generator:
 
     def chat_stream(self, messages: Messages, max_new_tokens: int = 256, template_name: str = "gemma",
                     **options) -> Iterator[str]:
-        ids = [self.tokenizer.bos_id] if self.tokenizer.bos_id is not None else []
-        for segment in template(template_name)(messages):  # each alone: earlier turns keep their ids
-            ids += self.tokenizer.encode(segment)
-        return self._run(ids, max_new_tokens, **options)
+        return self._run(prompt_ids(self.tokenizer, messages, template_name), max_new_tokens, **options)
 
     def _run(self, ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              repetition_penalty: float = 1.0, seed: int | None = None, stop: Sequence[str] = (),
              truncate: str | None = None, ignore_eos: bool = False) -> Iterator[str]:
         sampler = Sampler(SamplingConfig(temperature, top_k, top_p, repetition_penalty, seed))  # checks them first
+        check_max_new_tokens(max_new_tokens)
         ids = self._fit(ids, truncate)
+        with self._exclusive():
+            yield from self._generate(ids, max_new_tokens, sampler, stop, ignore_eos)
+
+    def _generate(self, ids: list[int], max_new_tokens: int, sampler: Sampler, stop: Sequence[str],
+                  ignore_eos: bool) -> Iterator[str]:
         cached = self._reusable(ids)
         if cached == 0:
             self.reset()
@@ -126,6 +162,38 @@ class Generator:
         if common < len(self._cache) and not self.backend.can_rewind:
             return 0  # the cache would have to go back: only exact when it is no ring
         return common
+
+
+def open_export(folder: str | Path, verify_checksums: bool = False) -> Tokenizer:
+    """The export's tokenizer, once its manifest is read and its files checked (all but loading the
+    program, the slow part: a command checks its request with this before it loads anything)."""
+    manifest = read_manifest(folder)
+    check_files(folder, manifest, checksums=verify_checksums)
+    return Tokenizer(folder, manifest["special_tokens"])
+
+
+def prompt_ids(tokenizer: Tokenizer, prompt: str | Sequence[int] | Messages, template_name: str | None = None) -> list[int]:
+    """The ids a generation starts from: text (with <bos>), ids as given, or messages in a prompt format."""
+    if template_name is None:
+        return tokenizer.encode(prompt, bos=True) if isinstance(prompt, str) else [int(t) for t in prompt]
+    ids = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    for segment in template(template_name)(prompt):  # each alone: earlier turns keep their ids
+        ids += tokenizer.encode(segment)
+    return ids
+
+
+def check_request(ids: list[int], max_seq_len: int, max_new_tokens: int, truncate: str | None = None) -> None:
+    """What a generation would refuse, checked before anything is loaded."""
+    check_max_new_tokens(max_new_tokens)
+    if truncate not in TRUNCATE:
+        raise GemmaEdgeError(f"unknown truncate {truncate!r}; valid: left (or none)")
+    if truncate is None:
+        check_prompt(ids, max_seq_len)
+
+
+def check_max_new_tokens(max_new_tokens: int) -> None:
+    if max_new_tokens < 1:
+        raise GemmaEdgeError(f"max_new_tokens (--max-new-tokens) must be at least 1, got {max_new_tokens}")
 
 
 def _text(steps: Iterator[int], result: GenerationResult, decoder: StreamDecoder, stop: list[str]) -> Iterator[str]:

@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from gemma_edge.errors import GemmaEdgeError
-from gemma_edge.exporters.manifest import read_manifest
+from gemma_edge.manifest import read_manifest
 from gemma_edge.runtime.backend import can_rewind
 
 READY = struct.Struct("=4siqq")  # "GERN", version, vocab_size, max_seq_len

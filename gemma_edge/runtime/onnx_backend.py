@@ -12,8 +12,9 @@ from typing import Sequence
 
 import numpy as np
 
-from gemma_edge.errors import GemmaEdgeError, MissingDependencyError
-from gemma_edge.exporters.manifest import read_manifest
+from gemma_edge.errors import DamagedExportError, GemmaEdgeError, MissingDependencyError
+from gemma_edge.manifest import damaged, read_manifest
+from gemma_edge.runtime.backend import first_line
 
 
 class OnnxBackend:
@@ -33,7 +34,10 @@ class OnnxBackend:
         if threads:
             options.intra_op_num_threads = threads
         io = self.manifest["io"]
-        self.session = ort.InferenceSession(str(folder / io["program"]), options, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(folder / io["program"]), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime's pybind errors (InvalidProtobuf, Fail, ...) share no base but Exception
+            raise DamagedExportError(damaged(folder, io["program"], f"ONNX Runtime cannot load it: {first_line(e)}")) from None
         self._ort = ort
         self._logits_to_keep = any(i.name == "logits_to_keep" for i in self.session.get_overridable_initializers())
         self._caches = {}  # past name -> (present name, OrtValue)

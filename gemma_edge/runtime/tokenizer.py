@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from gemma_edge.errors import GemmaEdgeError, MissingDependencyError
+from gemma_edge.errors import DamagedExportError, GemmaEdgeError, MissingDependencyError
+from gemma_edge.manifest import damaged
 
 INCOMPLETE = "\ufffd"
 
@@ -27,7 +28,10 @@ class Tokenizer:
                 from tokenizers import Tokenizer as HFTokenizer
             except ImportError:
                 raise MissingDependencyError("reading tokenizer.json needs tokenizers: pip install tokenizers") from None
-            self._hf = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+            try:
+                self._hf = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+            except Exception as e:  # tokenizers raises a bare Exception on a file it cannot parse
+                raise DamagedExportError(damaged(folder, "tokenizer.json", f"tokenizers cannot read it: {e}")) from None
             self._sp = None
         elif (folder / "tokenizer.model").is_file():
             try:
@@ -35,7 +39,10 @@ class Tokenizer:
             except ImportError:
                 raise MissingDependencyError("reading tokenizer.model needs sentencepiece: pip install sentencepiece") from None
             self._hf = None
-            self._sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+            try:
+                self._sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+            except (RuntimeError, OSError) as e:
+                raise DamagedExportError(damaged(folder, "tokenizer.model", f"sentencepiece cannot read it: {e}")) from None
             # left out of text, as tokenizers' skip_special_tokens does: control pieces and the turn markers
             turn = {self._sp.piece_to_id(p) for p in ("<start_of_turn>", "<end_of_turn>")} - {self._sp.unk_id()}
             self._sp_special = {i for i in range(self._sp.get_piece_size()) if self._sp.is_control(i)} | turn

@@ -54,8 +54,37 @@ public final class ExportManifest {
       ids.add(stops.getInt(i));
     }
     stopTokenIds = Collections.unmodifiableList(ids);
-    program = json.getJSONObject("io").getString("program");
+    program = plainName(folder, json.getJSONObject("io").getString("program"));
     tokenizer = "tokenizer.json";
+    JSONObject files = json.optJSONObject("files");
+    if (files != null) {
+      for (java.util.Iterator<String> names = files.keys(); names.hasNext(); ) {
+        plainName(folder, names.next());
+      }
+    }
+  }
+
+  /** A file the manifest names must be a plain name inside the export folder (gemma_edge/manifest.py
+   * keeps the same rule): no path, no "..", so a manifest from a stranger cannot point the app at
+   * another file on the phone. */
+  static String plainName(File folder, String name) {
+    if (name.isEmpty() || name.equals(".") || name.equals("..") || name.indexOf('/') >= 0 || name.indexOf('\\') >= 0
+        || name.indexOf('\0') >= 0) {
+      throw new IllegalArgumentException(folder + "/" + FILE + " names the file \"" + name
+          + "\", which is not a plain file name in the export folder; refusing to load it. Export again");
+    }
+    return name;
+  }
+
+  /** The file, if it stays inside the folder once symlinks are resolved. */
+  static File inside(File folder, String name) throws IOException {
+    File file = new File(folder, name);
+    File real = file.getCanonicalFile();
+    if (!folder.getCanonicalFile().equals(real.getParentFile())) {
+      throw new IOException(file + " leads to " + real + ", outside the export folder; refusing to load it."
+          + " Push the real files (adb push copies them) or export again");
+    }
+    return file;
   }
 
   public static ExportManifest parse(File folder, String text) {
@@ -74,7 +103,7 @@ public final class ExportManifest {
     }
     ExportManifest manifest = parse(folder, readText(file));
     for (String name : new String[] {manifest.program, manifest.tokenizer}) {
-      if (!new File(folder, name).isFile()) {
+      if (!inside(folder, name).isFile()) {
         throw new IOException(folder + " lacks " + name + ": push the whole export folder again");
       }
     }

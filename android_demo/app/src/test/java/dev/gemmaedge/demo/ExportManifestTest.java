@@ -58,6 +58,28 @@ public class ExportManifestTest {
   }
 
   @Test
+  public void filesOutsideTheFolderAreRefused() throws Exception {
+    File folder = new File("/sdcard/model");
+    for (String name : new String[] {"../outside/model.pte", "/data/local/tmp/model.pte", "..", "a\\b.pte"}) {
+      JSONObject bad = new JSONObject(fixture("pte"));
+      bad.getJSONObject("io").put("program", name);
+      assertTrue(name, assertThrows(IllegalArgumentException.class, () -> ExportManifest.parse(folder, bad.toString()))
+          .getMessage().contains("not a plain file name"));
+    }
+    JSONObject listed = new JSONObject(fixture("pte"));
+    listed.getJSONObject("files").put("../../secret", new JSONObject());
+    assertThrows(IllegalArgumentException.class, () -> ExportManifest.parse(folder, listed.toString()));
+    // A symlink that leaves the folder is refused when the folder is read.
+    File export = tmp.newFolder("linked");
+    File outside = tmp.newFile("elsewhere.pte");
+    Files.write(new File(export, ExportManifest.FILE).toPath(), fixture("pte").getBytes(StandardCharsets.UTF_8));
+    Files.createSymbolicLink(new File(export, "model.pte").toPath(), outside.toPath());
+    Files.write(new File(export, "tokenizer.json").toPath(), new byte[] {0});
+    IOException leaves = assertThrows(IOException.class, () -> ExportManifest.read(export));
+    assertTrue(leaves.getMessage(), leaves.getMessage().contains("outside the export folder"));
+  }
+
+  @Test
   public void otherFilesAreRefusedWithWhatToDo() throws Exception {
     File folder = new File("/sdcard/model");
     String good = fixture("pte");
