@@ -7,10 +7,11 @@ with --debug), 130 Ctrl-C, 143 SIGTERM (an export removes its temporary folder e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 import threading
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from gemma_edge import __version__
 from gemma_edge.errors import GemmaEdgeError, Terminated
@@ -81,7 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gemma-edge",
         description="Export Gemma models for phones and edge boards, and prove they still compute what the reference computes.")
     parser.add_argument("--version", action="version", version=f"gemma-edge {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error (and what --verbose shows)")
+    parser.add_argument("--verbose", dest="third_party_output", action="store_true",
+                        help="also show the warnings and log lines of the libraries gemma-edge uses (torch, ExecuTorch, "
+                             "ONNX, transformers), which are hidden by default")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     check = verbs.add_parser(
@@ -192,7 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     in_main = threading.current_thread() is threading.main_thread()  # only it may handle signals
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None  # unwinds like Ctrl-C: every `finally` runs
     try:
-        return func(args)
+        with _third_parties_quiet(not (args.third_party_output or args.debug)):
+            return func(args)
     except GemmaEdgeError as e:
         if args.debug:
             raise
@@ -207,6 +212,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _third_parties_quiet(quiet: bool) -> Iterator[None]:
+    """Hide the libraries' Python warnings, log lines (torch's, torchao's, onnxscript's all go through
+    `logging`) and progress bars while a verb runs: they are not ours, and a user reads them as
+    breakage. Restored afterwards (main() is also called from Python)."""
+    if not quiet:
+        yield
+        return
+    import logging
+    import os
+    import warnings
+
+    previous = logging.root.manager.disable
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
 
 
 def _terminate(signum, frame) -> None:

@@ -175,6 +175,7 @@ def test_a_signal_during_an_export_leaves_the_earlier_export_and_nothing_else(ck
     assert code == (130 if signum == signal.SIGINT else 143), err
     assert err.strip().splitlines()[-1] == ("gemma-edge: interrupted" if signum == signal.SIGINT else "gemma-edge: terminated")
     assert "Traceback" not in err
+    assert all(line.startswith(("✓ ", "gemma-edge: ")) for line in err.strip().splitlines()), err  # ours only
     assert tree(out) == before and leftovers(out) == []
 
 
