@@ -299,8 +299,11 @@ def test_a_truncated_file_is_named_before_any_runtime_reads_it(capsys, earlier, 
     code, err = cli(capsys, "generate", folder, "Hello")
     assert code == 2
     one_line_error(err, str(folder / damaged), "truncated: 4,096 bytes", "gemma-edge verify", "export it anew")
-    with pytest.raises(DamagedExportError, match="truncated"):
+    with pytest.raises(DamagedExportError) as error:  # the Python API: the same message
         Generator.load(folder)
+    assert f"gemma-edge: error: {error.value}" == err.strip()
+    with pytest.raises(DamagedExportError):  # --debug: the exception itself, traceback and all
+        main(["--debug", "generate", str(folder), "Hello"])
     code, err = cli(capsys, "verify", folder)  # verify's answer is a failed check
     assert code == 1 and f"{folder / damaged}: truncated" in err and "Traceback" not in err
 
