@@ -71,6 +71,12 @@ def _verify(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from gemma_edge.commands.bench import run
+
+    return run(args)
+
+
 def _variants(args: argparse.Namespace) -> int:
     from gemma_edge.commands.variants import run
 
@@ -183,6 +189,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the emulated CPU: cortex-a76 (NEON, dot product, fp16: most phones) or neoverse-n2 "
                              "(adds i8mm) (default: %(default)s)")
     verify.set_defaults(func=_verify)
+
+    bench = verbs.add_parser(
+        "bench", help="measure exports side by side: load, first token, prefill and decode speed, memory",
+        description="Run each OUTDIR in a process of its own, taking turns run by run so that a slow moment of the "
+                    "machine hits all alike: load time, time to first token, prefill and decode tokens/s (median and "
+                    "spread after a warm-up), peak resident memory, files and KV cache; the machine's memory read "
+                    "bandwidth, and decode as a fraction of the ceiling it sets.")
+    bench.add_argument("outdir", nargs="+", metavar="OUTDIR", help="export folders (the first is the base of the ratios)")
+    bench.add_argument("--prompt-tokens", type=int, default=128, help="prefill length (default: %(default)s)")
+    bench.add_argument("--new-tokens", type=int, default=128, help="greedy tokens per run (default: %(default)s)")
+    bench.add_argument("--threads", type=int, default=None, help="CPU threads per export (default: the runtime's choice)")
+    bench.add_argument("--runs", type=int, default=5, help="measured runs per export, after one warm-up (default: %(default)s)")
+    bench.add_argument("--json", metavar="FILE", help="also write every run's figures as JSON")
+    bench.add_argument("--plot", metavar="FILE.png", help="also draw speed and memory per export (matplotlib)")
+    bench.set_defaults(func=_bench)
 
     variants = verbs.add_parser("variants", help="list the named architectures (for random:<variant>)",
                                 description="List the named Gemma architectures with their shapes and parameter counts.")

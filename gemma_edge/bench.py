@@ -1,0 +1,187 @@
+"""Speed and memory of export folders, measured side by side (`gemma-edge bench`).
+
+Each export runs in a process of its own (so that its peak resident memory is its own), loads
+once, and then the exports take turns: run 1 of every export, then run 2 of every export, ..., so
+that a slow moment of a shared machine hits all of them alike. A run is what `gemma-edge generate`
+does without the text: an empty cache, a prefill of the prompt in one call, then greedy decode
+steps through the one generation loop (runtime/generation.py), eos ignored.
+
+The machine's memory read bandwidth is measured in the same run: decode of a weight-bound model
+cannot be faster than bandwidth / bytes of weights read per token, so a decode speed means more as
+a fraction of that ceiling.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from gemma_edge.errors import GemmaEdgeError
+from gemma_edge.manifest import read_manifest
+
+BYTES_PER_WEIGHT = {"none": 4.0, "fp32": 4.0, "int8": 1.0, "int4": 0.5}
+
+
+@dataclass
+class ExportBench:
+    folder: str
+    format: str
+    quant: str  # the decoder's layers / the embedding table
+    files_bytes: int  # every file of the export, as on disk
+    kv_cache_bytes: int  # the static cache, allocated whole at load
+    weights_read_per_token: int  # bytes a decode step reads (approximately: see weights_read_per_token())
+    load_s: float = 0.0
+    runs: list[dict] = field(default_factory=list)  # Stats.as_dict() of each run, warm-up excluded
+    peak_rss_bytes: int = 0  # of the export's own process, after every run
+
+    def median(self, key: str) -> float:
+        return statistics.median(r[key] for r in self.runs)
+
+    def spread(self, key: str) -> float:
+        """max - min over the runs, as a fraction of the median."""
+        values = [r[key] for r in self.runs]
+        return (max(values) - min(values)) / max(statistics.median(values), 1e-12)
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), **{f"median_{k}": self.median(k) for k in ("ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s")}}
+
+
+def kv_cache_bytes(manifest: dict) -> int:
+    """Bytes of the static KV cache the program allocates: ONNX passes every layer's full
+    [1, kv_heads, max_seq_len, head_dim] float32 buffers; a .pte keeps a ring of window + 1 slots
+    for sliding layers whose window is shorter than the cache (cache.py)."""
+    if manifest["format"] == "onnx":
+        return sum(4 * int(np.prod(i["shape"])) for i in manifest["io"]["inputs"] if i["name"].startswith("past_key_values."))
+    c, n = manifest["config"], int(manifest["max_seq_len"])
+    window = c.get("sliding_window") or n
+    types = c.get("layer_types") or ["full_attention"] * c["num_hidden_layers"]
+    slots = [window + 1 if t == "sliding_attention" and window < n else n for t in types]
+    return sum(2 * 4 * c["num_key_value_heads"] * s * c["head_dim"] for s in slots)
+
+
+def weights_read_per_token(manifest: dict) -> int:
+    """Bytes of weights one decode step reads: the program's files, less an embedding table stored
+    apart from the output projection (a decode step reads one row of it). ONNX stores Gemma's tied
+    table once (the projection reads it whole); a .pte stores the embedding separately. Scales and
+    zero points are counted with the weights they belong to, so this is a slight overestimate."""
+    program = sum(manifest["files"][f]["bytes"] for f in manifest["io"].get("files") or [manifest["io"]["program"]])
+    c = manifest["config"]
+    shared = manifest["format"] == "onnx" and c.get("tie_word_embeddings", True)
+    table = 0 if shared else int(c["vocab_size"] * c["hidden_size"] * BYTES_PER_WEIGHT[manifest["export"]["embedding_quant"]])
+    return max(program - table, 0)
+
+
+def memory_bandwidth(threads: int, megabytes: int = 512, repeats: int = 5) -> float:
+    """Read bandwidth in bytes/s: the best of `repeats` sums of a float32 array much larger than the
+    caches, split over `threads` threads (numpy releases the GIL inside a reduction)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    data = np.ones(megabytes * 2**20 // 4, dtype=np.float32)
+    parts = np.array_split(data, threads)
+    best = float("inf")
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            list(pool.map(np.sum, parts))
+            best = min(best, time.perf_counter() - start)
+    return data.nbytes / best
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _worker(folder: str, threads: int | None, conn) -> None:
+    """One export in its own process: load, report, then one run per request until None."""
+    import contextlib
+    import io
+
+    from gemma_edge.runtime.backend import open_backend
+    from gemma_edge.runtime.generation import greedy
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            start = time.perf_counter()
+            backend = open_backend(folder, threads=threads)
+            conn.send({"load_s": time.perf_counter() - start})
+        while (request := conn.recv()) is not None:
+            prompt, new_tokens = request
+            result = greedy(backend, prompt, new_tokens)
+            conn.send({"stats": result.stats.as_dict(), "peak_rss_bytes": _peak_rss()})
+    except Exception as e:  # sent back, to be said as one line by the parent
+        conn.send({"error": f"{type(e).__name__}: {e}"})
+
+
+def prompt_ids(vocab_size: int, n: int) -> list[int]:
+    """n ordinary ids after <bos> (2 in every Gemma vocabulary): the same prompt for every export."""
+    return [2] + [100 + (7919 * i) % (min(vocab_size, 32000) - 100) for i in range(n - 1)]
+
+
+def bench(folders: list[Path], prompt_tokens: int = 128, new_tokens: int = 128, threads: int | None = None,
+          runs: int = 5, progress: Callable[[str], None] = lambda message: None) -> tuple[list[ExportBench], float]:
+    """Measure every export (see the module's docstring); returns them and the bandwidth in bytes/s."""
+    if runs < 1 or prompt_tokens < 1 or new_tokens < 2:
+        raise GemmaEdgeError("--runs and --prompt-tokens must be at least 1, --new-tokens at least 2 (decode speed)")
+    exports = []
+    for folder in folders:
+        m = read_manifest(folder)
+        if prompt_tokens + new_tokens > int(m["max_seq_len"]):
+            raise GemmaEdgeError(f"{folder}: --prompt-tokens + --new-tokens ({prompt_tokens + new_tokens}) exceed its "
+                                 f"max_seq_len {m['max_seq_len']}")
+        exports.append((m, ExportBench(str(folder), m["format"], f"{m['export']['quant']}/{m['export']['embedding_quant']}",
+                                       sum(f["bytes"] for f in m["files"].values()), kv_cache_bytes(m),
+                                       weights_read_per_token(m))))
+    context = multiprocessing.get_context("spawn")  # a clean process: nothing of this one's memory
+    workers = []
+    try:
+        for m, result in exports:
+            progress(f"loading {result.folder}")
+            parent, child = context.Pipe()
+            process = context.Process(target=_worker, args=(result.folder, threads, child), daemon=True)
+            process.start()
+            workers.append((parent, process))
+            result.load_s = _answer(parent, result.folder)["load_s"]
+        for run in range(runs + 1):  # run 0 warms up
+            for (m, result), (conn, _) in zip(exports, workers):
+                progress(f"run {run}/{runs} ({'warm-up' if run == 0 else 'measured'}): {result.folder}")
+                conn.send((prompt_ids(m["config"]["vocab_size"], prompt_tokens), new_tokens))
+                answer = _answer(conn, result.folder)
+                result.peak_rss_bytes = answer["peak_rss_bytes"]
+                if run:
+                    result.runs.append({**answer["stats"], "finished_at": time.time()})
+    finally:
+        for conn, process in workers:
+            with_timeout_close(conn, process)
+    progress("measuring the memory read bandwidth")
+    bandwidth = memory_bandwidth(threads or len(_affinity()))
+    return [r for _, r in exports], bandwidth
+
+
+def _answer(conn, folder: str) -> dict:
+    answer = conn.recv()
+    if "error" in answer:
+        raise GemmaEdgeError(f"{folder}: {answer['error']}")
+    return answer
+
+
+def with_timeout_close(conn, process) -> None:
+    try:
+        conn.send(None)
+    except (BrokenPipeError, OSError):
+        pass
+    process.join(timeout=30)
+    if process.is_alive():
+        process.kill()
+
+
+def _affinity() -> set[int]:
+    import os
+
+    return os.sched_getaffinity(0)
