@@ -83,11 +83,30 @@ def _variants(args: argparse.Namespace) -> int:
     return run(args)
 
 
+class _Version(argparse.Action):
+    """--version: ours and the versions of the libraries that export and run (read from package
+    metadata: nothing is imported)."""
+
+    LIBRARIES = ("torch", "executorch", "onnxruntime", "transformers")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from importlib import metadata
+
+        found = []
+        for name in self.LIBRARIES:
+            try:
+                found.append(f"{name} {metadata.version(name)}")
+            except metadata.PackageNotFoundError:
+                found.append(f"{name} (not installed)")
+        print(f"gemma-edge {__version__} ({', '.join(found)})")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gemma-edge",
         description="Export Gemma models for phones and edge boards, and prove they still compute what the reference computes.")
-    parser.add_argument("--version", action="version", version=f"gemma-edge {__version__}")
+    parser.add_argument("--version", action=_Version, nargs=0, help="show gemma-edge's version and its libraries', then exit")
     parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error (and what --verbose shows)")
     parser.add_argument("--verbose", dest="third_party_output", action="store_true",
                         help="also show the warnings and log lines of the libraries gemma-edge uses (torch, ExecuTorch, "

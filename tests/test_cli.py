@@ -83,3 +83,13 @@ def test_check_the_built_in_real_model(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "largest city in France" in result.stdout  # the greedy continuation is printed
     assert json.loads(report.read_text())["passed"]
+
+
+def test_version_names_the_libraries(capsys):
+    from gemma_edge.cli import main
+
+    with pytest.raises(SystemExit) as exit:
+        main(["--version"])
+    out = capsys.readouterr().out
+    assert exit.value.code == 0 and out.startswith("gemma-edge 0.1.0 (torch 2.13.0")
+    assert all(f"{name} " in out for name in ("executorch", "onnxruntime", "transformers"))

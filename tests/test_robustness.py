@@ -140,10 +140,10 @@ def test_a_signal_while_writing_or_committing_loses_nothing(capsys, ckpt, earlie
         signal.signal(signal.SIGTERM, previous)
 
 
-def export_process(ckpt: Path, out: Path, fmt: str = "onnx") -> subprocess.Popen:
+def export_process(ckpt: Path, out: Path, fmt: str = "onnx", stdout=subprocess.DEVNULL) -> subprocess.Popen:
     argv = [sys.executable, "-m", "gemma_edge.cli", "export", str(ckpt), "--format", fmt, "--quant", "fp32",
             "--max-seq-len", str(MAX_SEQ_LEN), "-o", str(out), "--overwrite"]
-    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(argv, stdout=stdout, stderr=subprocess.PIPE, text=True)
 
 
 def read_until(process: subprocess.Popen, marker: str) -> list[str]:
@@ -194,9 +194,10 @@ def test_after_a_kill_the_next_export_removes_the_dead_runs_partial_folder(ckpt,
     other = tmp_path / ".out.partial-by-someone"
     alive.mkdir(), other.mkdir()
 
-    process = export_process(ckpt, out)
-    err = process.stderr.read()
-    assert process.wait(timeout=300) == 0, err
+    process = export_process(ckpt, out, stdout=subprocess.PIPE)
+    stdout, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    assert f"gemma-edge verify {out}" in stdout and f"adb push {out}" in stdout  # what to do next
     assert leftovers(out) == sorted([alive.name, other.name])
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["source"] == str(ckpt) and tree(out) != before  # replaced by the new, complete export

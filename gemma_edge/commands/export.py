@@ -48,5 +48,11 @@ def run(args: argparse.Namespace) -> int:
     if "ops" in result.manifest["io"]:
         table.add_row("operators", result.manifest["io"]["ops"], "")
     table.add_row("time", f"{sum(result.seconds.values()):.1f} s", ", ".join(f"{k} {v:.0f}s" for k, v in result.seconds.items()))
-    results().print(table)
+    out_console = results()
+    out_console.print(table)
+    app = "pte" if settings.format == "pte" else "onnx"
+    out_console.print(f"next:\n  gemma-edge verify {out}                      # prove it computes what the reference does\n"
+                      f"  gemma-edge generate {out} \"The capital of France is\"\n"
+                      f"  adb push {out} /sdcard/Android/data/dev.gemmaedge.demo/files/   # the Android demo ({app}; android_demo/README.md)",
+                      soft_wrap=True, highlight=False)
     return 0
