@@ -583,3 +583,13 @@ def test_two_generators_side_by_side_and_one_generator_per_thread(earlier):
     thread = threading.Thread(target=other_thread)
     thread.start(), thread.join()
     assert len(errors) == 1 and onnx.last.stats.prompt_tokens > 0
+
+
+def test_chat_says_a_turn_is_too_long_and_goes_on(capsys, earlier, monkeypatch):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("word " * 200 + "\nhi\n/quit\n"))
+    code, err = cli(capsys, "chat", earlier["onnx"], "-n", "4", "--verbose")
+    assert code == 0, err
+    assert f"but the cache holds {MAX_SEQ_LEN}" in err and "Traceback" not in err
+    assert err.count("finish:") == 1  # the next turn was answered
