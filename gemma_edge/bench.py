@@ -14,6 +14,7 @@ a fraction of that ceiling.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import resource
 import statistics
 import time
@@ -119,7 +120,7 @@ def _worker(folder: str, threads: int | None, conn) -> None:
         conn.send({"error": f"{type(e).__name__}: {e}"})
 
 
-def prompt_ids(vocab_size: int, n: int) -> list[int]:
+def bench_prompt(vocab_size: int, n: int) -> list[int]:
     """n ordinary ids after <bos> (2 in every Gemma vocabulary): the same prompt for every export."""
     return [2] + [100 + (7919 * i) % (min(vocab_size, 32000) - 100) for i in range(n - 1)]
 
@@ -151,16 +152,16 @@ def bench(folders: list[Path], prompt_tokens: int = 128, new_tokens: int = 128, 
         for run in range(runs + 1):  # run 0 warms up
             for (m, result), (conn, _) in zip(exports, workers):
                 progress(f"run {run}/{runs} ({'warm-up' if run == 0 else 'measured'}): {result.folder}")
-                conn.send((prompt_ids(m["config"]["vocab_size"], prompt_tokens), new_tokens))
+                conn.send((bench_prompt(m["config"]["vocab_size"], prompt_tokens), new_tokens))
                 answer = _answer(conn, result.folder)
                 result.peak_rss_bytes = answer["peak_rss_bytes"]
                 if run:
                     result.runs.append({**answer["stats"], "finished_at": time.time()})
     finally:
         for conn, process in workers:
-            with_timeout_close(conn, process)
+            _close(conn, process)
     progress("measuring the memory read bandwidth")
-    bandwidth = memory_bandwidth(threads or len(_affinity()))
+    bandwidth = memory_bandwidth(threads or len(os.sched_getaffinity(0)))
     return [r for _, r in exports], bandwidth
 
 
@@ -171,7 +172,7 @@ def _answer(conn, folder: str) -> dict:
     return answer
 
 
-def with_timeout_close(conn, process) -> None:
+def _close(conn, process) -> None:
     try:
         conn.send(None)
     except (BrokenPipeError, OSError):
@@ -180,8 +181,3 @@ def with_timeout_close(conn, process) -> None:
     if process.is_alive():
         process.kill()
 
-
-def _affinity() -> set[int]:
-    import os
-
-    return os.sched_getaffinity(0)

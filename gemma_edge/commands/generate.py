@@ -30,17 +30,16 @@ def stats_line(result) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from gemma_edge.commands.ui import progress
-    from gemma_edge.manifest import read_manifest
     from gemma_edge.runtime.backend import open_backend
     from gemma_edge.runtime.generator import Generator, check_request, open_export, prompt_ids
 
     # Everything that can be wrong with the request is said before the program loads (seconds, and
     # the runtimes' own log lines): the flags, the folder's files, the prompt's length.
     options = sampling_options(args)
-    tokenizer = open_export(args.outdir, verify_checksums=args.verify_checksums)
+    manifest, tokenizer = open_export(args.outdir, verify_checksums=args.verify_checksums)
     ids = prompt_ids(tokenizer, args.prompt if args.template == "plain" else [{"role": "user", "content": args.prompt}],
                      None if args.template == "plain" else args.template)
-    check_request(ids, int(read_manifest(args.outdir)["max_seq_len"]), args.max_new_tokens, args.truncate)
+    check_request(ids, int(manifest["max_seq_len"]), args.max_new_tokens, args.truncate)
     console = progress()
     with console.status(f"loading {args.outdir}"):
         gen = Generator(open_backend(args.outdir, threads=args.threads), tokenizer)

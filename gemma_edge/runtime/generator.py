@@ -53,7 +53,7 @@ class Generator:
     @classmethod
     def load(cls, folder: str | Path, threads: int | None = None, verify_checksums: bool = False) -> "Generator":
         """The export in folder, its files checked first (sizes; SHA-256 with verify_checksums)."""
-        tokenizer = open_export(folder, verify_checksums)
+        _, tokenizer = open_export(folder, verify_checksums)
         return cls(open_backend(folder, threads=threads), tokenizer)
 
     @property
@@ -164,12 +164,12 @@ class Generator:
         return common
 
 
-def open_export(folder: str | Path, verify_checksums: bool = False) -> Tokenizer:
-    """The export's tokenizer, once its manifest is read and its files checked (all but loading the
-    program, the slow part: a command checks its request with this before it loads anything)."""
+def open_export(folder: str | Path, verify_checksums: bool = False) -> tuple[dict, Tokenizer]:
+    """The export's manifest and tokenizer, its files checked (all but loading the program, the slow
+    part: a command checks its request with these before it loads anything)."""
     manifest = read_manifest(folder)
     check_files(folder, manifest, checksums=verify_checksums)
-    return Tokenizer(folder, manifest["special_tokens"])
+    return manifest, Tokenizer(folder, manifest["special_tokens"])
 
 
 def prompt_ids(tokenizer: Tokenizer, prompt: str | Sequence[int] | Messages, template_name: str | None = None) -> list[int]:
