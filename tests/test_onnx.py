@@ -20,9 +20,9 @@ import torch
 
 from gemma_edge.checkpoints import load_model, resolve
 from gemma_edge.errors import ConfigError
-from gemma_edge.exporters.onnx import export_onnx
+from gemma_edge.exporters.onnx import build_model, export_onnx
 from gemma_edge.exporters.onnx_contrib import unfuse_weights
-from gemma_edge.exporters.onnx_quant import dequantized_weights
+from gemma_edge.exporters.onnx_quant import QuantizedMatrix, dequantized_weights
 from gemma_edge.exporters.settings import ExportSettings
 from gemma_edge.exporters.torchao_quant import untie_output_projection
 from gemma_edge.files import sha256_file
@@ -99,14 +99,34 @@ def _at_accuracy_level(backend: OnnxBackend, folder: Path, level: int, tmp_path:
 
 
 def _eager_with_weights_of(folder: Path, checkpoint: Path) -> EagerBackend:
-    """Our eager model carrying exactly the weights the quantized graph holds."""
+    """Our eager model carrying exactly the weights the quantized graph holds: the graph's quantized
+    initializers read into the exporter's quantized matrices (by name), dequantized, unfused."""
     import onnx
+    from onnx import numpy_helper
 
+    manifest = json.loads((folder / "gemma_edge.json").read_text())
+    settings = ExportSettings(**manifest["export"])
+    rewritten, _ = build_model(resolve(checkpoint), settings, manifest["io"]["ops"])
+    graph = onnx.load(str(folder / "model.onnx")).graph
+    inits = {t.name: t for t in graph.initializer}
+    reshaped = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Reshape"}
+    matrices = {f"model.{name}.data": m for name, m in rewritten.named_modules(remove_duplicate=False)
+                if isinstance(m, QuantizedMatrix)}  # a matrix shared by two layers has both names
+    read = set()
+    with torch.no_grad():
+        for node in graph.node:  # each quantized operator's data, scales and zero points, whatever their names
+            if node.op_type in ("MatMulNBits", "GatherBlockQuantized"):
+                data = node.input[1] if node.op_type == "MatMulNBits" else reshaped[node.input[0]]
+                matrix = matrices[data]
+                for buffer, name in zip((matrix.data, matrix.scales, matrix.zero_points), (data, *node.input[2:4])):
+                    buffer.copy_(torch.from_numpy(numpy_helper.to_array(inits[name]).copy()).view(buffer.shape))
+                read.add(matrix)
+    assert read == set(matrices.values())
     model = untie_output_projection(load_model(checkpoint, MAX_SEQ_LEN))
-    weights = unfuse_weights(dequantized_weights(onnx.load(str(folder / "model.onnx"))), model.config)
+    weights = unfuse_weights(dequantized_weights(rewritten), model.config)
     state = model.state_dict()
     for name, w in weights.items():
-        state[name.removeprefix("model.")].copy_(torch.from_numpy(w))
+        state[name].copy_(w)
     return EagerBackend(model)
 
 
@@ -188,7 +208,7 @@ def test_quantized_weights_are_stored_once(ops, exports, tiny_checkpoints):
         # hidden 96: whole blocks, so padded(table) == table.numel()
         assert stored * 8 == linears * bits + padded(table) * table_bits
         gather = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
-        head = next(n for n in graph.node if n.op_type == "MatMulNBits" and n.input[1].startswith("model.embed_tokens"))
+        head = next(n for n in graph.node if n.op_type == "MatMulNBits" and onnx.helper.get_node_attr_value(n, "N") == table.shape[0])
         assert gather.input[2:4] == head.input[2:4]  # the same scales and zero points
 
 
@@ -196,21 +216,17 @@ def test_block_clipping_never_loses_to_round_to_nearest():
     """quantize_blocks keeps, per block, the clipped range with the least squared error; the full
     range (round to nearest) is one of the candidates, so it can only do better: on heavy-tailed
     weights (as trained ones are) it does."""
-    from gemma_edge.exporters import onnx_quant
+    from gemma_edge.exporters.onnx_quant import CLIPS, NEAREST, quantize_blocks
 
     torch.manual_seed(0)
-    w = torch.distributions.StudentT(3.0).sample((64, 96)).numpy().astype(np.float32) * 0.02
+    w = torch.distributions.StudentT(3.0).sample((64, 96)) * 0.02
 
     def error(clips):
-        old, onnx_quant.CLIPS = onnx_quant.CLIPS, clips
-        try:
-            q, scales, zero = onnx_quant.quantize_blocks(w, 4, 32)
-        finally:
-            onnx_quant.CLIPS = old
-        back = (q.reshape(64, 3, 32).astype(np.float32) - zero[..., None]) * scales[..., None]
+        q, scales, zero = quantize_blocks(w, 4, 32, clips)
+        back = (q.view(64, 3, 32).float() - zero[..., None]) * scales[..., None]
         assert q.max() <= 15 and back.shape == (64, 3, 32)
         return ((back.reshape(64, 96) - w) ** 2).sum(-1)  # per row
-    searched, nearest = error(onnx_quant.CLIPS), error((1.0,))
+    searched, nearest = error(CLIPS), error(NEAREST)
     assert (searched <= nearest + 1e-12).all()
     assert searched.sum() < 0.97 * nearest.sum()  # measured 0.947 (on the real 270M's table: x1.108 -> x1.080)
 

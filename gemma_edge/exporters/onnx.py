@@ -5,6 +5,11 @@
                             optionally logits_to_keep [1] (N > 0: only the last N rows of logits)
                             -> logits [1, T (or N), vocab], present.N.key / .value (as past)
     OUTDIR/model.onnx.data  the weights, when the model is over 2 GB (ONNX's protobuf limit)
+
+The model is built on the meta device, rewritten (ONNX Runtime's fused operators, block-quantized
+layers), allocated at its quantized size and filled layer by layer from the checkpoint
+(streaming.py), then traced; the weights go to disk tensor by tensor. A full-precision copy of
+the model is never held, which is what lets Gemma 7B export on a laptop.
     OUTDIR/tokenizer.json   (and tokenizer.model where the source has one)
     OUTDIR/gemma_edge.json  the manifest
 
@@ -17,21 +22,24 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-from gemma_edge.checkpoints import Checkpoint, load_model
+from gemma_edge.checkpoints import Checkpoint, iter_weights, weight_shapes
 from gemma_edge.exporters.executorch import ExportResult, Stage
 from gemma_edge.exporters.manifest import copy_tokenizer, special_tokens, versions, write_manifest
-from gemma_edge.exporters.onnx_contrib import resolve_ops, use_ops
-from gemma_edge.exporters.onnx_quant import quantize_onnx
+from gemma_edge.exporters.onnx_contrib import FUSED, resolve_ops, share_rope_halves, use_ops
+from gemma_edge.exporters.onnx_quant import QuantizedMatrix, replace_weights_with_block_quantized
 from gemma_edge.exporters.rewrites import TensorKVCache, pass_caches_as_tensors
 from gemma_edge.exporters.settings import ExportSettings
+from gemma_edge.exporters.streaming import Progress, Target, fill_layers
 from gemma_edge.files import staged_folder
 from gemma_edge.model import Gemma
 
@@ -67,14 +75,49 @@ class CacheInOut(nn.Module):
         return logits, [[cache.k4, cache.v4] for cache in self.caches]
 
 
-def trace_to_onnx(model: Gemma, ops: str = "contrib"):
-    """torch.onnx.export (dynamo) with a dynamic token count T up to max_seq_len -> onnx.ModelProto.
+def build_model(ckpt: Checkpoint, settings: ExportSettings, ops: str,
+                report: Callable[[Progress], None] | None = None) -> tuple[Gemma, dict[str, str]]:
+    """The model as the graph computes it (ops, block-quantized layers), filled layer by layer from
+    the checkpoint; returns it and {layer: quantization scheme}."""
+    weights = iter_weights(ckpt)  # the checkpoint's headers are checked before anything is allocated
+    with torch.device("meta"):
+        model = use_ops(Gemma(ckpt.config, settings.max_seq_len), ops)
+        plan = replace_weights_with_block_quantized(model, settings.quant, settings.embedding_quant, settings.group_size)
+    model.to_empty(device="cpu")  # the quantized sizes only
+    model.init_buffers()
+    share_rope_halves(model)
+    shapes = weight_shapes(ckpt.config)
+    fill_layers(model, weights, layer_targets(model, shapes), sum(math.prod(s) for s in shapes.values()), report)
+    return model.eval().requires_grad_(False), plan
 
-    ops: "contrib" (ONNX Runtime's fused operators, see onnx_contrib.py) or "standard".
-    """
+
+def layer_targets(model: Gemma, checkpoint_names) -> list[Target]:
+    """The layers of the rewritten model that are made from checkpoint weights of other names: fused
+    linear layers (rows of q, k and v; of gate and up), quantized matrices, and an output
+    projection made from a tied embedding."""
+    def sources(layer: str) -> tuple[str, ...]:
+        prefix, _, leaf = layer.rpartition(".")
+        if leaf in FUSED:
+            return tuple(f"{prefix}.{part}.weight" for part in FUSED[leaf])
+        if layer == "lm_head" and model.config.tie_word_embeddings:
+            return ("embed_tokens.weight",)
+        return (f"{layer}.weight",)
+
+    targets = []
+    for path, module in model.named_modules():  # a matrix shared by two layers is listed once
+        if isinstance(module, QuantizedMatrix):
+            targets.append(Target(sources(path.rpartition(".")[0]), module.set))
+        elif isinstance(module, nn.Linear) and f"{path}.weight" not in checkpoint_names:
+            targets.append(Target(sources(path), module.weight.copy_))
+    return targets
+
+
+def trace_to_onnx(model: Gemma):
+    """torch.onnx.export (dynamo) of the rewritten model (build_model) with a dynamic token count T up
+    to max_seq_len -> torch.onnx.ONNXProgram."""
     from torch.fx.experimental import _config as fx_config
 
-    wrapper = CacheInOut(use_ops(model, ops)).eval()
+    wrapper = CacheInOut(model).eval()
     layers, n = len(wrapper.caches), model.max_seq_len
     # The symbolic range starts at 2 because torch.export specializes sizes 0 and 1; the graph has
     # no branch on T, so T = 1 (a decode step) runs the same graph, which the tests check.
@@ -83,17 +126,39 @@ def trace_to_onnx(model: Gemma, ops: str = "contrib"):
     example = (torch.zeros(1, 2, dtype=torch.long), torch.arange(2)[None], past)
     with fx_config.patch(backed_size_oblivious=True), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(
+        return torch.onnx.export(
             wrapper, example, dynamo=True, opset_version=OPSET, verbose=False,
             dynamic_shapes=({1: t}, {1: t}, [[None, None] for _ in past]),
             input_names=["input_ids", "position_ids"] + cache_names(layers, "past_key_values"),
             output_names=["logits"] + cache_names(layers, "present"))
-    proto = program.model_proto
+
+
+def save_onnx(program, folder: Path) -> list[str]:
+    """model.onnx, with the weights in model.onnx.data when the whole would pass protobuf's 2 GB.
+
+    The weights are written tensor by tensor to model.onnx.data first (no protobuf copy of them);
+    the graph is then edited on its own (keep_last_logits) and, for a model under the limit, folded
+    back into one file."""
+    import onnx
+
+    path = folder / ONNX_FILE
+    program.save(path, external_data=True)
+    proto = onnx.load(str(path), load_external_data=False)
     for value in list(proto.graph.input) + list(proto.graph.output):  # one readable name for T
         for dim in value.type.tensor_type.shape.dim:
             if dim.dim_param:
                 dim.dim_param = "sequence_length"
-    return proto
+    keep_last_logits(proto)
+    if (folder / DATA_FILE).stat().st_size < PROTOBUF_LIMIT - (64 << 20):
+        onnx.load_external_data_for_model(proto, str(folder))
+        for tensor in proto.graph.initializer:
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
+        onnx.save_model(proto, str(path))
+        (folder / DATA_FILE).unlink()
+        return [ONNX_FILE]
+    onnx.save_model(proto, str(path))
+    return [ONNX_FILE, DATA_FILE]
 
 
 LOGITS_TO_KEEP = "logits_to_keep"
@@ -110,7 +175,7 @@ def keep_last_logits(proto) -> None:
     graph = proto.graph
     producers = {out: n for n in graph.node for out in n.output}
     node = producers["logits"]
-    while node.op_type not in ("MatMul", "Gemm"):  # back through Gemma 2's soft-cap to the projection
+    while node.op_type not in ("MatMul", "Gemm", "MatMulNBits"):  # back through Gemma 2's soft-cap to the projection
         node = producers[node.input[0]]
     hidden = node.input[0]  # [1, T, hidden]
     graph.input.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, [1]))
@@ -125,19 +190,6 @@ def keep_last_logits(proto) -> None:
     for value in graph.output:
         if value.name == "logits":
             value.type.tensor_type.shape.dim[1].dim_param = "logits_rows"
-
-
-def save_onnx(proto, folder: Path) -> list[str]:
-    """model.onnx, with the weights in model.onnx.data when the whole would pass protobuf's 2 GB."""
-    import onnx
-
-    try:
-        external = proto.ByteSize() > PROTOBUF_LIMIT - (64 << 20)
-    except Exception:  # protobuf refuses to size a message over 2 GB
-        external = True
-    onnx.save_model(proto, str(folder / ONNX_FILE), save_as_external_data=external, all_tensors_to_one_file=True,
-                    location=DATA_FILE, size_threshold=1024)
-    return [ONNX_FILE] + ([DATA_FILE] if external else [])
 
 
 def io_contract(model: Gemma) -> dict:
@@ -202,7 +254,8 @@ def genai_config(model: Gemma, special: dict, filename: str) -> dict:
 
 
 def export_onnx(ckpt: Checkpoint, settings: ExportSettings, outdir: Path, overwrite: bool = False,
-                stage: Stage = lambda name: contextlib.nullcontext()) -> ExportResult:
+                stage: Stage = lambda name: contextlib.nullcontext(),
+                report: Callable[[Progress], None] | None = None) -> ExportResult:
     seconds: dict[str, float] = {}
 
     @contextlib.contextmanager
@@ -214,19 +267,17 @@ def export_onnx(ckpt: Checkpoint, settings: ExportSettings, outdir: Path, overwr
 
     ops = resolve_ops(ckpt.config, settings.ops)
     with staged_folder(outdir, overwrite) as tmp:
-        with timed("load"):
-            model = load_model(ckpt, settings.max_seq_len)
+        with timed("load and quantize"):
+            model, plan = build_model(ckpt, settings, ops, report)
             special = special_tokens(ckpt)
             io = {**io_contract(model), "ops": ops}
             genai = genai_config(model, special, ONNX_FILE)
         with timed("trace"):
-            proto = trace_to_onnx(model, ops)
-            keep_last_logits(proto)
+            program = trace_to_onnx(model)
             del model
-        with timed("quantize"):
-            proto, plan = quantize_onnx(proto, settings)
         with timed("write"):
-            files = save_onnx(proto, tmp)
+            files = save_onnx(program, tmp)
+            del program
             tokenizer = copy_tokenizer(ckpt, tmp)
             (tmp / GENAI_CONFIG).write_text(json.dumps(genai, indent=2) + "\n")
             manifest = write_manifest(tmp, ckpt, settings, special, quantization={"layers": plan},

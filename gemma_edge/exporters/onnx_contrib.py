@@ -94,20 +94,29 @@ def resolve_ops(config, ops: str) -> str:
 
 def use_group_query_attention(model: nn.Module) -> nn.Module:
     """Every layer's Attention -> GroupQueryAttention, with its layer type's RoPE tables."""
-    config = model.config
-    half = config.head_dim // 2  # the tables repeat their first half (rotate-half layout)
-    tables = {}  # one tensor per layer type and table, shared by its layers: stored once in the graph
     for layer in model.layers:
         attn = layer.attn
         if type(attn) is not Attention:
             continue
         attn.__class__ = GroupQueryAttention
         attn.qkv_proj = _fused(attn, FUSED["qkv_proj"])
+    return share_rope_halves(model)
+
+
+def share_rope_halves(model: nn.Module) -> nn.Module:
+    """Give each GroupQueryAttention the first half of its layer type's RoPE tables (the tables
+    repeat it: rotate-half layout), one tensor per type and table shared by its layers, so the graph
+    stores it once. Run again after a model rewritten on the meta device gets its buffers."""
+    half = model.config.head_dim // 2
+    tables = {}
+    for layer in model.layers:
+        if not isinstance(layer.attn, GroupQueryAttention):
+            continue
         for table in ("cos", "sin"):
             key = f"rope_{table}_{layer.layer_type}"  # [max_seq_len, head_dim]
             if key not in tables:
                 tables[key] = getattr(model, key)[:, :half].contiguous()
-            attn.register_buffer(f"rope_{table}_half", tables[key], persistent=False)
+            layer.attn.register_buffer(f"rope_{table}_half", tables[key], persistent=False)
     return model
 
 
@@ -158,4 +167,4 @@ def unfuse_weights(weights: dict, config) -> dict:
     return out
 
 
-__all__ = ["resolve_ops", "use_ops", "unfuse_weights"]
+__all__ = ["resolve_ops", "use_ops", "share_rope_halves", "unfuse_weights", "FUSED"]

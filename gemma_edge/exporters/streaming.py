@@ -1,0 +1,77 @@
+"""Build an export's model layer by layer from a stream of checkpoint weights, never holding the
+full-precision model: the habit of llama.cpp's converter (one tensor at a time) applied to export.
+
+    model = Gemma(config) on the meta device    # shapes only
+    rewrite(model)                              # fused and quantized layers, still on meta
+    model.to_empty(device="cpu")                # allocates the final (quantized) sizes only
+    fill_layers(model, iter_weights(ckpt), targets)
+
+The stream yields (name, tensor) in the plain model's names. A name that is a parameter of the
+rewritten model is copied in; the others feed targets: a layer whose weight is made from one or
+more of them (q, k and v fused; a quantized matrix), filled as soon as its last source arrives,
+after which the sources are dropped. Peak memory is the rewritten model plus one layer's weights
+in float32.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Target:
+    """A layer filled from the stream: its sources' rows, concatenated in order, in float32."""
+
+    sources: tuple[str, ...]
+    fill: Callable[[torch.Tensor], None]
+    arrived: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Progress:
+    """What fill_layers reports after each tensor: elements done of total, seconds so far."""
+
+    done: int
+    total: int
+    seconds: float
+    name: str
+
+    @property
+    def eta(self) -> float | None:
+        return self.seconds * (self.total - self.done) / self.done if self.done else None
+
+
+def fill_layers(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], targets: list[Target],
+                total: int, report: Callable[[Progress], None] | None = None) -> None:
+    """Fill the allocated, rewritten model from the weight stream (see the module's docstring);
+    total: the stream's element count, for report (called after each tensor)."""
+    params = dict(model.named_parameters())
+    consumers: dict[str, list[Target]] = {}
+    for target in targets:
+        for source in target.sources:
+            consumers.setdefault(source, []).append(target)
+    start, done, filled = time.perf_counter(), 0, 0
+    with torch.no_grad():
+        for name, tensor in weights:
+            done += tensor.numel()
+            if name in params:
+                params[name].copy_(tensor)
+            elif name not in consumers:
+                raise RuntimeError(f"no layer of the rewritten model takes the checkpoint's {name}")
+            for target in consumers.get(name, []):
+                target.arrived[name] = tensor
+                if len(target.arrived) == len(target.sources):
+                    parts = [target.arrived.pop(s).float() for s in target.sources]
+                    target.fill(parts[0] if len(parts) == 1 else torch.cat(parts))
+                    filled += 1
+                    del parts
+            del tensor
+            if report is not None:
+                report(Progress(done, total, time.perf_counter() - start, name))
+    if filled != len(targets):
+        raise RuntimeError(f"the checkpoint stream ended before {len(targets) - filled} layers had their weights")
