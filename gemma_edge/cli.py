@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--max-seq-len", type=int, default=1024, help="KV cache length in tokens (default: %(default)s)")
     export.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder to create")
     export.add_argument("--overwrite", action="store_true", help="replace OUTDIR if it exists (only once the new export is complete)")
+    export.add_argument("--force", action="store_true",
+                        help="export even when the memory it expects to need is more than the machine has available")
     export.set_defaults(func=_export)
 
     generate = verbs.add_parser(

@@ -17,9 +17,9 @@ import torch
 
 from gemma_edge.checkpoints import load_model, resolve
 from gemma_edge.errors import ConfigError, GemmaEdgeError
-from gemma_edge.exporters.executorch import export_pte
 from gemma_edge.exporters.settings import ExportSettings
-from gemma_edge.exporters.torchao_quant import INT4, INT8, quantize_for_xnnpack
+from gemma_edge.exporters.executorch import build_model, export_pte
+from gemma_edge.exporters.torchao_quant import INT4, INT8
 from gemma_edge.files import sha256_file
 from gemma_edge.reference import load_reference
 from gemma_edge.runtime.eager import EagerBackend
@@ -70,8 +70,7 @@ def _ids(vocab: int, seed: int = 0) -> list[int]:
 
 
 def _eager_quantized(folder: Path, quant: str):
-    model = load_model(folder, MAX_SEQ_LEN)
-    quantize_for_xnnpack(model, ExportSettings(format="pte", quant=quant, max_seq_len=MAX_SEQ_LEN))
+    model, _ = build_model(resolve(folder), ExportSettings(format="pte", quant=quant, max_seq_len=MAX_SEQ_LEN))
     return EagerBackend(model)
 
 
@@ -125,8 +124,7 @@ def test_every_quantized_layer_alone_computes_what_eager_computes(name, quant, t
 
     from gemma_edge.exporters.executorch import program_bytes
 
-    model = load_model(tiny_checkpoints[name], MAX_SEQ_LEN)
-    plan = quantize_for_xnnpack(model, ExportSettings(format="pte", quant=quant, max_seq_len=MAX_SEQ_LEN))
+    model, plan = build_model(resolve(tiny_checkpoints[name]), ExportSettings(format="pte", quant=quant, max_seq_len=MAX_SEQ_LEN))
     inputs: dict[str, torch.Tensor] = {}
 
     def keep_input(layer: str):

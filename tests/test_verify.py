@@ -67,22 +67,32 @@ def test_a_golden_file_checks_without_the_reference(exports, tiny_with_tokenizer
 
 
 def _perturb_onnx_weight(folder: Path) -> None:
-    """Change every 7th value of one decoder weight matrix by 2% in model.onnx, as a bad copy or a
-    bad tool would. (Scaling a whole matrix would not do: Gemma 2/3 normalize each sub-block's
-    output, so o_proj * 1.01 computes exactly what o_proj does.)"""
+    """Change every 7th value of one decoder weight matrix by 2% in model.onnx, in place (same size),
+    as a bad copy or a bad tool would. (Scaling a whole matrix would not do: Gemma 2/3 normalize each
+    sub-block's output, so o_proj * 1.01 computes exactly what o_proj does.)"""
     import onnx
     from onnx import numpy_helper
 
-    model = onnx.load(str(folder / "model.onnx"))
-    for i, t in enumerate(model.graph.initializer):
+    path = folder / "model.onnx"
+    model = onnx.load(str(path))
+    for t in model.graph.initializer:
         if t.name.startswith("model.layers.0.") and t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2:
-            w = numpy_helper.to_array(t).copy()
-            w.flat[::7] *= 1.02
-            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(w, t.name))
+            w = numpy_helper.to_array(t)
             break
     else:
         raise AssertionError("no weight to perturb")
-    onnx.save(model, str(folder / "model.onnx"))
+    _scale_in_file(path, w)
+
+
+def _scale_in_file(path: Path, w: np.ndarray) -> None:
+    """Every 7th value of the float32 matrix w, found in the file by its bytes, made 2% larger."""
+    data = bytearray(path.read_bytes())
+    at = data.find(w.tobytes())
+    assert at >= 0, f"the weight's bytes are not in {path.name}"
+    changed = w.copy()
+    changed.flat[::7] *= 1.02
+    data[at:at + w.nbytes] = changed.tobytes()
+    path.write_bytes(bytes(data))
 
 
 def _perturb_pte_weight(pte: Path, checkpoint: Path) -> None:
@@ -93,14 +103,7 @@ def _perturb_pte_weight(pte: Path, checkpoint: Path) -> None:
     weights = {}
     for f in checkpoint.glob("*.safetensors"):
         weights.update(load_file(f))
-    w = weights["model.layers.0.mlp.down_proj.weight"].astype(np.float32)
-    data = bytearray(pte.read_bytes())
-    at = data.find(w.tobytes())
-    assert at >= 0, "the weight's bytes are not in the program"
-    changed = w.copy()
-    changed.flat[::7] *= 1.02
-    data[at:at + w.nbytes] = changed.tobytes()
-    pte.write_bytes(bytes(data))
+    _scale_in_file(pte, weights["model.layers.0.mlp.down_proj.weight"].astype(np.float32))
 
 
 def test_a_perturbed_weight_fails_by_checksum_and_by_numbers(exports, tiny_with_tokenizers, tmp_path):

@@ -8,12 +8,46 @@ import time
 from pathlib import Path
 
 
+class StageProgress:
+    """One live display for an export: a line per running stage (elapsed time), with a bar and the
+    time left while the checkpoint is read and quantized (report), and a ✓ line per finished stage."""
+
+    def __init__(self, console):
+        from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self.console = console
+        self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                            TextColumn("{task.fields[left]}"), console=console, transient=True,
+                            disable=not console.is_terminal)  # a log or a pipe gets the ✓ lines only
+        self.task = None
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        self.task = self.bar.add_task(f"{name} ...", total=None, left="")
+        self.bar.start()
+        try:
+            yield
+        finally:
+            self.bar.remove_task(self.task)
+            self.bar.stop()
+            self.task = None
+        self.console.print(f"[green]✓[/green] {name} ({time.perf_counter() - start:.1f} s)")
+
+    def report(self, p) -> None:
+        """streaming.Progress: the tensor being read, the share of the weights done, the time left."""
+        if self.task is not None:
+            left = f"{p.eta:.0f} s left" if p.eta is not None else ""
+            self.bar.update(self.task, total=p.total, completed=p.done, left=f"{p.name}  {left}")
+
+
 def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from gemma_edge.checkpoints import resolve
     from gemma_edge.commands.ui import progress, results
     from gemma_edge.config import check_max_seq_len
+    from gemma_edge.exporters.memory import GIB, check_memory
     from gemma_edge.exporters.settings import ExportSettings
     from gemma_edge.files import check_output_folder
 
@@ -23,21 +57,18 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     check_output_folder(out, args.overwrite)  # before minutes of work, not after them
 
-    @contextlib.contextmanager
-    def stage(name: str):
-        start = time.perf_counter()
-        with console.status(f"{name} ..."):
-            yield
-        console.print(f"[green]✓[/green] {name} ({time.perf_counter() - start:.1f} s)")
-
+    display = StageProgress(console)
+    stage = display.stage
     with stage(f"resolve {args.model}"):
         ckpt = resolve(args.model)
     check_max_seq_len(ckpt.config, settings.max_seq_len)
+    need, have = check_memory(ckpt.config, settings, args.force)
+    console.print(f"expected peak memory {need / GIB:.1f} GiB ({have / GIB:.1f} GiB available)")
     if settings.format == "pte":
         from gemma_edge.exporters.executorch import export_pte as export
     else:
         from gemma_edge.exporters.onnx import export_onnx as export
-    result = export(ckpt, settings, out, overwrite=args.overwrite, stage=stage)
+    result = export(ckpt, settings, out, overwrite=args.overwrite, stage=stage, report=display.report)
 
     table = Table(title=f"Exported {args.model} -> {out}")
     for col in ("file", "size", "sha256"):

@@ -16,6 +16,7 @@ tokens), and the output projection for every prompt token would double the cost 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +25,12 @@ from typing import Callable, ContextManager
 import torch
 from torch import nn
 
-from gemma_edge.checkpoints import Checkpoint, load_model
+from gemma_edge.checkpoints import Checkpoint, iter_weights, weight_shapes
 from gemma_edge.exporters.manifest import copy_tokenizer, special_tokens, versions, write_manifest
 from gemma_edge.exporters.rewrites import replace_gelu_with_explicit_tanh_form, replace_rmsnorm_mean_with_linear
 from gemma_edge.exporters.settings import ExportSettings
-from gemma_edge.exporters.torchao_quant import quantize_for_xnnpack
+from gemma_edge.exporters.streaming import Progress, fill_layers
+from gemma_edge.exporters.torchao_quant import quantization_targets, untie_output_projection
 from gemma_edge.exporters.tracing import export_model
 from gemma_edge.files import staged_folder
 from gemma_edge.model import Gemma
@@ -69,6 +71,27 @@ def runner_metadata(model: Gemma, settings: ExportSettings, stop_ids: list[int])
     }
 
 
+def build_model(ckpt: Checkpoint, settings: ExportSettings,
+                report: Callable[[Progress], None] | None = None) -> tuple[Gemma, dict[str, str]]:
+    """The model quantized as the program computes (torchao), built on the meta device and filled
+    layer by layer from the checkpoint, each layer quantized as soon as it is read: only one layer
+    is ever in float32. Returns it and {layer: quantization scheme}."""
+    weights = iter_weights(ckpt)  # the checkpoint's headers are checked before anything is allocated
+    quantized = settings.quant != "fp32" or settings.embedding_quant != "none"
+    with torch.device("meta"):
+        model = Gemma(ckpt.config, settings.max_seq_len)
+        if quantized:
+            untie_output_projection(model)
+    # Allocated but untouched: the float32 pages of a layer exist only between its read and its
+    # quantization, which frees them.
+    model.to_empty(device="cpu")
+    model.init_buffers()
+    targets, plan = quantization_targets(model, settings, ckpt.config.tie_word_embeddings) if quantized else ([], {})
+    shapes = weight_shapes(ckpt.config)
+    fill_layers(model, weights, targets, sum(math.prod(s) for s in shapes.values()), report)
+    return model.eval().requires_grad_(False), plan
+
+
 def lower_to_executorch(model: Gemma, metadata: dict[str, object]) -> bytes:
     """The export-only rewrites, the runner's last-row contract, torch.export, then lowering."""
     model = replace_gelu_with_explicit_tanh_form(replace_rmsnorm_mean_with_linear(model))
@@ -103,7 +126,8 @@ class ExportResult:
 
 
 def export_pte(ckpt: Checkpoint, settings: ExportSettings, outdir: Path, overwrite: bool = False,
-               stage: Stage = lambda name: contextlib.nullcontext()) -> ExportResult:
+               stage: Stage = lambda name: contextlib.nullcontext(),
+               report: Callable[[Progress], None] | None = None) -> ExportResult:
     seconds: dict[str, float] = {}
 
     @contextlib.contextmanager
@@ -114,10 +138,8 @@ def export_pte(ckpt: Checkpoint, settings: ExportSettings, outdir: Path, overwri
         seconds[name] = time.perf_counter() - start
 
     with staged_folder(outdir, overwrite) as tmp:
-        with timed("load"):
-            model = load_model(ckpt, settings.max_seq_len)
-        with timed("quantize"):
-            plan = quantize_for_xnnpack(model, settings)
+        with timed("load and quantize"):
+            model, plan = build_model(ckpt, settings, report)
         special = special_tokens(ckpt)
         with timed("trace and lower"):
             data = lower_to_executorch(model, runner_metadata(model, settings, special["stop_token_ids"]))

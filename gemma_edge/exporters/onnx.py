@@ -4,7 +4,7 @@
                             past_key_values.N.key / .value [1, kv_heads, max_seq_len, head_dim],
                             optionally logits_to_keep [1] (N > 0: only the last N rows of logits)
                             -> logits [1, T (or N), vocab], present.N.key / .value (as past)
-    OUTDIR/model.onnx.data  the weights, when the model is over 2 GB (ONNX's protobuf limit)
+    OUTDIR/model.onnx.data  the weights, when they are over 1 GiB (see SINGLE_FILE_LIMIT)
 
 The model is built on the meta device, rewritten (ONNX Runtime's fused operators, block-quantized
 layers), allocated at its quantized size and filled layer by layer from the checkpoint
@@ -52,7 +52,11 @@ OPSET = 23  # RMSNormalization (ONNX Runtime 1.22 refuses opset 23; 1.23 runs it
 # GatherBlockQuantized with zero points (the int4 embedding) is right from 1.27 (1.24-1.26 decode
 # it differently). tests/test_onnx.py runs the exports on this version.
 MIN_ORT = "1.27"
-PROTOBUF_LIMIT = 2 << 30
+# Weights over this many bytes stay in model.onnx.data beside the graph: under protobuf's 2 GB limit
+# they could be folded into model.onnx, but that holds them twice more while exporting (the proto
+# and its serialization: 2B int4 peaked at 6.5 GiB instead of 5), and ONNX Runtime memory-maps an
+# external file where it must parse a single one whole.
+SINGLE_FILE_LIMIT = 1 << 30
 
 
 def cache_names(layers: int, prefix: str) -> list[str]:
@@ -133,23 +137,24 @@ def trace_to_onnx(model: Gemma):
             output_names=["logits"] + cache_names(layers, "present"))
 
 
-def save_onnx(program, folder: Path) -> list[str]:
-    """model.onnx, with the weights in model.onnx.data when the whole would pass protobuf's 2 GB.
+def save_onnx(program, folder: Path) -> None:
+    """model.onnx + model.onnx.data: the weights written tensor by tensor, no protobuf copy of them."""
+    program.save(folder / ONNX_FILE, external_data=True)
 
-    The weights are written tensor by tensor to model.onnx.data first (no protobuf copy of them);
-    the graph is then edited on its own (keep_last_logits) and, for a model under the limit, folded
-    back into one file."""
+
+def finish_onnx(folder: Path) -> list[str]:
+    """The saved graph edited on its own (keep_last_logits), and for weights under SINGLE_FILE_LIMIT
+    folded into model.onnx; returns the files."""
     import onnx
 
     path = folder / ONNX_FILE
-    program.save(path, external_data=True)
     proto = onnx.load(str(path), load_external_data=False)
     for value in list(proto.graph.input) + list(proto.graph.output):  # one readable name for T
         for dim in value.type.tensor_type.shape.dim:
             if dim.dim_param:
                 dim.dim_param = "sequence_length"
     keep_last_logits(proto)
-    if (folder / DATA_FILE).stat().st_size < PROTOBUF_LIMIT - (64 << 20):
+    if (folder / DATA_FILE).stat().st_size < SINGLE_FILE_LIMIT:
         onnx.load_external_data_for_model(proto, str(folder))
         for tensor in proto.graph.initializer:
             tensor.data_location = onnx.TensorProto.DEFAULT
@@ -276,8 +281,9 @@ def export_onnx(ckpt: Checkpoint, settings: ExportSettings, outdir: Path, overwr
             program = trace_to_onnx(model)
             del model
         with timed("write"):
-            files = save_onnx(program, tmp)
-            del program
+            save_onnx(program, tmp)
+            del program  # and with it the model's weights
+            files = finish_onnx(tmp)
             tokenizer = copy_tokenizer(ckpt, tmp)
             (tmp / GENAI_CONFIG).write_text(json.dumps(genai, indent=2) + "\n")
             manifest = write_manifest(tmp, ckpt, settings, special, quantization={"layers": plan},

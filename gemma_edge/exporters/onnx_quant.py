@@ -48,35 +48,41 @@ MS = "com.microsoft"
 
 
 def quantize_blocks(w: torch.Tensor, bits: int, block: int, clips: tuple[float, ...] = NEAREST,
-                    rows_at_once: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    rows_at_once: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """w [rows, cols] -> (q uint8 [rows, blocks * block], scales float32 [rows, blocks], zero points
     uint8 [rows, blocks]), asymmetric blocks of `block` along cols on 0 .. 2^bits - 1, each on the
     clipping of its range [min(w, 0), max(w, 0)] (clips) with the least squared error. Columns are
-    zero-padded to whole blocks. Rows go in chunks: the search's temporaries for a whole 256k-row
-    table would take gigabytes."""
+    zero-padded to whole blocks. Rows go in small chunks, whose temporaries stay in the CPU's
+    cache through the search's passes (measured: 9x faster than 4096-row chunks)."""
     parts = [_quantize_rows(w[i:i + rows_at_once].float(), bits, block, clips) for i in range(0, w.shape[0], rows_at_once)]
     return tuple(torch.cat(p) for p in zip(*parts))
+
+
+def _grid(lo: torch.Tensor, hi: torch.Tensor, high: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per block: the scale mapping [lo, hi] onto 0 .. high, a divisor safe for empty ranges, the zero point."""
+    scales = (hi - lo) / high
+    safe = torch.where(scales == 0, 1.0, scales)
+    return scales, safe, torch.round(-lo / safe).clamp(0, high)
 
 
 def _quantize_rows(w: torch.Tensor, bits: int, block: int, clips: tuple[float, ...]):
     rows, cols = w.shape
     blocks = F.pad(w, (0, -cols % block)).view(rows, -1, block)
     high = (1 << bits) - 1
-    best = None
-    for clip in clips:
-        lo, hi = blocks.amin(-1).clamp(max=0) * clip, blocks.amax(-1).clamp(min=0) * clip
-        scales = (hi - lo) / high  # [rows, blocks]
-        safe = torch.where(scales == 0, 1.0, scales)
-        zero = torch.round(-lo / safe).clamp(0, high)
-        q = (torch.round(blocks / safe[..., None]) + zero[..., None]).clamp(0, high)
-        err = (((q - zero[..., None]) * scales[..., None] - blocks) ** 2).sum(-1) if len(clips) > 1 else None
-        if best is None:
-            best = [q, scales, zero, err]
-        else:
-            better = err < best[3]
-            best = [torch.where(better[..., None], q, best[0]), torch.where(better, scales, best[1]),
-                    torch.where(better, zero, best[2]), torch.minimum(err, best[3])]
-    q, scales, zero, _ = best
+    lo, hi = blocks.amin(-1).clamp(max=0), blocks.amax(-1).clamp(min=0)  # [rows, blocks]
+    clip = torch.ones_like(lo)
+    if len(clips) > 1:
+        best = torch.full_like(lo, float("inf"))
+        x = torch.empty_like(blocks)
+        for c in clips:  # the squared error of each block on this clipping, in place
+            scales, safe, zero = _grid(lo * c, hi * c, high)
+            torch.div(blocks, safe[..., None], out=x)
+            x.round_().add_(zero[..., None]).clamp_(0, high).sub_(zero[..., None]).mul_(scales[..., None]).sub_(blocks).square_()
+            err = x.sum(-1)
+            better = err < best
+            best, clip = torch.where(better, err, best), torch.where(better, c, clip)
+    scales, safe, zero = _grid(lo * clip, hi * clip, high)
+    q = (torch.round(blocks / safe[..., None]) + zero[..., None]).clamp(0, high)
     return q.to(torch.uint8).view(rows, -1), scales, zero.to(torch.uint8)
 
 

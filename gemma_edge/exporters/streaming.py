@@ -50,7 +50,9 @@ def fill_layers(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], t
                 total: int, report: Callable[[Progress], None] | None = None) -> None:
     """Fill the allocated, rewritten model from the weight stream (see the module's docstring);
     total: the stream's element count, for report (called after each tensor)."""
-    params = dict(model.named_parameters())
+    # Names only: a target may replace its layer's parameter (torchao's quantize_), and a reference
+    # kept here would keep every replaced float32 weight alive until the end.
+    params = {name for name, _ in model.named_parameters()}
     consumers: dict[str, list[Target]] = {}
     for target in targets:
         for source in target.sources:
@@ -59,10 +61,9 @@ def fill_layers(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], t
     with torch.no_grad():
         for name, tensor in weights:
             done += tensor.numel()
-            if name in params:
-                params[name].copy_(tensor)
-            elif name not in consumers:
+            if name not in params and name not in consumers:
                 raise RuntimeError(f"no layer of the rewritten model takes the checkpoint's {name}")
+            before = model.get_parameter(name) if name in params else None
             for target in consumers.get(name, []):
                 target.arrived[name] = tensor
                 if len(target.arrived) == len(target.sources):
@@ -70,7 +71,11 @@ def fill_layers(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], t
                     target.fill(parts[0] if len(parts) == 1 else torch.cat(parts))
                     filled += 1
                     del parts
-            del tensor
+            # The parameter itself, unless a target replaced it (a quantized layer): then its
+            # float32 storage was never touched, and is freed now.
+            if before is not None and model.get_parameter(name) is before:
+                before.copy_(tensor)
+            del tensor, before
             if report is not None:
                 report(Progress(done, total, time.perf_counter() - start, name))
     if filled != len(targets):

@@ -1,0 +1,100 @@
+"""What an export will need in memory, said before it starts: the exported weights' size, the
+largest tensor of the checkpoint (held in float32 while its layer is quantized), the KV cache
+buffers, and what the tools copy on top (measured), against what the machine has.
+
+An export that cannot fit is refused before minutes of work (export --force tries anyway).
+"""
+
+from __future__ import annotations
+
+import os
+
+from gemma_edge.config import GemmaConfig
+from gemma_edge.errors import GemmaEdgeError
+from gemma_edge.exporters.settings import ExportSettings
+
+GIB = 2**30
+# Bytes per weight as each format stores it (group size g): int4 packs two per byte with one
+# scale per group (ONNX: float32 scale and a 4-bit zero point; XNNPACK: bf16 scale, symmetric);
+# int8 one byte with one float32 scale per row.
+PER_WEIGHT = {
+    ("onnx", "int4"): lambda g: 0.5 + 4 / g + 0.5 / g,
+    ("pte", "int4"): lambda g: 0.5 + 2 / g,
+    ("onnx", "int8"): lambda g: 1 + 4 / g + 1 / g,  # ONNX's int8 layers are blocked too
+    ("pte", "int8"): lambda g: 1.0,
+}
+# What the exporters hold in memory where it differs from the file: torchao keeps 4-bit values
+# unpacked, one per int8 (XNNPACK packs them only when lowering).
+HELD_PER_WEIGHT = {("pte", "int4"): lambda g: 1 + 2 / g}
+# The process itself (Python, torch, the exporters' libraries) before any weight.
+BASE = 0.7 * GIB
+# The largest tensor of the checkpoint (Gemma's embedding table) is held in float32 while its
+# quantized form is made, with the quantizer's working copies of a block of it: 1.5 times it in all
+# (measured with benchmarks/full_size.py).
+LARGEST = 1.5
+
+
+def layer_weights(config: GemmaConfig) -> int:
+    """Weights of one decoder layer's linear layers."""
+    h, i, d = config.hidden_size, config.intermediate_size, config.head_dim
+    q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
+    return h * (q + 2 * kv) + q * h + 3 * h * i
+
+
+def weight_bytes(config: GemmaConfig, settings: ExportSettings, held: bool = False) -> int:
+    """The exported weights' bytes (held: as the exporter holds them in memory): linear layers at
+    --quant, the embedding at --embedding-quant (a tied head shares the table in ONNX; a .pte holds
+    the head as its own linear layer)."""
+    linears = config.num_hidden_layers * layer_weights(config)
+    table = config.vocab_size * config.hidden_size
+    if settings.format == "pte" and settings.quant != "fp32" or not config.tie_word_embeddings:
+        linears += table  # the output projection as a linear layer
+
+    def size(quant: str) -> float:
+        if quant in ("fp32", "none"):
+            return 4.0
+        table = HELD_PER_WEIGHT if held and (settings.format, quant) in HELD_PER_WEIGHT else PER_WEIGHT
+        return table[(settings.format, quant)](settings.group_size)
+
+    return int(linears * size(settings.quant) + table * size(settings.embedding_quant))
+
+
+def cache_bytes(config: GemmaConfig, max_seq_len: int, itemsize: int = 4) -> int:
+    """The static KV cache: keys and values, [kv_heads, max_seq_len, head_dim] per layer."""
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * max_seq_len * config.head_dim * itemsize
+
+
+def expected_peak(config: GemmaConfig, settings: ExportSettings) -> int:
+    """The export process's expected peak resident memory, in bytes: the model as the exporter holds
+    it, the largest tensor's quantization, the KV cache, and for a .pte two more copies of the
+    weights at their file size (XNNPACK's packed weights and the serialized program, both made
+    while the unpacked ones are still held). Measured at full size (README, "Full size"): Gemma 2B
+    int4 ONNX 4.99 GiB (this says 5.2), .pte 9.05 (9.8); 7B int4 ONNX 8.2 (11.1), .pte killed at 23.3 (25.0)."""
+    largest = 4 * max(config.vocab_size * config.hidden_size, config.hidden_size * config.intermediate_size * 2)
+    peak = (BASE + weight_bytes(config, settings, held=True) + LARGEST * largest
+            + cache_bytes(config, settings.max_seq_len))
+    if settings.format == "pte":
+        peak += 2 * weight_bytes(config, settings)
+    return int(peak)
+
+
+def available_memory() -> int:
+    """Memory the system can give a new process now (MemAvailable; without /proc, physical memory)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_memory(config: GemmaConfig, settings: ExportSettings, force: bool) -> tuple[int, int]:
+    """(expected peak, available) in bytes; raises when the export clearly cannot fit, unless force."""
+    need, have = expected_peak(config, settings), available_memory()
+    if need > have and not force:
+        raise GemmaEdgeError(
+            f"this export needs about {need / GIB:.1f} GiB of memory and {have / GIB:.1f} GiB is available: "
+            "close other programs, choose a smaller --quant (int4 needs least), or pass --force to try anyway")
+    return need, have
