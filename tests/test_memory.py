@@ -27,29 +27,42 @@ _2B = variant("gemma-2b")
 MID = dataclasses.replace(_2B, num_hidden_layers=4, vocab_size=16384, layer_types=_2B.layer_types and _2B.layer_types[:4])
 FP32_BYTES = 4 * sum(math.prod(shape) for shape in weight_shapes(MID).values())
 
-PEAK = "import json, resource; print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))"
-IMPORTS = textwrap.dedent("""
-    import json, sys
-    import torch, torchao, onnx
+# A fresh Python builds a small model first (every library the build imports is then loaded),
+# reads its high-water mark (VmHWM: its own memory map's, new at exec; not getrusage's ru_maxrss,
+# which Linux carries across fork and exec, so a child of a large pytest starts large), then builds
+# the model under test and reads it again.
+BUILD = textwrap.dedent("""
+    import dataclasses, json, sys
     from gemma_edge.checkpoints import Checkpoint
     from gemma_edge.config import GemmaConfig
     from gemma_edge.exporters.executorch import build_model as build_pte
     from gemma_edge.exporters.onnx import build_model as build_onnx
     from gemma_edge.exporters.onnx_contrib import FUSED
     from gemma_edge.exporters.settings import ExportSettings
-""")
-BUILD = IMPORTS + textwrap.dedent("""
-    ckpt = Checkpoint("random:mid", GemmaConfig.from_dict(json.loads(sys.argv[2])), None)
-    settings = ExportSettings(format=sys.argv[1], quant="int4", max_seq_len=64)
-    model, _ = build_onnx(ckpt, settings, FUSED) if sys.argv[1] == "onnx" else build_pte(ckpt, settings)
+
+    def high_water():
+        return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+
+    def build(config):
+        settings = ExportSettings(format=sys.argv[1], quant="int4", max_seq_len=64)
+        ckpt = Checkpoint("random:mid", config, None)
+        return build_onnx(ckpt, settings, FUSED) if sys.argv[1] == "onnx" else build_pte(ckpt, settings)
+
+    config = GemmaConfig.from_dict(json.loads(sys.argv[2]))
+    small = build(dataclasses.replace(config, num_hidden_layers=1, layer_types=config.layer_types[:1],
+                                      hidden_size=256, intermediate_size=512, vocab_size=512))
+    before = high_water()
+    model = build(config)
+    print(json.dumps([before, high_water()]))
 """)
 
 
-def _peak_of(code: str, *argv: str) -> int:
-    """Peak RSS of a fresh Python running code, in bytes."""
-    result = subprocess.run([sys.executable, "-c", code + "\n" + PEAK, *argv], capture_output=True, text=True, timeout=600)
+def _high_water(fmt: str) -> tuple[int, int]:
+    """VmHWM of a fresh Python with the libraries loaded, and after building MID."""
+    result = subprocess.run([sys.executable, "-c", BUILD, fmt, json.dumps(MID.to_dict())],
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
-    return int(result.stdout.strip().splitlines()[-1])
+    return tuple(json.loads(result.stdout.strip().splitlines()[-1]))
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "pte"])
@@ -58,11 +71,12 @@ def test_building_an_int4_model_never_holds_it_in_float32(fmt):
     only imported the libraries: the quantized model as the exporter holds it plus less than two
     layers in float32 (the layer being quantized and the quantizer's working copies), where a
     load-then-quantize export held the whole float32 model and more."""
-    grew = _peak_of(BUILD, fmt, json.dumps(MID.to_dict())) - _peak_of(IMPORTS)
+    imported, built = _high_water(fmt)
+    grew = built - imported
     held = memory.weight_bytes(MID, ExportSettings(format=fmt, quant="int4", max_seq_len=64), held=True)
     two_layers = 2 * 4 * memory.layer_weights(MID)
     print(f"{fmt}: float32 {FP32_BYTES / 2**20:.0f} MiB, held quantized {held / 2**20:.0f} MiB, two layers in float32 "
-          f"{two_layers / 2**20:.0f} MiB; building grew the peak by {grew / 2**20:.0f} MiB")
+          f"{two_layers / 2**20:.0f} MiB; building grew the peak by {grew / 2**20:.0f} MiB ({imported / 2**20:.0f} -> {built / 2**20:.0f})")
     assert held < grew < held + two_layers
 
 
@@ -95,3 +109,32 @@ def test_force_and_the_estimate(tiny_checkpoints, monkeypatch):
             assert peak[("gemma-2b", f, "int4")] < peak[("gemma-7b", f, "int4")]
     # int4 weights: 2B about 1.5 GiB and 7B about 4.7 GiB in ONNX (the measured files, README).
     assert 1.3 < memory.weight_bytes(variant("gemma-2b"), ExportSettings(format="onnx")) / 2**30 < 1.6
+
+
+@pytest.mark.parametrize("scheme", ["int4 8da4w", "int8 8da8w", "int4 embedding"])
+def test_quantizing_a_table_by_blocks_of_rows_is_exact(scheme):
+    """quantize_rows (a block of rows at a time, so a 262k-row table never has torchao's float32
+    working copies made of it whole) gives the bits torchao's quantize_ gives the whole matrix."""
+    import torch
+    from torch import nn
+    from torchao.quantization import (Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, PerAxis, PerGroup,
+                                      quantize_)
+
+    from gemma_edge.exporters.torchao_quant import quantize_rows
+
+    config = {"int4 8da4w": Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(32),
+                                                                   weight_scale_dtype=torch.bfloat16),
+              "int8 8da8w": Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0)),
+              "int4 embedding": IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32))}[scheme]
+    make = (lambda: nn.Embedding(1000, 256)) if "embedding" in scheme else (lambda: nn.Linear(256, 1000, bias=False))
+    weight = torch.randn(1000, 256, generator=torch.Generator().manual_seed(0))
+    whole, blocks = make(), make()
+    with torch.no_grad():
+        whole.weight.copy_(weight)
+    quantize_(whole, config, filter_fn=lambda m, fqn: m is whole)
+    quantize_rows(blocks, weight, config, elements=300 * 256)  # blocks of 300 rows: 4 blocks, the last short
+    assert type(blocks.weight) is type(whole.weight)
+    for name in type(whole.weight).tensor_data_names:
+        assert torch.equal(getattr(blocks.weight, name), getattr(whole.weight, name)), name
+    x = torch.tensor([0, 299, 300, 999]) if "embedding" in scheme else torch.randn(3, 256)
+    assert torch.equal(blocks(x), whole(x))

@@ -80,16 +80,16 @@ def quantization_targets(model: Gemma, settings: ExportSettings, tied: bool) -> 
     return targets, plan
 
 
-def quantize_rows(module: nn.Module, weight: torch.Tensor, config, rows: int = 8192) -> None:
-    """Set module.weight to weight quantized with config (torchao's quantize_), a block of rows at a
-    time: every scheme here is per row or per group of a row, so blocks quantize exactly as the
+def quantize_rows(module: nn.Module, weight: torch.Tensor, config, elements: int = 1 << 24) -> None:
+    """Set module.weight to weight quantized with config (torchao's quantize_), a block of rows (of
+    about `elements` weights) at a time: every scheme here is per row or per group of a row, so blocks quantize exactly as the
     whole matrix would, and the float32 working copies torchao makes are of one block (quantizing a
     262k-row embedding at once takes several copies of it: 12 GiB at Gemma 2B's size). The blocks'
     tensors (torchao's quantized tensor subclass) are joined into one of the same kind."""
     from torchao.quantization import quantize_
 
     parts = []
-    for block in weight.split(rows):
+    for block in weight.split(max(1, elements // weight.shape[1])):
         holder = (nn.Embedding(*block.shape, device="meta") if isinstance(module, nn.Embedding)
                   else nn.Linear(block.shape[1], block.shape[0], bias=False, device="meta"))
         holder.weight = nn.Parameter(block, requires_grad=False)
