@@ -7,6 +7,7 @@ An export that cannot fit is refused before minutes of work (export --force trie
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from gemma_edge.config import GemmaConfig
@@ -94,7 +95,11 @@ def check_memory(config: GemmaConfig, settings: ExportSettings, force: bool) -> 
     """(expected peak, available) in bytes; raises when the export clearly cannot fit, unless force."""
     need, have = expected_peak(config, settings), available_memory()
     if need > have and not force:
+        options = {f"--quant {q}": dataclasses.replace(settings, quant=q, embedding_quant=None) for q in ("int4", "int8")}
+        options["--format onnx"] = dataclasses.replace(settings, format="onnx", ops=None)
+        fits = [f"{flag} needs about {expected_peak(config, other) / GIB:.1f} GiB" for flag, other in options.items()
+                if other != settings and expected_peak(config, other) <= have]
         raise GemmaEdgeError(
             f"this export needs about {need / GIB:.1f} GiB of memory and {have / GIB:.1f} GiB is available: "
-            "close other programs, choose a smaller --quant (int4 needs least), or pass --force to try anyway")
+            + (f"{'; '.join(fits)}; or " if fits else "close other programs, or ") + "pass --force to try anyway")
     return need, have

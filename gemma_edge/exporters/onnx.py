@@ -54,8 +54,7 @@ OPSET = 23  # RMSNormalization (ONNX Runtime 1.22 refuses opset 23; 1.23 runs it
 MIN_ORT = "1.27"
 # Weights over this many bytes stay in model.onnx.data beside the graph: under protobuf's 2 GB limit
 # they could be folded into model.onnx, but that holds them twice more while exporting (the proto
-# and its serialization: 2B int4 peaked at 6.5 GiB instead of 5), and ONNX Runtime memory-maps an
-# external file where it must parse a single one whole.
+# and its serialization: 2B int4 peaked at 6.5 GiB instead of 5).
 SINGLE_FILE_LIMIT = 1 << 30
 
 
