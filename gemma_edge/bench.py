@@ -96,7 +96,13 @@ def memory_bandwidth(threads: int, megabytes: int = 512, repeats: int = 5) -> fl
 
 
 def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """This process's peak resident memory: VmHWM, its own memory map's high-water mark. Linux carries
+    getrusage's ru_maxrss across fork and exec, so a worker would start at its parent's size."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def _worker(folder: str, threads: int | None, conn) -> None:
