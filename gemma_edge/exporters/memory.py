@@ -8,8 +8,10 @@ An export that cannot fit is refused before minutes of work (export --force trie
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
+from gemma_edge.checkpoints import weight_shapes
 from gemma_edge.config import GemmaConfig
 from gemma_edge.errors import GemmaEdgeError
 from gemma_edge.exporters.settings import ExportSettings
@@ -35,27 +37,21 @@ BASE = 0.7 * GIB
 LARGEST = 1.5
 
 
-def layer_weights(config: GemmaConfig) -> int:
-    """Weights of one decoder layer's linear layers."""
-    h, i, d = config.hidden_size, config.intermediate_size, config.head_dim
-    q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
-    return h * (q + 2 * kv) + q * h + 3 * h * i
-
-
 def weight_bytes(config: GemmaConfig, settings: ExportSettings, held: bool = False) -> int:
     """The exported weights' bytes (held: as the exporter holds them in memory): linear layers at
     --quant, the embedding at --embedding-quant (a tied head shares the table in ONNX; a .pte holds
     the head as its own linear layer)."""
-    linears = config.num_hidden_layers * layer_weights(config)
-    table = config.vocab_size * config.hidden_size
-    if settings.format == "pte" and settings.quant != "fp32" or not config.tie_word_embeddings:
-        linears += table  # the output projection as a linear layer
+    shapes = weight_shapes(config)
+    table = math.prod(shapes["embed_tokens.weight"])
+    linears = sum(math.prod(s) for name, s in shapes.items() if len(s) == 2 and name != "embed_tokens.weight")
+    if settings.format == "pte" and settings.quant != "fp32" and config.tie_word_embeddings:
+        linears += table  # the output projection, untied to be quantized as a linear layer
 
     def size(quant: str) -> float:
         if quant in ("fp32", "none"):
             return 4.0
-        table = HELD_PER_WEIGHT if held and (settings.format, quant) in HELD_PER_WEIGHT else PER_WEIGHT
-        return table[(settings.format, quant)](settings.group_size)
+        per = HELD_PER_WEIGHT if held and (settings.format, quant) in HELD_PER_WEIGHT else PER_WEIGHT
+        return per[(settings.format, quant)](settings.group_size)
 
     return int(linears * size(settings.quant) + table * size(settings.embedding_quant))
 

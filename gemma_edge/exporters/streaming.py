@@ -6,10 +6,10 @@ full-precision model: the habit of llama.cpp's converter (one tensor at a time) 
     model.to_empty(device="cpu")                # allocates the final (quantized) sizes only
     fill_layers(model, iter_weights(ckpt), targets)
 
-The stream yields (name, tensor) in the plain model's names. A name that is a parameter of the
-rewritten model is copied in; the others feed targets: a layer whose weight is made from one or
-more of them (q, k and v fused; a quantized matrix), filled as soon as its last source arrives,
-after which the sources are dropped. Peak memory is the rewritten model plus one layer's weights
+The stream yields (name, tensor) in the plain model's names. Each feeds the targets that take
+it: a layer whose weight is made from one or more of them (q, k and v fused; a quantized matrix),
+filled as soon as its last source arrives, after which the sources are dropped. A name that is a
+parameter of the rewritten model is then copied in, unless a target replaced that parameter. Peak memory is the rewritten model plus one layer's weights
 in float32.
 """
 
