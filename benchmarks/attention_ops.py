@@ -124,7 +124,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (registers llama::*)
-    from rich.console import Console
+    from gemma_edge.commands import ui
     from rich.table import Table
 
     torch.manual_seed(0)
@@ -142,7 +142,7 @@ def main() -> None:
     for column in ["variant", f"prefill {PREFILL}"] + [f"decode at {p}" for p in positions]:
         table.add_column(column, justify="right")
     reference = None
-    console = Console(stderr=True)
+    console = ui.progress()
     for name, module in [("ours", ours), ("ours+op-writes", op_writes), ("custom-ops", custom)]:
         with console.status(f"lowering {name}"):
             data, method = lower(module, args.max_seq_len)
@@ -160,7 +160,7 @@ def main() -> None:
                 method.execute([x[:, :1], torch.tensor([p + i])])
             cells.append(f"{(time.perf_counter() - start) / args.steps * 1e3:.2f}")
         table.add_row(name, *cells)
-    Console().print(table)
+    ui.results().print(table)
 
 
 if __name__ == "__main__":

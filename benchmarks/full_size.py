@@ -56,7 +56,7 @@ def variant_of(model: str) -> str:
 
 
 def main() -> None:
-    from rich.console import Console
+    from gemma_edge.commands import ui
     from rich.table import Table
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
     args = parser.parse_args()
 
-    console = Console(stderr=True)
+    console = ui.progress()
     rows = []
     for model in args.models:
         for fmt in args.formats:
@@ -91,7 +91,7 @@ def main() -> None:
                       str(TIME_TARGET_MIN.get((v, r["format"]), "")), f"{r['peak_bytes'] / GIB:.2f}",
                       f"{peak_target:g}" if peak_target else "", r["expected"].replace("expected peak memory ", ""),
                       f"{r['files_bytes'] / 2**20:,.0f}", "; ".join(s.lstrip("✓ ") for s in r["stages"][1:]))
-    Console().print(table)
+    ui.results().print(table)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 

@@ -100,7 +100,7 @@ def main() -> None:
     args = parser.parse_args()
     import pydoc_data.topics
 
-    from rich.console import Console
+    from gemma_edge.commands import ui
     from rich.table import Table
     from tokenizers import Tokenizer
 
@@ -123,7 +123,7 @@ def main() -> None:
         ppl = perplexity(model, ids)
         table.add_row(name, f"{ppl:.2f}", f"x{ppl / reference:.3f}")
         print(f"{name}: x{ppl / reference:.3f}", flush=True)
-    Console().print(table)
+    ui.results().print(table)
 
 
 if __name__ == "__main__":

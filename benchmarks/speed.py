@@ -45,13 +45,13 @@ def main() -> None:
 
     import json
 
-    from rich.console import Console
+    from gemma_edge.commands import ui
     from rich.table import Table
 
     table = Table(title=f"prefill {args.prompt} tokens, then {args.decode} decode steps; tok/s, best (median) of {args.repeats}")
     for column in ("export", "format", "quant", "MiB", "prefill", "decode"):
         table.add_column(column, justify="right")
-    console = Console(stderr=True)
+    console = ui.progress()
     for folder in args.folders:
         manifest = json.loads((folder / "gemma_edge.json").read_text())
         with console.status(f"running {folder}"):
@@ -60,7 +60,7 @@ def main() -> None:
         table.add_row(str(folder), manifest["format"], manifest["export"]["quant"], f"{size:.1f}",
                       f"{max(prefill):.0f} ({statistics.median(prefill):.0f})",
                       f"{max(decode):.1f} ({statistics.median(decode):.1f})")
-    Console().print(table)
+    ui.results().print(table)
 
 
 if __name__ == "__main__":

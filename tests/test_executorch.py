@@ -39,20 +39,20 @@ CASES = [("tiny-gemma", "int8"), ("tiny-gemma-mha", "int4"), ("tiny-gemma2", "in
 
 
 @pytest.fixture(scope="module")
-def exports(tiny_checkpoints, tmp_path_factory) -> dict[tuple[str, str], Path]:
-    root = tmp_path_factory.mktemp("pte")
+def exports(tiny_exports, tiny_checkpoints, tmp_path_factory) -> dict[tuple[str, str], Path]:
+    """tiny-gemma int8 exported through the command line; the others are the tiny exports the
+    other test modules share (conftest.tiny_exports: the same weights, with a tokenizer)."""
     out = {}
     for name, quant in CASES:
-        folder = root / f"{name}-{quant}"
         if (name, quant) == ("tiny-gemma", "int8"):
+            folder = tmp_path_factory.mktemp("pte") / f"{name}-{quant}"
             result = subprocess.run([GEMMA_EDGE, "export", str(tiny_checkpoints[name]), "--format", "pte",
                                      "--quant", quant, "--max-seq-len", str(MAX_SEQ_LEN), "-o", str(folder)],
                                     capture_output=True, text=True, timeout=1800)
             assert result.returncode == 0, result.stderr
             assert "model.pte" in result.stdout and "trace and lower" in result.stderr
         else:
-            settings = ExportSettings(format="pte", quant=quant, max_seq_len=MAX_SEQ_LEN)
-            export_pte(resolve(tiny_checkpoints[name]), settings, folder)
+            folder = tiny_exports(name, "pte", quant)
         out[(name, quant)] = folder
     return out
 
@@ -204,7 +204,7 @@ def test_runner_metadata_methods(exports):
     value = lambda name: program.load_method(name).execute([])  # noqa: E731
     assert value("get_max_seq_len") == [MAX_SEQ_LEN] and value("get_max_context_len") == [MAX_SEQ_LEN]
     assert value("get_vocab_size") == [1005] and value("get_bos_id") == [2]
-    assert value("get_eos_ids") == [1]  # the tiny checkpoints have no tokenizer, so no <end_of_turn>
+    assert value("get_eos_ids") == [1, 5]  # <eos>, then the tokenizer's <end_of_turn>
     assert value("use_kv_cache") == [True] and value("enable_dynamic_shape") == [True]
     assert value("get_head_dim") == [32]
 
@@ -222,6 +222,48 @@ def test_existing_output_is_kept_without_overwrite(exports, tiny_checkpoints):
         export_pte(resolve(tiny_checkpoints["tiny-gemma3"]), ExportSettings(format="pte", max_seq_len=8), folder)
     assert (folder / "model.pte").read_bytes() == before
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(f".{folder.name}.partial")]
+
+
+def test_lowering_shares_weights_with_the_backend_and_frees_them_after(tiny_checkpoints):
+    """Export memory at full size (README, "Full size"): ExecuTorch deep-copies each partition's
+    program, weights included, before XNNPACK preprocesses it; ours copies the graph and shares the
+    weights. Once XNNPACK holds them packed, the unpacked ones are freed: the delegated linears'
+    storage is empty after lowering, the embedding (ExecuTorch's quantized kernels, not the delegate)
+    is kept. The KV cache's zeros are not carried into the lowering. (That the program still
+    computes what the model did: the parity tests above, whose exports go through the same lowering.)"""
+    from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
+
+    from gemma_edge.exporters.executorch import lower_to_executorch, xnnpack_without_copies
+
+    program = torch.export.export(torch.nn.Linear(8, 4), (torch.randn(2, 8),))
+    with xnnpack_without_copies():
+        shared = XnnpackBackend.copy_exported_program_for_preprocess(program, [])
+    copied = XnnpackBackend.copy_exported_program_for_preprocess(program, [])  # restored on exit
+    assert shared.graph_module is not program.graph_module and program.state_dict
+    assert all(shared.state_dict[k] is v and copied.state_dict[k] is not v for k, v in program.state_dict.items())
+
+    model, _ = build_model(resolve(tiny_checkpoints["tiny-gemma3"]), ExportSettings(format="pte", quant="int4", max_seq_len=MAX_SEQ_LEN))
+    gate, table = model.layers[0].mlp.gate_proj.weight, model.embed_tokens.weight
+    before = {"gate": gate.qdata.untyped_storage().nbytes(), "table": table.qdata.untyped_storage().nbytes()}
+    zeros = model.layers[0].attn.cache.k
+    manager = lower_to_executorch(model, {})
+    assert model.layers[0].attn.cache.k is not zeros  # the program keeps a written buffer's shape, not its zeros
+    assert min(before.values()) > 0 and len(manager.buffer) > before["gate"] // 2
+    assert gate.qdata.untyped_storage().nbytes() == 0 and gate.scale.untyped_storage().nbytes() == 0
+    assert table.qdata.untyped_storage().nbytes() == before["table"]
+
+
+@pytest.mark.parametrize("shape", [(9000, 64), (5, 7), (1, 1)])
+def test_packing_int4_by_rows_gives_xnnpack_s_bytes(shape):
+    from executorch.backends.xnnpack.operators.node_visitor import NodeVisitor
+
+    from gemma_edge.exporters.executorch import pack_int4_by_rows
+
+    values = torch.randint(-8, 8, shape, dtype=torch.int8, generator=torch.Generator().manual_seed(0))
+    packed = pack_int4_by_rows(values, rows=4096)
+    assert packed.dtype == torch.uint8 and torch.equal(packed, NodeVisitor.convert_to_qc4w(values))
+    with pytest.raises(ValueError, match="outside"):
+        pack_int4_by_rows(values.clone().fill_(8))
 
 
 def test_unknown_settings_are_named():

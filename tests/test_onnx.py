@@ -52,7 +52,10 @@ CONTRIB = {"tiny-gemma2", "tiny-gemma3"}  # what auto resolves to contrib for
 
 
 @pytest.fixture(scope="module")
-def exports(tiny_checkpoints, tmp_path_factory) -> dict[tuple[str, str, str], Path]:
+def exports(tiny_exports, tiny_checkpoints, tmp_path_factory) -> dict[tuple[str, str, str], Path]:
+    """tiny-gemma int4 exported through the command line; the other default-operator exports at
+    --quant alone are the tiny exports the other test modules share (conftest.tiny_exports: the same
+    weights, with a tokenizer); the rest exported here."""
     root = tmp_path_factory.mktemp("onnx")
     out = {}
     for name, quant, ops in CASES:
@@ -63,6 +66,8 @@ def exports(tiny_checkpoints, tmp_path_factory) -> dict[tuple[str, str, str], Pa
                                     capture_output=True, text=True, timeout=900)
             assert result.returncode == 0, result.stderr
             assert "model.onnx" in result.stdout and "quantize" in result.stderr
+        elif ops == "auto" and list(RECIPES[quant]) == ["quant"]:
+            folder = tiny_exports(name, "onnx", quant)
         else:
             export_onnx(resolve(tiny_checkpoints[name]), ExportSettings(format="onnx", max_seq_len=MAX_SEQ_LEN, ops=ops,
                                                                         **RECIPES[quant]), folder)

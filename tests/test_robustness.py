@@ -143,7 +143,10 @@ def test_a_signal_while_writing_or_committing_loses_nothing(capsys, ckpt, earlie
 def export_process(ckpt: Path, out: Path, fmt: str = "onnx", stdout=subprocess.DEVNULL) -> subprocess.Popen:
     argv = [sys.executable, "-m", "gemma_edge.cli", "export", str(ckpt), "--format", fmt, "--quant", "fp32",
             "--max-seq-len", str(MAX_SEQ_LEN), "-o", str(out), "--overwrite"]
-    return subprocess.Popen(argv, stdout=stdout, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C as a terminal delivers it: a suite started as a shell's background job inherits SIGINT
+    # ignored (and the export with it, which then rightly runs on), so the child gets the default.
+    return subprocess.Popen(argv, stdout=stdout, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def read_until(process: subprocess.Popen, marker: str) -> list[str]:

@@ -15,12 +15,30 @@ in float32.
 
 from __future__ import annotations
 
+import ctypes
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
+
+
+M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+
+
+def return_freed_blocks(threshold: int = 1 << 20) -> None:
+    """Have glibc's malloc give each block of `threshold` bytes or more a mapping of its own, returned
+    to the system when freed. By default glibc raises that threshold as large blocks are freed (up
+    to 32 MiB), so the quantizer's many working blocks come from the heap, and the freed ones stay
+    resident, fragmented: building 4 full-width
+    Gemma 2B layers held ~340 MiB of them beyond the ~530 MiB model (measured VmRSS, then the live
+    tensors). A no-op on other C libraries."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, threshold)
+    except (OSError, AttributeError):
+        pass
 
 
 @dataclass
@@ -53,6 +71,7 @@ def fill_layers(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], t
     # Names only: a target may replace its layer's parameter (torchao's quantize_), and a reference
     # kept here would keep every replaced float32 weight alive until the end.
     params = {name for name, _ in model.named_parameters()}
+    return_freed_blocks()
     consumers: dict[str, list[Target]] = {}
     for target in targets:
         for source in target.sources:

@@ -95,6 +95,10 @@ def quantize_rows(module: nn.Module, weight: torch.Tensor, config, elements: int
         holder.weight = nn.Parameter(block, requires_grad=False)
         quantize_(holder, config, filter_fn=lambda m, fqn: m is holder)
         parts.append(holder.weight.detach())
+        # quantize_ leaves the holder in a reference cycle (it binds extra_repr to it), which only
+        # the garbage collector frees, whenever it next runs: without this, the holders' blocks
+        # outlived the join (about half the quantized model again, measured at Gemma 2B's width).
+        holder.weight = None
     first = parts[0]
     if len(parts) > 1:
         kind = type(first)
