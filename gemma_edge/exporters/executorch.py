@@ -191,13 +191,12 @@ def pack_int4_by_rows(values: torch.Tensor, rows: int = 4096) -> torch.Tensor:
     return out
 
 
-def release_delegated_weights(program: torch.export.ExportedProgram) -> int:
+def release_delegated_weights(program: torch.export.ExportedProgram) -> None:
     """Free the storage of every weight only XNNPACK's delegates use, once they hold it packed:
     each lowered module keeps the program it was made from (ExecuTorch's emitter reads its graph, not
     its weights), so until the manager is dropped the unpacked weights (torchao's int4 as one int8
     per value: 2.6 GiB at Gemma 2B) stayed beside the packed ones through serialization. Weights the
-    top-level program still uses (a table shared with a delegated output projection) are kept.
-    Returns the bytes freed."""
+    top-level program still uses (a table shared with a delegated output projection) are kept."""
     from executorch.exir.lowered_backend_module import get_lowered_backend_modules
 
     def storages(tensors):
@@ -206,14 +205,11 @@ def release_delegated_weights(program: torch.export.ExportedProgram) -> int:
             yield from (storages(getattr(t, n) for n in names) if names else [t.untyped_storage()])
 
     kept = {s.data_ptr() for s in storages([*program.state_dict.values(), *program.constants.values()])}
-    freed = 0
     for lowered in get_lowered_backend_modules(program.graph_module):
         original = lowered.original_module
         for storage in storages([*original.state_dict.values(), *original.constants.values()]):
-            if storage.data_ptr() not in kept and storage.nbytes():
-                freed += storage.nbytes()
+            if storage.data_ptr() not in kept:
                 storage.resize_(0)
-    return freed
 
 
 def program_bytes(program: torch.export.ExportedProgram, metadata: dict[str, object]) -> bytes:
@@ -247,8 +243,8 @@ def export_pte(ckpt: Checkpoint, settings: ExportSettings, outdir: Path, overwri
         with timed("trace and lower"):
             program = lower_to_executorch(model, runner_metadata(model, settings, special["stop_token_ids"]))
         with timed("write"):
-            # Piece by piece: joining the program into one bytes object first held a second copy
-            # of every weight (1.6 GiB at Gemma 2B int4).
+            # Piece by piece: joining the program into one bytes object first (the manager's
+            # .buffer) would hold a second copy of every weight, the file's size.
             with open(tmp / PTE_FILE, "wb") as f:
                 program.write_to_file(f)
             del program
