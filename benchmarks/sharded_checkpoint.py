@@ -3,9 +3,10 @@
 weights of a named variant's exact shapes (no model hub here). One shard is held at a time, so a
 7B folder (17 GB) is written in the memory of one shard.
 
-    .venv/bin/python benchmarks/sharded_checkpoint.py gemma-2b OUTDIR [--layers N] [--shard-gb 2] [--tokenizer FILE]
+    .venv/bin/python benchmarks/sharded_checkpoint.py gemma-2b OUTDIR [--layers N] [--vocab N] [--shard-gb 2] [--tokenizer FILE]
 
---layers keeps the full width with fewer layers (a full-width stack small enough for a test).
+--layers keeps the full width with fewer layers, --vocab a shorter table (a full-width stack small
+enough for a test: tests/test_full_width.py).
 Weights are Normal(0, 0.02) and norms 0 (scale 1), as transformers initializes Gemma.
 """
 
@@ -42,13 +43,16 @@ def plan(config, shard_bytes: int) -> list[list[tuple[str, tuple[int, ...]]]]:
     return shards
 
 
-def write(name: str, out: Path, layers: int | None, shard_gb: float, tokenizer: Path | None, seed: int) -> None:
+def write(name: str, out: Path, layers: int | None, shard_gb: float, tokenizer: Path | None, seed: int,
+          vocab: int | None = None) -> None:
     from safetensors.torch import save_file
 
     config = variant(name)
     if layers is not None:
         config = dataclasses.replace(config, num_hidden_layers=layers,
                                      layer_types=tuple(config.layer_types[:layers]) if config.layer_types else config.layer_types)
+    if vocab is not None:
+        config = dataclasses.replace(config, vocab_size=vocab)
     shards = plan(config, int(shard_gb * 2**30))
     gen = torch.Generator().manual_seed(seed)
     index, total = {}, 0
@@ -77,12 +81,13 @@ def main() -> None:
     parser.add_argument("variant", help="a named architecture (gemma-edge variants)")
     parser.add_argument("out", type=Path, help="the folder to create")
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the variant's)")
+    parser.add_argument("--vocab", type=int, default=None, help="rows of the embedding table (default: the variant's)")
     parser.add_argument("--shard-gb", type=float, default=2.0, help="largest shard in GiB (default: %(default)s)")
     parser.add_argument("--tokenizer", type=Path, default=None, help="a tokenizer.json to put beside the weights")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     start = time.perf_counter()
-    write(args.variant, args.out, args.layers, args.shard_gb, args.tokenizer, args.seed)
+    write(args.variant, args.out, args.layers, args.shard_gb, args.tokenizer, args.seed, args.vocab)
     print(f"{args.out}: written in {time.perf_counter() - start:.0f} s")
 
 

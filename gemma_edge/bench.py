@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 
 from gemma_edge.errors import GemmaEdgeError
-from gemma_edge.manifest import read_manifest
+from gemma_edge.manifest import cache_bytes, program_files, read_manifest
 
 BYTES_PER_WEIGHT = {"none": 4.0, "fp32": 4.0, "int8": 1.0, "int4": 0.5}
 
@@ -54,25 +54,12 @@ class ExportBench:
         return {**asdict(self), **{f"median_{k}": self.median(k) for k in ("ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s")}}
 
 
-def kv_cache_bytes(manifest: dict) -> int:
-    """Bytes of the static KV cache the program allocates: ONNX passes every layer's full
-    [1, kv_heads, max_seq_len, head_dim] float32 buffers; a .pte keeps a ring of window + 1 slots
-    for sliding layers whose window is shorter than the cache (cache.py)."""
-    if manifest["format"] == "onnx":
-        return sum(4 * int(np.prod(i["shape"])) for i in manifest["io"]["inputs"] if i["name"].startswith("past_key_values."))
-    c, n = manifest["config"], int(manifest["max_seq_len"])
-    window = c.get("sliding_window") or n
-    types = c.get("layer_types") or ["full_attention"] * c["num_hidden_layers"]
-    slots = [window + 1 if t == "sliding_attention" and window < n else n for t in types]
-    return sum(2 * 4 * c["num_key_value_heads"] * s * c["head_dim"] for s in slots)
-
-
 def weights_read_per_token(manifest: dict) -> int:
     """Bytes of weights one decode step reads: the program's files, less an embedding table stored
     apart from the output projection (a decode step reads one row of it). ONNX stores Gemma's tied
     table once (the projection reads it whole); a .pte stores the embedding separately. Scales and
     zero points are counted with the weights they belong to, so this is a slight overestimate."""
-    program = sum(manifest["files"][f]["bytes"] for f in manifest["io"].get("files") or [manifest["io"]["program"]])
+    program = sum(manifest["files"][f]["bytes"] for f in program_files(manifest))
     c = manifest["config"]
     shared = manifest["format"] == "onnx" and c.get("tie_word_embeddings", True)
     table = 0 if shared else int(c["vocab_size"] * c["hidden_size"] * BYTES_PER_WEIGHT[manifest["export"]["embedding_quant"]])
@@ -143,7 +130,7 @@ def bench(folders: list[Path], prompt_tokens: int = 128, new_tokens: int = 128, 
             raise GemmaEdgeError(f"{folder}: --prompt-tokens + --new-tokens ({prompt_tokens + new_tokens}) exceed its "
                                  f"max_seq_len {m['max_seq_len']}")
         exports.append((m, ExportBench(str(folder), m["format"], f"{m['export']['quant']}/{m['export']['embedding_quant']}",
-                                       sum(f["bytes"] for f in m["files"].values()), kv_cache_bytes(m),
+                                       sum(f["bytes"] for f in m["files"].values()), cache_bytes(m),
                                        weights_read_per_token(m))))
     context = multiprocessing.get_context("spawn")  # a clean process: nothing of this one's memory
     workers = []

@@ -189,12 +189,14 @@ def weight_shapes(config: GemmaConfig) -> dict[str, tuple[int, ...]]:
 
 
 def _random_weights(shapes: list, seed: int, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """Drawn in float32 whatever dtype is, then rounded: a bfloat16 reference of a random source has
+    the weights of its float32 export, rounded."""
     gen = torch.Generator().manual_seed(seed)
     for name, shape in shapes:
         if name.endswith("norm.weight"):
             yield name, torch.zeros(shape, dtype=dtype)
         else:
-            yield name, torch.empty(shape, dtype=dtype).normal_(0.0, 0.02, generator=gen)
+            yield name, torch.empty(shape).normal_(0.0, 0.02, generator=gen).to(dtype)
 
 
 def _read_weights(names: list[str], tensors: dict[str, tuple[str, Path, object]]) -> Iterator[tuple[str, torch.Tensor]]:

@@ -144,6 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "provider), standard ONNX operators only (other runtimes), or auto: contrib where the "
                              "model allows (default: auto)")
     export.add_argument("--max-seq-len", type=int, default=1024, help="KV cache length in tokens (default: %(default)s)")
+    export.add_argument("--kv-dtype", default="float32",
+                        help="the KV cache's element type: float32, or float16 (half the cache's memory; attention "
+                             "multiplies in float16). bfloat16 has no kernel in either runtime (default: %(default)s)")
+    export.add_argument("--max-tokens-per-call", type=int, default=None,
+                        help=".pte only: the longest call, in tokens; longer prompts are prefilled in chunks. The "
+                             "program's memory plan holds the activations of this many tokens (default: 256, or "
+                             "--max-seq-len if shorter)")
     export.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder to create")
     export.add_argument("--overwrite", action="store_true", help="replace OUTDIR if it exists (only once the new export is complete)")
     export.add_argument("--force", action="store_true",

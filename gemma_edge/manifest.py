@@ -54,6 +54,29 @@ def named_files(manifest: dict[str, Any]) -> list[str]:
     return names
 
 
+def program_files(manifest: dict[str, Any]) -> list[str]:
+    """The files the runtime loads as the model: the program and its external weights."""
+    io = manifest.get("io") or {}
+    return list(io.get("files") or [io["program"]])
+
+
+def cache_bytes(manifest: dict[str, Any]) -> int:
+    """Bytes of the static KV cache the program allocates when it loads, at max_seq_len positions:
+    the manifest's "cache" (exports since --kv-dtype), else what earlier exports allocate: float32,
+    every ONNX layer at max_seq_len, a .pte's sliding layers a ring of window + 1 slots (cache.py)."""
+    if "cache" in manifest:
+        return int(manifest["cache"]["bytes"])
+    import math
+
+    if manifest["format"] == "onnx":
+        return sum(4 * math.prod(i["shape"]) for i in manifest["io"]["inputs"] if i["name"].startswith("past_key_values."))
+    c, n = manifest["config"], int(manifest["max_seq_len"])
+    window = c.get("sliding_window") or n
+    types = c.get("layer_types") or ["full_attention"] * c["num_hidden_layers"]
+    slots = [window + 1 if t == "sliding_attention" and window < n else n for t in types]
+    return sum(2 * 4 * c["num_key_value_heads"] * s * c["head_dim"] for s in slots)
+
+
 def safe_path(folder: Path, name: Any) -> Path:
     """folder / name, if name is a plain file name whose file (after symlinks) stays in folder."""
     folder = Path(folder)

@@ -118,6 +118,8 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin, rotate), apply_rope(k, cos, sin, rotate)
+        if self.cache.k.dtype != k.dtype:  # a half-precision cache: this call's keys as the cache keeps them
+            k, v = k.to(self.cache.k.dtype), v.to(self.cache.k.dtype)
         out = self._attend(q, k, v, mask)  # [heads, T, d]
         self.cache.update(input_pos, k, v)
         return self.o_proj(out.transpose(0, 1).reshape(-1, h * d))  # [T, hidden]
@@ -132,6 +134,8 @@ class Attention(nn.Module):
         # Query heads sharing a kv head are stacked along the sequence axis, so the kv heads are
         # used as they are instead of being repeated: head h reads kv head h // groups.
         qg = q.contiguous().view(self.num_kv_heads, -1, self.head_dim)  # [kv, groups*T, d]
+        if self.cache.k.dtype != q.dtype:
+            return self._attend_half(qg, k, v, mask).to(q.dtype).view(self.num_heads, -1, self.head_dim)
         # bmm, not @: matmul lowers to expand + view + bmm, and XNNPACK rejects views of a dynamic T.
         scores = torch.cat((torch.bmm(qg, self.cache.k.transpose(1, 2)), torch.bmm(qg, k.transpose(1, 2))), dim=-1) * self.scale
         if self.softcap is not None:  # [kv, groups*T, slots+T]
@@ -142,8 +146,22 @@ class Attention(nn.Module):
         out = torch.bmm(p_cached, self.cache.v) + torch.bmm(p_new, v)  # [kv, groups*T, d]
         return out.view(self.num_heads, -1, self.head_dim)
 
-    def mask(self, input_pos: torch.Tensor) -> torch.Tensor:
-        """[groups*T, slots+T] additive mask: 0 for the keys each query may see, -inf elsewhere.
+    def _attend_half(self, qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The same attention over a cache kept in a narrower float (float16): both products in the
+        cache's type, as the device's half-precision matmuls compute them, everything between them
+        (soft-cap, mask, softmax) in float32. The queries are scaled first, so that no product of
+        unscaled queries and keys can pass float16's 65504. Returns [kv, groups*T, d] in float32."""
+        half, slots, t = self.cache.k.dtype, self.cache.slots, k.shape[1]
+        qh = (qg * self.scale).to(half)
+        scores = torch.cat((torch.bmm(qh, self.cache.k.transpose(1, 2)), torch.bmm(qh, k.transpose(1, 2))), dim=-1).float()
+        if self.softcap is not None:  # [kv, groups*T, slots+T]
+            scores = torch.tanh(scores / self.softcap) * self.softcap
+        probs = torch.softmax(scores + mask.float(), dim=-1).to(half)
+        p_cached, p_new = probs.split([slots, t], dim=-1)
+        return torch.bmm(p_cached, self.cache.v).float() + torch.bmm(p_new, v).float()
+
+    def mask(self, input_pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """[groups*T, slots+T] additive mask in dtype: 0 for the keys each query may see, -inf elsewhere.
 
         The same for every layer of one type, so the model computes it once per type; additive,
         so that applying it is an add, which XNNPACK runs inside its delegated graph.
@@ -159,7 +177,7 @@ class Attention(nn.Module):
             old = old & (cached > q_pos - self.window)
             new = new & (input_pos[None, :] > q_pos - self.window)
         visible = torch.cat((old.expand(q_pos.shape[0], -1), new), dim=-1)  # [T, slots+T]
-        mask = torch.zeros(visible.shape, dtype=self.cache.k.dtype).masked_fill(~visible, float("-inf"))
+        mask = torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, float("-inf"))
         return mask.repeat(self.num_heads // self.num_kv_heads, 1)  # one copy per query head of a group
 
 
@@ -189,7 +207,10 @@ class DecoderLayer(nn.Module):
 
 
 class Gemma(nn.Module):
-    def __init__(self, config: GemmaConfig, max_seq_len: int, dtype: torch.dtype = torch.float32):
+    def __init__(self, config: GemmaConfig, max_seq_len: int, dtype: torch.dtype = torch.float32,
+                 cache_dtype: torch.dtype | None = None):
+        """cache_dtype: the KV cache's element type, when narrower than dtype (float16: half the
+        cache; attention then multiplies in it, see Attention._attend_half)."""
         super().__init__()
         self.config = config
         self.max_seq_len = check_max_seq_len(config, max_seq_len)
@@ -204,6 +225,9 @@ class Gemma(nn.Module):
         self.register_buffer("embed_scale", torch.empty(()), persistent=False)
         self.register_buffer("rope_rotate", torch.empty(config.head_dim, config.head_dim), persistent=False)
         self.to(dtype)
+        for layer in self.layers:  # after to(dtype), which would convert the caches too
+            cache = layer.attn.cache
+            cache.k, cache.v = cache.k.to(cache_dtype or dtype), cache.v.to(cache_dtype or dtype)
         self.init_buffers()
 
     @torch.no_grad()
@@ -239,7 +263,7 @@ class Gemma(nn.Module):
             t = layer.layer_type
             if t not in per_type:
                 per_type[t] = (getattr(self, f"rope_cos_{t}")[input_pos], getattr(self, f"rope_sin_{t}")[input_pos],
-                               layer.attn.mask(input_pos))
+                               layer.attn.mask(input_pos, dtype))
             x = layer(x, input_pos, *per_type[t], self.rope_rotate)
         return x.unsqueeze(0)
 

@@ -61,15 +61,19 @@ def load_reference(source: str | Checkpoint, dtype: torch.dtype = torch.float32)
 
 
 def reference_from_model(model: Gemma) -> torch.nn.Module:
-    """transformers' CausalLM carrying exactly our model's weights (for random:<variant> sources)."""
+    """transformers' CausalLM carrying exactly our model's weights, the same tensors (for
+    random:<variant> sources): its parameters are made on the meta device and then given ours, so a
+    full-size reference costs no second copy and no random initialization."""
+    from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     config = hf_config_for(model.config)
     config._attn_implementation = "eager"
-    ref = AutoModelForCausalLM.from_config(config, dtype=model.embed_tokens.weight.dtype)
+    with init_empty_weights():  # parameters on meta; buffers (RoPE's inv_freq) real
+        ref = AutoModelForCausalLM.from_config(config, dtype=model.embed_tokens.weight.dtype)
     ours = dict(model.named_parameters())
     state = {hf: ours[name] for hf, name in weight_names(model.config).items()}
-    missing, unexpected = ref.load_state_dict(state, strict=False)
+    missing, unexpected = ref.load_state_dict(state, strict=False, assign=True)
     if unexpected or set(missing) - {"lm_head.weight"}:
         raise RuntimeError(f"weight table out of step with transformers: missing {missing}, unexpected {unexpected}")
     ref.tie_weights()

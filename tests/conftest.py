@@ -106,13 +106,14 @@ TINY_MAX_SEQ_LEN = 64
 
 @pytest.fixture(scope="session")
 def tiny_exports(tiny_with_tokenizers):
-    """export(name, format, quant) -> the folder of that tiny checkpoint's export (max_seq_len 64),
+    """export(name, format, quant, **settings) -> the folder of that tiny checkpoint's export (max_seq_len 64),
     made once per exporter code and reused across runs (tests/export_cache.py)."""
     from export_cache import cached_export
     from gemma_edge.checkpoints import resolve
     from gemma_edge.exporters.settings import ExportSettings
 
-    def export(name: str, fmt: str, quant: str) -> Path:
-        return cached_export(resolve(tiny_with_tokenizers[name]), ExportSettings(format=fmt, quant=quant, max_seq_len=TINY_MAX_SEQ_LEN))
+    def export(name: str, fmt: str, quant: str, **settings) -> Path:
+        return cached_export(resolve(tiny_with_tokenizers[name]),
+                             ExportSettings(format=fmt, quant=quant, max_seq_len=TINY_MAX_SEQ_LEN, **settings))
 
     return export

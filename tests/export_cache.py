@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import json
+import re
 import shutil
 from pathlib import Path
 
@@ -15,8 +17,8 @@ import gemma_edge
 from gemma_edge.checkpoints import Checkpoint, cache_dir
 from gemma_edge.exporters.manifest import versions
 from gemma_edge.manifest import MANIFEST
-from gemma_edge.exporters.settings import ExportSettings
-from gemma_edge.files import sha256_file
+from gemma_edge.exporters.settings import PTE_TOKENS_PER_CALL, ExportSettings
+from gemma_edge.files import sha256_file, write_atomic
 
 
 def content_key(ckpt: Checkpoint, settings: ExportSettings) -> str:
@@ -54,22 +56,39 @@ def _imported_closure(start: Path, package: Path) -> set[Path]:
     return seen
 
 
-def cached_export(ckpt: Checkpoint, settings: ExportSettings) -> Path:
+def cached_export(ckpt: Checkpoint, settings: ExportSettings, export=None) -> Path:
+    """The export of ckpt with settings, made once per content key. export(ckpt, settings, folder):
+    how to make it (default: the exporter's function in this process); what it returns, if not
+    None, is kept as JSON beside the export (sidecar(folder)) for as long as the export is."""
     fmt = "" if settings.format == "pte" else f"{settings.format}-"  # .pte entries predate the ONNX ones
     # A folder source is named by its last part: the tests' tiny checkpoints live in a new temporary
     # folder each run but are the same bytes, which the key covers, so their exports are reused too.
     name = Path(ckpt.source).name if ckpt.hf_dir is not None else ckpt.source.replace("/", "_")
     ops = "" if settings.ops in (None, "auto") else f"-{settings.ops}"
-    label = f"{name}-{fmt}{settings.quant}-g{settings.group_size}-e{settings.embedding_quant}-{settings.max_seq_len}{ops}"
+    kv = "" if settings.kv_dtype == "float32" else f"-kv{settings.kv_dtype}"
+    default_calls = None if settings.format != "pte" else min(settings.max_seq_len, PTE_TOKENS_PER_CALL)
+    calls = "" if settings.max_tokens_per_call == default_calls else f"-t{settings.max_tokens_per_call}"
+    label = f"{name}-{fmt}{settings.quant}-g{settings.group_size}-e{settings.embedding_quant}-{settings.max_seq_len}{ops}{kv}{calls}"
     root = cache_dir() / "test-exports"
     folder = root / f"{label}-{content_key(ckpt, settings)}"
     if not (folder / MANIFEST).is_file():
-        if settings.format == "pte":
-            from gemma_edge.exporters.executorch import export_pte as export
-        else:
-            from gemma_edge.exporters.onnx import export_onnx as export
-        export(ckpt, settings, folder, overwrite=True)
+        if export is None:
+            if settings.format == "pte":
+                from gemma_edge.exporters.executorch import export_pte as exporter
+            else:
+                from gemma_edge.exporters.onnx import export_onnx as exporter
+            def export(ckpt, settings, folder):
+                exporter(ckpt, settings, folder, overwrite=True)
+        made = export(ckpt, settings, folder)
+        if made is not None:
+            write_atomic(sidecar(folder), json.dumps(made) + "\n")
+        earlier = re.compile(re.escape(label) + r"-[0-9a-f]{16}(\.json)?")  # not another label that starts with this one
         for old in root.glob(f"{label}-*"):
-            if old != folder and not old.name.startswith("."):
-                shutil.rmtree(old, ignore_errors=True)
+            if earlier.fullmatch(old.name) and not old.name.startswith(folder.name):
+                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
     return folder
+
+
+def sidecar(folder: Path) -> Path:
+    """Where cached_export keeps what its export function returned."""
+    return folder.with_name(folder.name + ".json")

@@ -184,7 +184,8 @@ def test_manifest_describes_the_export(exports):
     manifest = json.loads((folder / "gemma_edge.json").read_text())
     assert manifest["format"] == "pte" and manifest["max_seq_len"] == MAX_SEQ_LEN
     assert manifest["export"] == {"format": "pte", "quant": "int4", "group_size": 32, "embedding_quant": "int4",
-                                  "max_seq_len": MAX_SEQ_LEN, "ops": None}  # ops: an ONNX setting
+                                  "max_seq_len": MAX_SEQ_LEN, "ops": None, "kv_dtype": "float32",  # ops: an ONNX setting
+                                  "max_tokens_per_call": MAX_SEQ_LEN}  # the default: min(max_seq_len, 256)
     assert manifest["config"]["attn_logit_softcapping"] == 5.0
     for name, info in manifest["files"].items():
         assert sha256_file(folder / name) == info["sha256"] and (folder / name).stat().st_size == info["bytes"]
@@ -253,6 +254,46 @@ def test_lowering_shares_weights_with_the_backend_and_frees_them_after(tiny_chec
     assert table.qdata.untyped_storage().nbytes() == before["table"]
 
 
+def test_each_partition_s_weights_are_freed_once_it_is_packed(tiny_checkpoints, monkeypatch):
+    """XNNPACK preprocesses one partition after another; the unpacked weights only that partition
+    reads are freed as soon as it is packed (exporters/executorch.py: preprocess_and_free; Gemma 7B
+    int4: 8.4 GiB that waited for the last partition), but not a tied table, which the embedding
+    reads outside XNNPACK (an fp32 export's). The program is the same, byte for byte."""
+    import executorch.kernels.quantized  # noqa: F401  (the quantized embedding kernels)
+    from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
+
+    import gemma_edge.exporters.executorch as pte
+
+    original = XnnpackBackend.preprocess
+
+    def lowered(quant: str, release_bytes: int):
+        """(the program's bytes, linear weights freed before each partition, the table's bytes before and after)"""
+        monkeypatch.setattr(pte, "RELEASE_BYTES", release_bytes)  # 0: the tiny weights are under the full-size threshold
+        model, _ = build_model(resolve(tiny_checkpoints["tiny-gemma"]), ExportSettings(format="pte", quant=quant, max_seq_len=MAX_SEQ_LEN))
+        part = (lambda w: w.qdata) if quant == "int4" else (lambda w: w)
+        linears = [part(m.weight) for name, m in model.named_modules() if name.endswith("_proj")]
+        table = part(model.embed_tokens.weight)
+        freed = []
+
+        def preprocess(program, specs):
+            freed.append(sum(w.untyped_storage().nbytes() == 0 for w in linears))
+            return original(program, specs)
+
+        monkeypatch.setattr(XnnpackBackend, "preprocess", staticmethod(preprocess))
+        table_bytes = table.untyped_storage().nbytes()
+        buffer = pte.lower_to_executorch(model, {}).buffer
+        monkeypatch.setattr(XnnpackBackend, "preprocess", original)
+        return buffer, freed, (table_bytes, table.untyped_storage().nbytes()), len(linears)
+
+    early, freed, _, linears = lowered("int4", 0)
+    # freed partition by partition: none before the first, more before each later one
+    assert freed[0] == 0 and freed == sorted(freed) and len(set(freed)) > 2 and freed[-1] <= linears, freed
+    late, freed_late, _, _ = lowered("int4", 1 << 62)
+    assert set(freed_late) == {0} and early == late
+    _, freed, (table_before, table_after), _ = lowered("fp32", 0)
+    assert freed[-1] > 0 and table_after == table_before > 0  # the tied table is kept
+
+
 @pytest.mark.parametrize("shape", [(9000, 64), (5, 7), (1, 1)])
 def test_packing_int4_by_rows_gives_xnnpack_s_bytes(shape):
     from executorch.backends.xnnpack.operators.node_visitor import NodeVisitor
@@ -316,3 +357,68 @@ def test_stock_executorch_runner_generates_what_our_runtime_generates(exports, t
     ours = greedy(ExecuTorchBackend(folder), tokenizer.encode(prompt).ids, 16, stop_ids=[1]).token_ids
     assert len(pieces) == len(ours) > 1
     assert "".join(pieces) == tokenizer.decode(ours)
+
+
+@pytest.fixture(scope="module")
+def half_cache_in_chunks(tiny_with_tokenizers, tmp_path_factory) -> Path:
+    """tiny-gemma3, float32 weights, a float16 KV cache and calls of at most 4 tokens (one lowering
+    for both settings; each test below checks one)."""
+    folder = tmp_path_factory.mktemp("pte-kv16") / "tiny-gemma3-kv16-chunks"
+    export_pte(resolve(tiny_with_tokenizers["tiny-gemma3"]),
+               ExportSettings(format="pte", quant="fp32", max_seq_len=MAX_SEQ_LEN, kv_dtype="float16", max_tokens_per_call=4),
+               folder)
+    return folder
+
+
+def test_a_float16_cache_is_half_the_memory_and_rounds_as_float16(half_cache_in_chunks, tiny_exports, tiny_checkpoints):
+    """--kv-dtype float16 in a .pte: the program's cache buffers are float16 and attention multiplies
+    in float16 (XNNPACK's f16 matmuls, which round as ARM's half-precision arithmetic does), the
+    softmax in float32. The manifest records half the float32 cache's bytes, and the logits differ
+    from a float32 cache's by float16 rounding, as the eager model's half cache does (measured mean
+    |diff| 1.0e-3 for both; the program, prefilling in chunks of 4, is nearer the eager half cache,
+    6.1e-4, than either is to float32), where a float32 cache would be at 1e-6."""
+    from test_onnx import half_cache_rows
+
+    folder = half_cache_in_chunks
+    manifest = json.loads((folder / "gemma_edge.json").read_text())
+    full = json.loads((tiny_exports("tiny-gemma3", "pte", "fp32") / "gemma_edge.json").read_text())
+    assert manifest["cache"]["dtype"] == "float16" and 2 * manifest["cache"]["bytes"] == full["cache"]["bytes"]
+    got, fp32, half = half_cache_rows(ExecuTorchBackend(folder), tiny_checkpoints["tiny-gemma3"], _rows)
+    rounding, ours, to_half = np.abs(half - fp32).mean(), np.abs(got - fp32).mean(), np.abs(got - half).mean()
+    print(f"float16 cache: the program's mean |diff| from a float32 cache {ours:.1e}, from the eager half cache "
+          f"{to_half:.1e}; the eager half cache's from float32 {rounding:.1e}")
+    assert 0.5 * rounding < ours < 2 * rounding and to_half < rounding
+    assert mean_kl(fp32, got) < 1e-4
+
+
+def test_a_prompt_longer_than_a_call_is_prefilled_in_chunks(half_cache_in_chunks, tmp_path):
+    """--max-tokens-per-call 4: the program takes at most 4 tokens a call (its memory plan holds that
+    many; the cache all 64 positions), says so to ExecuTorch's stock runner (get_max_seq_len 4,
+    get_max_context_len 64) and in the manifest; our backend and the stock runner prefill a longer
+    prompt in chunks, and generate the same text."""
+    import executorch.kernels.quantized  # noqa: F401
+    from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+    from executorch.runtime import Runtime
+    from tokenizers import Tokenizer
+
+    folder = half_cache_in_chunks
+    program = Runtime.get().load_program(folder / "model.pte")
+    value = lambda name: program.load_method(name).execute([])  # noqa: E731
+    assert value("get_max_seq_len") == [4] and value("get_max_context_len") == [MAX_SEQ_LEN]
+    manifest = json.loads((folder / "gemma_edge.json").read_text())
+    assert manifest["io"]["tokens_per_call"] == [1, 4] and manifest["max_seq_len"] == MAX_SEQ_LEN
+    with pytest.raises(Exception):  # a call of 5 tokens is past the program's plan
+        program.load_method("forward").execute([torch.zeros(1, 5, dtype=torch.long), torch.arange(5)])
+    import shutil
+
+    folder = tmp_path / "with-tokenizer"
+    shutil.copytree(half_cache_in_chunks, folder)
+    tokenizer = Tokenizer.from_file(str(_byte_level_tokenizer(folder / "tokenizer.json")))
+    prompt = "The capital of France is a city on the river Seine, and"
+    ids = tokenizer.encode(prompt).ids
+    assert len(ids) > 8  # three calls or more
+    pieces: list[str] = []
+    TextLLMRunner(str(folder / "model.pte"), str(folder / "tokenizer.json")).generate(
+        prompt, GenerationConfig(echo=False, max_new_tokens=12, temperature=0.0, num_bos=1), token_callback=pieces.append)
+    ours = greedy(ExecuTorchBackend(folder), ids, 12, stop_ids=[1]).token_ids
+    assert len(pieces) == len(ours) > 1 and "".join(pieces) == tokenizer.decode(ours)

@@ -295,6 +295,32 @@ def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([GEMMA_EDGE, *args], capture_output=True, text=True, timeout=600, input=stdin)
 
 
+def test_pages_of_a_mapped_weight_file_are_given_back_and_read_again(tmp_path):
+    """What the ONNX backend does with model.onnx.data once ONNX Runtime has repacked its weights
+    (onnx_backend.pages_released_while_loading): the resident pages of the file's mappings are given
+    back, and reading them again reads the same bytes."""
+    import mmap
+
+    from gemma_edge.runtime.backend import release_mapped_pages
+
+    def resident_file_mib() -> float:
+        return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("RssFile:")) / 1024
+
+    path = tmp_path / "model.onnx.data"
+    content = np.random.default_rng(0).integers(0, 255, 64 << 20, dtype=np.uint8)
+    path.write_bytes(content.tobytes())
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        view = np.frombuffer(mapped, dtype=np.uint8)
+        checksum = int(view.sum(dtype=np.uint64))  # every page read: resident
+        before = resident_file_mib()
+        assert release_mapped_pages(path) >= 1
+        after = resident_file_mib()
+        assert before - after > 60, (before, after)  # 64 MiB given back
+        assert int(view.sum(dtype=np.uint64)) == checksum == int(content.sum(dtype=np.uint64))
+        del view
+    assert release_mapped_pages(tmp_path / "not-mapped") == 0
+
+
 @pytest.mark.parametrize("verb", ["generate", "chat", "inspect"])
 def test_help(verb):
     result = run(verb, "--help")
@@ -341,6 +367,12 @@ def test_inspect_shows_the_manifest_and_catches_a_changed_file(fp32_exports, tmp
     shutil.copytree(fp32_exports[("tiny-gemma", "onnx")], folder)
     ok = run("inspect", str(folder))
     assert ok.returncode == 0 and "onnx" in ok.stdout and "model.onnx" in ok.stdout and "CHANGED" not in ok.stdout
+    # what a device needs: the program's weights, the KV cache at max_seq_len, their sum (MiB, one decimal)
+    manifest = json.loads((folder / "gemma_edge.json").read_text())
+    weights, cache = manifest["files"]["model.onnx"]["bytes"] / 2**20, manifest["cache"]["bytes"] / 2**20
+    assert cache == 2 * 3 * 1 * manifest["max_seq_len"] * 24 * 4 / 2**20  # tiny-gemma: 3 layers, 1 kv head of 24, float32
+    expected = f"weights {weights:,.1f} MiB + KV cache {cache:,.1f} MiB (float32, {manifest['max_seq_len']} positions) = {weights + cache:,.1f} MiB"
+    assert expected in " ".join(ok.stdout.split()), ok.stdout
     data = bytearray((folder / "model.onnx").read_bytes())
     data[-100] ^= 1
     (folder / "model.onnx").write_bytes(bytes(data))

@@ -169,8 +169,11 @@ def test_golden_rows_match_the_reference_directly(exports, tiny_with_tokenizers,
 @pytest.mark.parametrize("fmt", ["onnx", "pte"])
 @pytest.mark.parametrize("quant, cpu", [("fp32", "cortex-a76"), ("int8", "cortex-a76"), ("int4", "cortex-a76"),
                                         ("int4", "neoverse-n2")])
-def test_exports_verify_on_emulated_arm64(fmt, quant, cpu, exports, tiny_with_tokenizers, tmp_path):
+def test_exports_verify_on_emulated_arm64(fmt, quant, cpu, exports, tiny_exports, tiny_with_tokenizers, tmp_path):
     folder = exports[("tiny-gemma3", fmt, quant)]
+    if (fmt, cpu) == ("pte", "neoverse-n2"):  # the native runner prefills 24 tokens in calls of 8 (--max-tokens-per-call)
+        folder = tiny_exports("tiny-gemma3", "pte", quant, max_tokens_per_call=8)
+        assert json.loads((folder / "gemma_edge.json").read_text())["io"]["tokens_per_call"] == [1, 8]
     reference = ("--reference", str(tiny_with_tokenizers["tiny-gemma3"]))
     _, host = verify(folder, tmp_path, *reference)
     result, arm = verify(folder, tmp_path, "--target", "arm64", "--cpu", cpu, *reference)
@@ -214,3 +217,5 @@ def test_an_export_is_judged_by_its_lowest_precision():
     assert limits_key({"quant": "fp32", "embedding_quant": "none"}) == "fp32"
     assert limits_key({"quant": "fp32", "embedding_quant": "int8"}) == "int8"
     assert limits_key({"quant": "int4"}) == "int4"  # manifests without the field
+    assert limits_key({"quant": "fp32", "embedding_quant": "none", "kv_dtype": "float16"}) == "float16"
+    assert limits_key({"quant": "int8", "embedding_quant": "int8", "kv_dtype": "float16"}) == "int8"

@@ -52,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     from gemma_edge.files import check_output_folder
 
     settings = ExportSettings(format=args.format, quant=args.quant, group_size=args.group_size,
-                              embedding_quant=args.embedding_quant, max_seq_len=args.max_seq_len, ops=args.ops)
+                              embedding_quant=args.embedding_quant, max_seq_len=args.max_seq_len, ops=args.ops,
+                              kv_dtype=args.kv_dtype, max_tokens_per_call=args.max_tokens_per_call)
     console = progress()
     out = Path(args.output)
     check_output_folder(out, args.overwrite)  # before minutes of work, not after them

@@ -25,6 +25,7 @@ def run(args: argparse.Namespace) -> int:
                          f"heads {c['num_attention_heads']} / kv {c['num_key_value_heads']}, head_dim {c['head_dim']}, vocab {c['vocab_size']}"),
         ("quantization", f"{e['quant']} (group {e['group_size']}), embedding {e['embedding_quant']}"),
         ("max_seq_len", str(m["max_seq_len"])),
+        ("on the device", _device_memory(m)),
         ("special tokens", ", ".join(f"{k} {v}" for k, v in m["special_tokens"].items())),
         ("versions", ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items())),
     ]
@@ -44,3 +45,15 @@ def run(args: argparse.Namespace) -> int:
         out.print(f"[red]{len(bad)} file(s) do not match the manifest: re-export, or copy the folder again[/red]")
         return 1
     return 0
+
+
+def _device_memory(m: dict) -> str:
+    """What loading the export takes: the weights (the program's files, mapped), the KV cache the
+    program allocates at max_seq_len positions, and their sum."""
+    from gemma_edge.manifest import cache_bytes, program_files
+
+    weights = sum(m["files"][f]["bytes"] for f in program_files(m) if f in m["files"])
+    cache = cache_bytes(m)
+    dtype = m.get("cache", {}).get("dtype", "float32")
+    return (f"weights {weights / 2**20:,.1f} MiB + KV cache {cache / 2**20:,.1f} MiB ({dtype}, {m['max_seq_len']} positions) "
+            f"= {(weights + cache) / 2**20:,.1f} MiB")

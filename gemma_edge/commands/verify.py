@@ -107,20 +107,38 @@ def _golden(args, folder: Path, manifest: dict, max_seq_len: int, console):
     from gemma_edge.verify import golden_from_reference
 
     source = args.reference or manifest["source"]
-    with console.status(f"loading the reference {source}"):
-        ckpt = resolve(source)
-        ours, theirs = ckpt.config.to_dict(), manifest["config"]
-        shape = [k for k in SHAPE_FIELDS if ours.get(k) != theirs.get(k)]
-        if shape:  # other fields (RoPE bases, soft-caps, ...) may differ: that is for the numbers to show
-            raise ConfigError(f"the reference {source} has another shape than this export ({', '.join(shape)}); "
-                              "pass the checkpoint it was exported from with --reference")
-        reference = reference_from_model(load_model(ckpt, max_seq_len)) if ckpt.hf_dir is None else load_reference(ckpt)
+    ckpt = resolve(source)
+    ours, theirs = ckpt.config.to_dict(), manifest["config"]
+    shape = [k for k in SHAPE_FIELDS if ours.get(k) != theirs.get(k)]
+    if shape:  # other fields (RoPE bases, soft-caps, ...) may differ: that is for the numbers to show
+        raise ConfigError(f"the reference {source} has another shape than this export ({', '.join(shape)}); "
+                          "pass the checkpoint it was exported from with --reference")
+    dtype = reference_dtype(ckpt.config, console)
+    with console.status(f"loading the reference {source} ({str(dtype).removeprefix('torch.')})"):
+        reference = (reference_from_model(load_model(ckpt, max_seq_len, dtype)) if ckpt.hf_dir is None
+                     else load_reference(ckpt, dtype))
     prefill = min(args.prefill, max_seq_len // 2)
     decode = max(0, min(args.decode, max_seq_len - prefill - 1))
     steps = max(1, min(args.greedy, max_seq_len - prefill))
     ids = _text_ids(args, folder, manifest, prefill + decode + 1)
     with console.status(f"running the reference on {len(ids)} tokens"):
         return golden_from_reference(reference, ids, prefill, steps)
+
+
+def reference_dtype(config, console):
+    """float32 for the reference when it fits in the memory available beside the export (Gemma 2B:
+    10 GiB), else bfloat16 (Gemma 7B: 17 GiB instead of 34), said on the console: the comparison then
+    holds the reference's own rounding too."""
+    import torch
+
+    from gemma_edge.exporters.memory import GIB, available_memory
+
+    need, have = 4 * config.num_parameters() + GIB, available_memory()
+    if need <= have:
+        return torch.float32
+    console.print(f"[yellow]the float32 reference needs about {need / GIB:.1f} GiB and {have / GIB:.1f} GiB is available: "
+                  "comparing with the reference in bfloat16[/yellow]", soft_wrap=True)
+    return torch.bfloat16
 
 
 def _text_ids(args, folder: Path, manifest: dict, n: int) -> list[int]:

@@ -1,7 +1,8 @@
 """Export to an ExecuTorch program (.pte) for the XNNPACK CPU backend.
 
     OUTDIR/model.pte        forward(tokens [1, T], input_pos [T]) -> logits [1, vocab] of the last position,
-                            T from 1 to max_seq_len; the KV cache lives in the program's mutable buffers
+                            T from 1 to max_tokens_per_call (a longer prompt is prefilled in chunks); the
+                            KV cache, max_seq_len positions, lives in the program's mutable buffers
     OUTDIR/tokenizer.json   (and tokenizer.model where the source has one)
     OUTDIR/gemma_edge.json  the manifest
 
@@ -15,6 +16,7 @@ tokens), and the output projection for every prompt token would double the cost 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import math
@@ -27,7 +29,7 @@ import torch
 from torch import nn
 
 from gemma_edge.checkpoints import Checkpoint, iter_weights, weight_shapes
-from gemma_edge.exporters.manifest import copy_tokenizer, special_tokens, versions, write_manifest
+from gemma_edge.exporters.manifest import cache_section, copy_tokenizer, special_tokens, versions, write_manifest
 from gemma_edge.exporters.rewrites import replace_gelu_with_explicit_tanh_form, replace_rmsnorm_mean_with_linear
 from gemma_edge.exporters.settings import ExportSettings
 from gemma_edge.exporters.streaming import Progress, fill_layers
@@ -37,6 +39,7 @@ from gemma_edge.files import staged_folder
 from gemma_edge.model import Gemma
 
 PTE_FILE = "model.pte"
+RELEASE_BYTES = 1 << 20  # weights this large are freed as soon as XNNPACK has packed them
 Stage = Callable[[str], ContextManager]
 
 
@@ -57,7 +60,7 @@ def runner_metadata(model: Gemma, settings: ExportSettings, stop_ids: list[int])
     """Constant methods read by ExecuTorch's LLM runner (extension/llm/runner, Android LlmModule)."""
     c = model.config
     return {
-        "get_max_seq_len": settings.max_seq_len,  # longest single call: prefill chunks up to this
+        "get_max_seq_len": settings.max_tokens_per_call,  # longest single call: prefill chunks up to this
         "get_max_context_len": settings.max_seq_len,  # positions the cache holds
         "get_vocab_size": c.vocab_size,
         "get_bos_id": c.bos_token_id,
@@ -80,7 +83,7 @@ def build_model(ckpt: Checkpoint, settings: ExportSettings,
     weights = iter_weights(ckpt)  # the checkpoint's headers are checked before anything is allocated
     quantized = settings.quant != "fp32" or settings.embedding_quant != "none"
     with torch.device("meta"):
-        model = Gemma(ckpt.config, settings.max_seq_len)
+        model = Gemma(ckpt.config, settings.max_seq_len, cache_dtype=getattr(torch, settings.kv_dtype))
         if quantized:
             untie_output_projection(model)
     # Allocated but untouched: the float32 pages of a layer exist only between its read and its
@@ -93,13 +96,15 @@ def build_model(ckpt: Checkpoint, settings: ExportSettings,
     return model.eval().requires_grad_(False), plan
 
 
-def lower_to_executorch(model: Gemma, metadata: dict[str, object]):
-    """The export-only rewrites, the runner's last-row contract, torch.export, then lowering; returns
-    executorch's program manager (write it with write_to_file). Consumes the model: the weights
-    XNNPACK has packed are freed (see release_delegated_weights), and the model cannot run after."""
+def lower_to_executorch(model: Gemma, metadata: dict[str, object], max_tokens: int | None = None,
+                        report: Callable[[Progress], None] | None = None):
+    """The export-only rewrites, the runner's last-row contract, torch.export (calls of up to
+    max_tokens, default max_seq_len), then lowering; returns executorch's program manager (write it
+    with write_to_file). Consumes the model: the weights XNNPACK has packed are freed (see
+    release_delegated_weights), and the model cannot run after."""
     model = replace_gelu_with_explicit_tanh_form(replace_rmsnorm_mean_with_linear(model))
     drop_cache_contents(model)
-    return lower(export_model(LastTokenLogits(model)), metadata, release=True)
+    return lower(export_model(LastTokenLogits(model), max_tokens), metadata, release=True, report=report)
 
 
 def drop_cache_contents(model: Gemma) -> None:
@@ -111,17 +116,17 @@ def drop_cache_contents(model: Gemma) -> None:
         cache.k, cache.v = torch.empty_like(cache.k), torch.empty_like(cache.v)
 
 
-def lower(program: torch.export.ExportedProgram, metadata: dict[str, object], release: bool = False):
+def lower(program: torch.export.ExportedProgram, metadata: dict[str, object], release: bool = False,
+          report: Callable[[Progress], None] | None = None):
     """An exported program -> edge dialect with XNNPACK delegation -> an ExecuTorch program manager,
     its serialized form a list of pieces (the delegates' packed weights among them) not yet joined.
     release: free the weights the delegates have packed once they have (the program's module and
-    whatever shares its weights cannot run after)."""
+    whatever shares its weights cannot run after). report: called as each XNNPACK partition is packed."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
-    from executorch.exir.passes import MemoryPlanningPass
 
     # IR validity checks re-trace the whole graph; export_llama skips them too.
-    with xnnpack_without_copies():
+    with xnnpack_without_copies(single_use_storages(program) if release else set(), report):
         edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()], constant_methods=metadata,
                                            compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True))
     if release:
@@ -133,13 +138,51 @@ def lower(program: torch.export.ExportedProgram, metadata: dict[str, object], re
     # (llama::update_cache_with_indices) needs 4-D buffers, and the view back to the 3-D ones our
     # attention multiplies by became a copy of its own (3 ms per step): this is the faster way.
     config = ExecutorchBackendConfig(do_quant_fusion_and_const_prop=True, extract_delegate_segments=True,
-                                     run_reinplace_pass=True, memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False))
+                                     run_reinplace_pass=True, memory_planning_pass=PlanReturnedOutputsOnly(alloc_graph_input=False))
     return edge.to_executorch(config)
 
 
+def _memory_planning_pass():
+    from executorch.exir.passes import MemoryPlanningPass
+
+    return MemoryPlanningPass
+
+
+class PlanReturnedOutputsOnly(_memory_planning_pass()):
+    """ExecuTorch's memory planning, with the KV cache's updates planned where the cache is.
+
+    The reinplace pass makes each cache update an in-place index_put_ on its buffer, and the
+    planner gives an in-place op's result its input's memory; but the graph's output node, which
+    returns the updates until the emitter drops them, keeps its own copy of each result's spec,
+    made before, and the planner gave those their own memory, never written or read: a second KV
+    cache in the memory plan, which ExecuTorch allocates whole (zero-filled) when the program loads
+    (Gemma 7B at 1024 positions: 0.875 GiB of its 1.75 GiB plan). Here the output node gets the
+    buffers' own specs for them first."""
+
+    def run(self, graph_module, graph_signature=None):
+        for node in graph_module.graph.nodes:
+            if node.op != "output" or not isinstance(node.meta.get("spec"), (list, tuple)):
+                continue
+            returned = node.args[0] if isinstance(node.args[0], (list, tuple)) else [node.args[0]]
+            specs = list(node.meta["spec"])
+            for i, value in enumerate(returned):
+                if isinstance(value, torch.fx.Node) and _writes_its_first_argument(value):
+                    specs[i] = value.meta["spec"] = value.args[0].meta["spec"]
+            node.meta["spec"] = type(node.meta["spec"])(specs)
+        return super().run(graph_module, graph_signature)
+
+
+def _writes_its_first_argument(node: torch.fx.Node) -> bool:
+    """An in-place op on its first argument (aten.index_put_ on a cache buffer), by its schema."""
+    schema = getattr(node.target, "_schema", None)
+    alias = schema.arguments[0].alias_info if schema is not None and schema.arguments else None
+    return node.op == "call_function" and alias is not None and alias.is_write and isinstance(node.args[0], torch.fx.Node)
+
+
 @contextlib.contextmanager
-def xnnpack_without_copies():
-    """Two whole-weight copies XNNPACK's lowering makes, avoided while it lowers (restored on exit):
+def xnnpack_without_copies(releasable: set[int] = frozenset(), report: Callable[[Progress], None] | None = None):
+    """Two whole-weight copies XNNPACK's lowering makes, avoided while it lowers (restored on exit),
+    and the unpacked weights freed as their partition is packed (releasable, see preprocess_and_free):
     - ExecuTorch deep-copies each partition's program before the backend preprocesses it (in case
       the backend changes its graph: BackendDetails.copy_exported_program_for_preprocess), weights
       included: a second copy of every delegated weight while the first is held (2.6 GiB at Gemma
@@ -155,8 +198,29 @@ def xnnpack_without_copies():
         memo = {id(t): t for t in (*program.state_dict.values(), *program.constants.values())}
         return copy.deepcopy(program, memo)
 
+    def preprocess_and_free(cls, edge_programs, compile_specs):
+        """BackendDetails.preprocess_multimethod (each partition preprocessed in turn), then the storage
+        of each weight of releasable that only this partition reads freed: XNNPACK holds it packed now.
+        Before, every unpacked weight waited for the last partition (Gemma 7B int4: 8.4 GiB beside the
+        4.9 GiB packed)."""
+        readers = collections.Counter(ptr for programs in edge_programs.values() for program in programs
+                                      for ptr in {s.data_ptr() for s in weight_storages(program)})
+        total, start, results = sum(map(len, edge_programs.values())), time.perf_counter(), {}
+        for method, programs in edge_programs.items():
+            results[method] = []
+            for program, spec in zip(programs, compile_specs[method]):
+                results[method].append(cls.preprocess(program, spec))
+                for storage in weight_storages(program):
+                    if storage.data_ptr() in releasable and readers[storage.data_ptr()] == 1 and storage.nbytes() >= RELEASE_BYTES:
+                        storage.resize_(0)
+                if report is not None:
+                    done = sum(map(len, results.values()))
+                    report(Progress(done, total, time.perf_counter() - start, f"XNNPACK partition {done}/{total}"))
+        return results
+
     patches = [(XnnpackBackend, "copy_exported_program_for_preprocess", classmethod(copy_graph_share_weights)),
                (NodeVisitor, "convert_to_qc4w", staticmethod(pack_int4_by_rows))]
+    patches.append((XnnpackBackend, "preprocess_multimethod", classmethod(preprocess_and_free)))
     own = [(cls, name, cls.__dict__.get(name)) for cls, name, _ in patches]
     for cls, name, patch in patches:
         setattr(cls, name, patch)
@@ -191,6 +255,35 @@ def pack_int4_by_rows(values: torch.Tensor, rows: int = 4096) -> torch.Tensor:
     return out
 
 
+def weight_storages(program: torch.export.ExportedProgram):
+    """The storages of a program's weights and constants, a quantized tensor's parts each."""
+    return list(_storages([*program.state_dict.values(), *program.constants.values()]))
+
+
+def _storages(tensors):
+    for t in tensors:
+        names = getattr(type(t), "tensor_data_names", None)  # torchao's quantized tensors
+        yield from (_storages(getattr(t, n) for n in names) if names else [t.untyped_storage()])
+
+
+def single_use_storages(program: torch.export.ExportedProgram) -> set[int]:
+    """The storages (data pointers) of the weights exactly one node of the program reads: a tied table
+    (read by the embedding, outside XNNPACK, and by the output projection, inside) is not one."""
+    by_input = {**program.graph_signature.inputs_to_parameters, **program.graph_signature.inputs_to_buffers,
+                **program.graph_signature.inputs_to_lifted_tensor_constants}
+    tensors = {**program.state_dict, **program.constants}
+    readers = collections.Counter()
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in by_input:
+            # A quantized tensor's placeholder is read through one access node per part (its qdata,
+            # its scales, ...): the readers are theirs.
+            parts = [user for user in node.users if "access_subclass_inner_tensor" in str(user.target)]
+            n = max([len(node.users) - len(parts)] + [len(part.users) for part in parts])
+            for storage in _storages([tensors[by_input[node.name]]]):
+                readers[storage.data_ptr()] += n
+    return {ptr for ptr, n in readers.items() if n == 1}
+
+
 def release_delegated_weights(program: torch.export.ExportedProgram) -> None:
     """Free the storage of every weight only XNNPACK's delegates use, once they hold it packed:
     each lowered module keeps the program it was made from (ExecuTorch's emitter reads its graph, not
@@ -199,15 +292,9 @@ def release_delegated_weights(program: torch.export.ExportedProgram) -> None:
     top-level program still uses (a table shared with a delegated output projection) are kept."""
     from executorch.exir.lowered_backend_module import get_lowered_backend_modules
 
-    def storages(tensors):
-        for t in tensors:
-            names = getattr(type(t), "tensor_data_names", None)  # torchao's quantized tensors
-            yield from (storages(getattr(t, n) for n in names) if names else [t.untyped_storage()])
-
-    kept = {s.data_ptr() for s in storages([*program.state_dict.values(), *program.constants.values()])}
+    kept = {s.data_ptr() for s in weight_storages(program)}
     for lowered in get_lowered_backend_modules(program.graph_module):
-        original = lowered.original_module
-        for storage in storages([*original.state_dict.values(), *original.constants.values()]):
+        for storage in weight_storages(lowered.original_module):
             if storage.data_ptr() not in kept:
                 storage.resize_(0)
 
@@ -240,8 +327,13 @@ def export_pte(ckpt: Checkpoint, settings: ExportSettings, outdir: Path, overwri
         with timed("load and quantize"):
             model, plan = build_model(ckpt, settings, report)
         special = special_tokens(ckpt)
+        cache = cache_section(getattr(torch, settings.kv_dtype),
+                              [t.shape for layer in model.layers for t in (layer.attn.cache.k, layer.attn.cache.v)],
+                              settings.max_seq_len, "a buffer of the program per layer: [kv_heads, slots, head_dim] for keys "
+                              "and for values; a sliding layer keeps a ring of sliding_window + 1 slots")
         with timed("trace and lower"):
-            program = lower_to_executorch(model, runner_metadata(model, settings, special["stop_token_ids"]))
+            program = lower_to_executorch(model, runner_metadata(model, settings, special["stop_token_ids"]),
+                                          settings.max_tokens_per_call, report)
         with timed("write"):
             # Piece by piece: joining the program into one bytes object first (the manager's
             # .buffer) would hold a second copy of every weight, the file's size.
@@ -257,9 +349,9 @@ def export_pte(ckpt: Checkpoint, settings: ExportSettings, outdir: Path, overwri
                                {"name": "input_pos", "dtype": "int64", "shape": ["T"]}],
                     "outputs": [{"name": "logits", "dtype": "float32", "shape": [1, model.config.vocab_size],
                                  "rows": "last position only"}],
-                    "tokens_per_call": [1, settings.max_seq_len],
+                    "tokens_per_call": [1, settings.max_tokens_per_call],  # a longer prompt goes in chunks
                     # Python modules whose import registers the kernels the program calls.
                     "kernels": ["executorch.kernels.quantized"] if settings.embedding_quant != "none" else []},
-                tokenizer={"files": tokenizer},
+                cache=cache, tokenizer={"files": tokenizer},
                 versions=versions("torch", "executorch", "torchao", "transformers"))
     return ExportResult(Path(outdir), manifest, seconds)

@@ -33,6 +33,16 @@ def special_tokens(ckpt: Checkpoint) -> dict[str, Any]:
             "pad_token_id": config.pad_token_id, "end_of_turn_id": end_of_turn, "stop_token_ids": stop}
 
 
+def cache_section(dtype, shapes, max_seq_len: int, layout: str) -> dict[str, Any]:
+    """The manifest's "cache": what the program's static KV cache takes on the device beside the
+    weights. dtype: the cache's torch dtype; shapes: every key and value buffer's shape."""
+    import math
+
+    itemsize = dtype.itemsize
+    return {"dtype": str(dtype).removeprefix("torch."), "bytes": sum(itemsize * math.prod(s) for s in shapes),
+            "positions": max_seq_len, "layout": layout}
+
+
 def copy_tokenizer(ckpt: Checkpoint, folder: Path) -> list[str]:
     names = []
     for f in ckpt.tokenizer_files:

@@ -56,6 +56,9 @@ def weight_bytes(config: GemmaConfig, settings: ExportSettings, held: bool = Fal
     return int(linears * size(settings.quant) + table * size(settings.embedding_quant))
 
 
+KV_ITEMSIZE = {"float32": 4, "float16": 2}
+
+
 def cache_bytes(config: GemmaConfig, max_seq_len: int, itemsize: int = 4) -> int:
     """The static KV cache: keys and values, [kv_heads, max_seq_len, head_dim] per layer."""
     return 2 * config.num_hidden_layers * config.num_key_value_heads * max_seq_len * config.head_dim * itemsize
@@ -65,13 +68,15 @@ def expected_peak(config: GemmaConfig, settings: ExportSettings) -> int:
     """The export process's expected peak resident memory, in bytes: the model as the exporter holds
     it, the KV cache, and the larger of the largest tensor's quantization and, for a .pte, XNNPACK's
     packed weights (the file's size), made while the unpacked ones are still held (they are freed
-    once packed). Measured at full size (README, "Full size"): Gemma 2B int4 ONNX 4.99 GiB (this
-    says 5.2), .pte 5.85 (6.7); 7B int4 ONNX 8.2 (11.1), .pte 15.1 (15.7)."""
+    once packed). An upper bound since the unpacked weights are freed partition by partition and bf16
+    sources are read block by block; measured at full size (README, "Full size", 2026-12-02): Gemma 2B
+    int4 ONNX 3.07 GiB from a sharded bf16 folder, 3.81 from random:gemma-2b (this says 5.2), .pte 4.98
+    (6.7); 7B int4 ONNX 7.94 (11.1), .pte 11.30 (15.7); Gemma 3 1B int8 ONNX 2.54 (3.5)."""
     largest = 4 * max(config.vocab_size * config.hidden_size, config.hidden_size * config.intermediate_size * 2)
     extra = LARGEST * largest
     if settings.format == "pte":
         extra = max(extra, weight_bytes(config, settings))
-    return int(BASE + weight_bytes(config, settings, held=True) + extra + cache_bytes(config, settings.max_seq_len))
+    return int(BASE + weight_bytes(config, settings, held=True) + extra + cache_bytes(config, settings.max_seq_len, KV_ITEMSIZE[settings.kv_dtype]))
 
 
 def available_memory() -> int:

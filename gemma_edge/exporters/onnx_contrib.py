@@ -66,13 +66,17 @@ class GroupQueryAttention(Attention):
         seqlens_k = last.to(torch.int32)  # [batch]
         total = (last + 1).to(torch.int32).reshape(())
         past_k, past_v = self.cache.k4, self.cache.v4  # [1, kv, max_seq_len, d]
+        inputs = [qkv[None]] if k is None else [q, k, v]
+        if past_k.dtype != x.dtype:  # a float16 cache: GQA computes in its inputs' type, which is the cache's
+            inputs = [t.to(past_k.dtype) for t in inputs]
+        inputs += [None, None] if k is None else []
         out, self.cache.k4, self.cache.v4 = torch.onnx.ops.symbolic_multi_out(
-            GQA, (qkv[None] if k is None else q, k, v, past_k, past_v, seqlens_k, total, self.rope_cos_half, self.rope_sin_half),
+            GQA, (*inputs, past_k, past_v, seqlens_k, total, self.rope_cos_half, self.rope_sin_half),
             {"num_heads": h, "kv_num_heads": kv, "scale": float(self.scale), "softcap": float(self.softcap or 0.0),
              "local_window_size": self.window or -1, "do_rotary": 1, "rotary_interleaved": 0},
-            dtypes=(q.dtype, past_k.dtype, past_v.dtype), shapes=((1, x.shape[0], h * d), past_k.shape, past_v.shape),
+            dtypes=(past_k.dtype, past_k.dtype, past_v.dtype), shapes=((1, x.shape[0], h * d), past_k.shape, past_v.shape),
             version=1)
-        return self.o_proj(out[0])
+        return self.o_proj(out[0].to(x.dtype))
 
 
 def unsupported(config) -> str | None:
@@ -114,8 +118,8 @@ def share_rope_halves(model: nn.Module) -> nn.Module:
             continue
         for table in ("cos", "sin"):
             key = f"rope_{table}_{layer.layer_type}"  # [max_seq_len, head_dim]
-            if key not in tables:
-                tables[key] = getattr(model, key)[:, :half].contiguous()
+            if key not in tables:  # in the cache's type: GQA's cos/sin are of its queries' type
+                tables[key] = getattr(model, key)[:, :half].to(layer.attn.cache.k.dtype).contiguous()
             layer.attn.register_buffer(f"rope_{table}_half", tables[key], persistent=False)
     return model
 

@@ -19,6 +19,22 @@ DEFAULT_EMBEDDING_QUANT = {"fp32": "none", "int8": "int8", "int4": "int4"}
 # standard's (for other runtimes), or auto: contrib where the model's shapes allow it.
 # ExecuTorch programs have no such choice (None).
 ONNX_OPS = ("auto", "contrib", "standard")
+# The KV cache's element type. float16 halves the cache (Gemma 7B at its 8192-token context: 7 GiB
+# in float32); attention then multiplies in float16 (XNNPACK's f16 matmuls, ONNX Runtime's float16
+# GroupQueryAttention) with the softmax in float32. bfloat16 has no such kernel in either runtime
+# (BFLOAT16_WHY), so it is refused by name rather than run slowly.
+KV_DTYPES = ("float32", "float16")
+# A .pte's memory plan holds every activation for the longest call it allows (ExecuTorch allocates
+# the plan whole, zero-filled, when it loads: Gemma 7B at 1024 tokens per call 0.88 GiB beside its
+# KV cache, at 256 0.22), so a .pte takes prompts in chunks of at most this many tokens (its stock
+# runner reads the limit from get_max_seq_len), unless the cache is shorter. ONNX Runtime allocates
+# for each call's own length: an ONNX graph takes any length up to the cache.
+PTE_TOKENS_PER_CALL = 256
+BFLOAT16_WHY = {
+    "pte": "XNNPACK has no bfloat16 matmul, so attention would fall back to ExecuTorch's portable kernels "
+           "(measured 25x slower than float16)",
+    "onnx": "ONNX Runtime's CPU GroupQueryAttention is implemented for float32 and float16 only",
+}
 
 
 @dataclass(frozen=True)
@@ -29,6 +45,8 @@ class ExportSettings:
     embedding_quant: str | None = None  # none / int8 / int4; None: as DEFAULT_EMBEDDING_QUANT
     max_seq_len: int = 1024  # positions the static KV cache holds
     ops: str | None = None  # ONNX only: auto (default), contrib or standard operators
+    kv_dtype: str = "float32"  # the KV cache's element type: float32 or float16
+    max_tokens_per_call: int | None = None  # .pte only: longest call (a prefill chunk); None: PTE_TOKENS_PER_CALL
 
     def __post_init__(self) -> None:
         _one_of("format", self.format, FORMATS)
@@ -44,6 +62,22 @@ class ExportSettings:
             _one_of("ops", self.ops, ONNX_OPS)
         elif self.ops is not None:
             raise ConfigError(f"--ops chooses ONNX operators; it does not apply to --format {self.format}")
+        if self.format == "pte":
+            if self.max_tokens_per_call is None:
+                object.__setattr__(self, "max_tokens_per_call", min(self.max_seq_len, PTE_TOKENS_PER_CALL))
+            if not 1 <= self.max_tokens_per_call <= self.max_seq_len:
+                raise ConfigError(f"--max-tokens-per-call must be from 1 to --max-seq-len ({self.max_seq_len}), "
+                                  f"got {self.max_tokens_per_call}")
+        elif self.max_tokens_per_call is not None:
+            raise ConfigError("--max-tokens-per-call limits a .pte's calls (its memory plan); an ONNX graph takes any "
+                              "length up to the cache: leave it out for --format onnx")
+        if self.kv_dtype == "bfloat16":
+            raise ConfigError(f"--kv-dtype bfloat16 is not supported for --format {self.format}: {BFLOAT16_WHY[self.format]}; "
+                              "use --kv-dtype float16")
+        _one_of("kv-dtype", self.kv_dtype, KV_DTYPES)
+        if self.format == "onnx" and self.kv_dtype != "float32" and self.ops == "standard":
+            raise ConfigError("--kv-dtype float16 needs ONNX Runtime's GroupQueryAttention (--ops auto or contrib): "
+                              "the standard graph's float16 matmuls have no CPU kernel of their own")
         g = self.group_size
         if self.format == "onnx" and (g < 16 or g & (g - 1)):  # MatMulNBits and GatherBlockQuantized blocks
             raise ConfigError(f"--format onnx needs a --group-size that is a power of 2 of at least 16 (16, 32, 64, ...), got {g}")

@@ -8,7 +8,8 @@ full-precision model: the habit of llama.cpp's converter (one tensor at a time) 
 
 The stream yields (name, tensor) in the plain model's names. Each feeds the targets that take
 it: a layer whose weight is made from one or more of them (q, k and v fused; a quantized matrix),
-filled as soon as its last source arrives, after which the sources are dropped. A name that is a
+filled as soon as its last source arrives (in the checkpoint's dtype: each target takes float32
+a block of rows at a time), after which the sources are dropped. A name that is a
 parameter of the rewritten model is then copied in, unless a target replaced that parameter. Peak memory is the rewritten model plus one layer's weights
 in float32.
 """
@@ -43,7 +44,8 @@ def return_freed_blocks(threshold: int = 1 << 20) -> None:
 
 @dataclass
 class Target:
-    """A layer filled from the stream: its sources' rows, concatenated in order, in float32."""
+    """A layer filled from the stream: its sources' rows, concatenated in order, in the checkpoint's
+    dtype (fill takes them to float32 a block at a time, where it needs float32)."""
 
     sources: tuple[str, ...]
     fill: Callable[[torch.Tensor], None]
@@ -86,7 +88,9 @@ def fill_layers(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], t
             for target in consumers.get(name, []):
                 target.arrived[name] = tensor
                 if len(target.arrived) == len(target.sources):
-                    parts = [target.arrived.pop(s).float() for s in target.sources]
+                    # In the checkpoint's dtype: a target quantizes a block of rows at a time, each
+                    # in float32, so a bf16 table (Gemma 2 2B: 1.2 GB) never has a whole float32 copy.
+                    parts = [target.arrived.pop(s) for s in target.sources]
                     target.fill(parts[0] if len(parts) == 1 else torch.cat(parts))
                     filled += 1
                     del parts

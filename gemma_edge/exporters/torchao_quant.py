@@ -90,6 +90,7 @@ def quantize_rows(module: nn.Module, weight: torch.Tensor, config, elements: int
 
     parts = []
     for block in weight.split(max(1, elements // weight.shape[1])):
+        block = block.float()  # a checkpoint's bf16 rows, in float32 one block at a time
         holder = (nn.Embedding(*block.shape, device="meta") if isinstance(module, nn.Embedding)
                   else nn.Linear(block.shape[1], block.shape[0], bias=False, device="meta"))
         holder.weight = nn.Parameter(block, requires_grad=False)

@@ -1,5 +1,6 @@
 #include "pte_program.h"
 
+#include <algorithm>
 #include <cstring>
 #include <numeric>
 #include <stdexcept>
@@ -35,7 +36,8 @@ PteProgram::PteProgram(const std::string& path) : module_(std::make_unique<Modul
   check(module_->load(), "loading " + path);
   check(module_->load_method("forward"), "loading the forward method of " + path);
   vocab_size_ = constant(*module_, "get_vocab_size");
-  max_seq_len_ = constant(*module_, "get_max_seq_len");
+  max_seq_len_ = constant(*module_, "get_max_context_len");  // positions the cache holds
+  max_tokens_per_call_ = constant(*module_, "get_max_seq_len");  // the longest call: prompts go in chunks
   logits_.resize(vocab_size_);
 }
 
@@ -49,17 +51,20 @@ const std::vector<float>& PteProgram::forward_last(const std::vector<int64_t>& t
   }
   positions_.resize(n);
   std::iota(positions_.begin(), positions_.end(), start_pos);
-  // The tensors borrow the vectors' memory for the call: [1, T] and [T], int64 as exported.
-  auto ids = from_blob(const_cast<int64_t*>(tokens.data()), {1, static_cast<int32_t>(n)}, ScalarType::Long);
-  auto pos = from_blob(positions_.data(), {static_cast<int32_t>(n)}, ScalarType::Long);
-  auto outputs = module_->forward({*ids, *pos});
-  check(outputs.error(), "forward");
-  const auto& logits = outputs->at(0).toTensor();  // [1, vocab], float32
-  if (logits.scalar_type() != ScalarType::Float || logits.numel() != vocab_size_) {
-    throw std::runtime_error("forward returned " + std::to_string(logits.numel()) + " values, expected [1, " +
-                             std::to_string(vocab_size_) + "] float32");
+  for (int64_t start = 0; start < n; start += max_tokens_per_call_) {
+    const int64_t count = std::min(max_tokens_per_call_, n - start);
+    // The tensors borrow the vectors' memory for the call: [1, T] and [T], int64 as exported.
+    auto ids = from_blob(const_cast<int64_t*>(tokens.data() + start), {1, static_cast<int32_t>(count)}, ScalarType::Long);
+    auto pos = from_blob(positions_.data() + start, {static_cast<int32_t>(count)}, ScalarType::Long);
+    auto outputs = module_->forward({*ids, *pos});
+    check(outputs.error(), "forward");
+    const auto& logits = outputs->at(0).toTensor();  // [1, vocab], float32
+    if (logits.scalar_type() != ScalarType::Float || logits.numel() != vocab_size_) {
+      throw std::runtime_error("forward returned " + std::to_string(logits.numel()) + " values, expected [1, " +
+                               std::to_string(vocab_size_) + "] float32");
+    }
+    std::memcpy(logits_.data(), logits.const_data_ptr<float>(), vocab_size_ * sizeof(float));
   }
-  std::memcpy(logits_.data(), logits.const_data_ptr<float>(), vocab_size_ * sizeof(float));
   return logits_;
 }
 

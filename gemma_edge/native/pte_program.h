@@ -23,7 +23,8 @@ class PteProgram {
   ~PteProgram();
 
   // Places tokens at positions start_pos.. of the static KV cache and returns the logits of the
-  // last one: the exporter's contract, forward(tokens [1, T], input_pos [T]) -> [1, vocab].
+  // last one: the exporter's contract, forward(tokens [1, T], input_pos [T]) -> [1, vocab], one
+  // call per chunk of at most get_max_seq_len tokens (the program's memory plan holds that many).
   // Throws std::runtime_error when the call fails (e.g. past the cache's end).
   const std::vector<float>& forward_last(const std::vector<int64_t>& tokens, int64_t start_pos);
 
@@ -34,6 +35,7 @@ class PteProgram {
   std::unique_ptr<executorch::extension::module::Module> module_;
   int64_t vocab_size_ = 0;
   int64_t max_seq_len_ = 0;
+  int64_t max_tokens_per_call_ = 1;
   std::vector<int64_t> positions_;  // [T], rebuilt per call
   std::vector<float> logits_;  // [vocab], the last call's
 };

@@ -14,7 +14,7 @@ import numpy as np
 
 from gemma_edge.errors import DamagedExportError, GemmaEdgeError, MissingDependencyError
 from gemma_edge.manifest import damaged, read_manifest
-from gemma_edge.runtime.backend import first_line
+from gemma_edge.runtime.backend import first_line, pages_released_while_loading
 
 
 class OnnxBackend:
@@ -34,8 +34,10 @@ class OnnxBackend:
         if threads:
             options.intra_op_num_threads = threads
         io = self.manifest["io"]
+        data = [folder / name for name in io.get("files") or [] if name != io["program"]]
         try:
-            self.session = ort.InferenceSession(str(folder / io["program"]), options, providers=["CPUExecutionProvider"])
+            with pages_released_while_loading(data):
+                self.session = ort.InferenceSession(str(folder / io["program"]), options, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime's pybind errors (InvalidProtobuf, Fail, ...) share no base but Exception
             raise DamagedExportError(damaged(folder, io["program"], f"ONNX Runtime cannot load it: {first_line(e)}")) from None
         self._ort = ort
@@ -43,7 +45,8 @@ class OnnxBackend:
         self._caches = {}  # past name -> (present name, OrtValue)
         for spec in io["inputs"]:
             if spec["name"].startswith("past_key_values."):
-                buffer = ort.OrtValue.ortvalue_from_numpy(np.zeros(spec["shape"], np.float32))
+                self._cache_dtype = np.dtype(spec["dtype"])  # float32, or float16 (--kv-dtype)
+                buffer = ort.OrtValue.ortvalue_from_numpy(np.zeros(spec["shape"], self._cache_dtype))
                 self._caches[spec["name"]] = (spec["name"].replace("past_key_values.", "present.", 1), buffer)
         self.reset()
 
@@ -77,4 +80,4 @@ class OnnxBackend:
         """Nothing to clear for correctness (a prefill from 0 masks every slot); zeroed anyway so
         that no stale value (or NaN from a failed run) can reach a masked product."""
         for _, buffer in self._caches.values():
-            buffer.update_inplace(np.zeros(buffer.shape(), np.float32))
+            buffer.update_inplace(np.zeros(buffer.shape(), self._cache_dtype))
