@@ -146,7 +146,7 @@ def main() -> None:
     rows = []
     if args.table:
         records = [json.loads(p.read_text()) for p in sorted(args.out.glob("*.json"))]
-        rows = [r for model in args.models for r in records if r.get("model") == model]
+        rows = [r for model in args.models for r in records if isinstance(r, dict) and r.get("model") == model]  # not --json lists
         args.models, args.bench_quants = [], []
     for model in args.models:
         for fmt in args.formats:
