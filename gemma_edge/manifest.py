@@ -15,6 +15,7 @@ keep, and imports neither torch nor exporter code:
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +67,6 @@ def cache_bytes(manifest: dict[str, Any]) -> int:
     every ONNX layer at max_seq_len, a .pte's sliding layers a ring of window + 1 slots (cache.py)."""
     if "cache" in manifest:
         return int(manifest["cache"]["bytes"])
-    import math
-
     if manifest["format"] == "onnx":
         return sum(4 * math.prod(i["shape"]) for i in manifest["io"]["inputs"] if i["name"].startswith("past_key_values."))
     c, n = manifest["config"], int(manifest["max_seq_len"])

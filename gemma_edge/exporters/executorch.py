@@ -138,17 +138,11 @@ def lower(program: torch.export.ExportedProgram, metadata: dict[str, object], re
     # (llama::update_cache_with_indices) needs 4-D buffers, and the view back to the 3-D ones our
     # attention multiplies by became a copy of its own (3 ms per step): this is the faster way.
     config = ExecutorchBackendConfig(do_quant_fusion_and_const_prop=True, extract_delegate_segments=True,
-                                     run_reinplace_pass=True, memory_planning_pass=PlanReturnedOutputsOnly(alloc_graph_input=False))
+                                     run_reinplace_pass=True, memory_planning_pass=plan_returned_outputs_only())
     return edge.to_executorch(config)
 
 
-def _memory_planning_pass():
-    from executorch.exir.passes import MemoryPlanningPass
-
-    return MemoryPlanningPass
-
-
-class PlanReturnedOutputsOnly(_memory_planning_pass()):
+def plan_returned_outputs_only():
     """ExecuTorch's memory planning, with the KV cache's updates planned where the cache is.
 
     The reinplace pass makes each cache update an in-place index_put_ on its buffer, and the
@@ -157,19 +151,23 @@ class PlanReturnedOutputsOnly(_memory_planning_pass()):
     made before, and the planner gave those their own memory, never written or read: a second KV
     cache in the memory plan, which ExecuTorch allocates whole (zero-filled) when the program loads
     (Gemma 7B at 1024 positions: 0.875 GiB of its 1.75 GiB plan). Here the output node gets the
-    buffers' own specs for them first."""
+    buffers' own specs for them first. (Made here, not at import: ONNX exports import this module.)"""
+    from executorch.exir.passes import MemoryPlanningPass
 
-    def run(self, graph_module, graph_signature=None):
-        for node in graph_module.graph.nodes:
-            if node.op != "output" or not isinstance(node.meta.get("spec"), (list, tuple)):
-                continue
-            returned = node.args[0] if isinstance(node.args[0], (list, tuple)) else [node.args[0]]
-            specs = list(node.meta["spec"])
-            for i, value in enumerate(returned):
-                if isinstance(value, torch.fx.Node) and _writes_its_first_argument(value):
-                    specs[i] = value.meta["spec"] = value.args[0].meta["spec"]
-            node.meta["spec"] = type(node.meta["spec"])(specs)
-        return super().run(graph_module, graph_signature)
+    class PlanReturnedOutputsOnly(MemoryPlanningPass):
+        def run(self, graph_module, graph_signature=None):
+            for node in graph_module.graph.nodes:
+                if node.op != "output" or not isinstance(node.meta.get("spec"), (list, tuple)):
+                    continue
+                returned = node.args[0] if isinstance(node.args[0], (list, tuple)) else [node.args[0]]
+                specs = list(node.meta["spec"])
+                for i, value in enumerate(returned):
+                    if isinstance(value, torch.fx.Node) and _writes_its_first_argument(value):
+                        specs[i] = value.meta["spec"] = value.args[0].meta["spec"]
+                node.meta["spec"] = type(node.meta["spec"])(specs)
+            return super().run(graph_module, graph_signature)
+
+    return PlanReturnedOutputsOnly(alloc_graph_input=False)
 
 
 def _writes_its_first_argument(node: torch.fx.Node) -> bool:
