@@ -18,20 +18,20 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 # The main job on the built-in real Gemma 3 270M: export it to ONNX (int8 layers, int4 table: the
-# x1.09 recipe) and to an int4 .pte (once: delete out/ to redo), verify each against transformers,
+# x1.09 recipe) and to a .pte of the same recipe (once: delete out/ to redo), verify each against transformers,
 # then generate with each, with speeds.
 DEMO_PROMPT := Photosynthesis is the process by which
-demo: setup out/gemma3-onnx/gemma_edge.json out/gemma3-int4-pte/gemma_edge.json
+demo: setup out/gemma3-onnx/gemma_edge.json out/gemma3-pte/gemma_edge.json
 	$(BIN)/gemma-edge verify out/gemma3-onnx
-	$(BIN)/gemma-edge verify out/gemma3-int4-pte
+	$(BIN)/gemma-edge verify out/gemma3-pte
 	$(BIN)/gemma-edge generate out/gemma3-onnx "$(DEMO_PROMPT)" -n 48
-	$(BIN)/gemma-edge generate out/gemma3-int4-pte "$(DEMO_PROMPT)" -n 48
+	$(BIN)/gemma-edge generate out/gemma3-pte "$(DEMO_PROMPT)" -n 48
 
 out/gemma3-onnx/gemma_edge.json: | setup
 	$(BIN)/gemma-edge export gemma-3-270m --format onnx --quant int8 --embedding-quant int4 -o out/gemma3-onnx --overwrite
 
-out/gemma3-int4-pte/gemma_edge.json: | setup
-	$(BIN)/gemma-edge export gemma-3-270m --format pte --quant int4 -o out/gemma3-int4-pte --overwrite
+out/gemma3-pte/gemma_edge.json: | setup
+	$(BIN)/gemma-edge export gemma-3-270m --format pte --quant int8 --embedding-quant int4 -o out/gemma3-pte --overwrite
 
 # The arm64 parity tests (verify --target arm64) unpack an arm64 Debian userland with mmdebstrap
 # and cross-compile the native .pte runner with aarch64-linux-gnu-g++.

@@ -19,7 +19,7 @@ from gemma_edge.checkpoints import load_model, resolve
 from gemma_edge.errors import ConfigError, GemmaEdgeError
 from gemma_edge.exporters.settings import ExportSettings
 from gemma_edge.exporters.executorch import build_model, export_pte
-from gemma_edge.exporters.torchao_quant import INT4, INT8
+from gemma_edge.exporters.torchao_quant import INT4, INT4_CLIPPED, INT8, TABLE_INT4
 from gemma_edge.files import sha256_file
 from gemma_edge.reference import load_reference
 from gemma_edge.runtime.eager import EagerBackend
@@ -192,7 +192,7 @@ def test_manifest_describes_the_export(exports):
     layers = manifest["quantization"]["layers"]
     # tiny-gemma2: hidden 96 = 3 groups of 32 -> int4; intermediate 200 is no multiple of 32 -> int8.
     assert layers["layers.0.attn.q_proj"] == INT4 and layers["layers.0.mlp.down_proj"] == INT8
-    assert layers["lm_head"] == INT4 and layers["embed_tokens"].startswith("int4")
+    assert layers["lm_head"] == INT4_CLIPPED and layers["embed_tokens"] == TABLE_INT4  # the head follows the table
     assert {"torch", "executorch", "torchao"} <= set(manifest["versions"])
 
 
@@ -305,6 +305,40 @@ def test_packing_int4_by_rows_gives_xnnpack_s_bytes(shape):
     assert packed.dtype == torch.uint8 and torch.equal(packed, NodeVisitor.convert_to_qc4w(values))
     with pytest.raises(ValueError, match="outside"):
         pack_int4_by_rows(values.clone().fill_(8))
+
+
+@pytest.mark.parametrize("table", [False, True])
+def test_searched_scales_fit_the_weights_better_than_the_full_range(table):
+    """The clipped scales of an int4 output projection (bf16 scales: XNNPACK's 8da4w) and of an int4
+    table (fp32 scales, weight only): on the same grid as torchao's own quantization, never a worse
+    group, and with one clipping (the full range) exactly torchao's choice."""
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, PerGroup
+
+    from gemma_edge.exporters.onnx_quant import CLIPS
+    from gemma_edge.exporters.torchao_quant import NEAREST, quantize_rows
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(300, 128, generator=g) * torch.rand(300, 1, generator=g) + 0.3 * torch.rand(300, 1, generator=g)
+    if table:
+        config, module = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)), torch.nn.Embedding(300, 128)
+    else:
+        config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(32),
+                                                       weight_scale_dtype=torch.bfloat16)
+        module = torch.nn.Linear(128, 300, bias=False)
+
+    def quantized(clips, elements=1 << 24):
+        quantize_rows(module, w, config, elements=elements, clips=clips)
+        q = module.weight
+        assert q.qdata.min() >= -8 and q.qdata.max() <= 7 and q.scale.dtype == (torch.float32 if table else torch.bfloat16)
+        assert not q.zero_point.any()  # symmetric, as XNNPACK's 4-bit linear kernels are
+        return q, ((q.dequantize() - w) ** 2).view(300, 4, 32).sum(-1)
+
+    nearest, nearest_err = quantized(NEAREST)  # torchao's quantize_
+    searched, err = quantized(CLIPS, elements=128 * 64)  # in blocks of 64 rows, as a 262k-row table goes
+    print(f"searched / full range squared error: {err.sum() / nearest_err.sum():.3f}")  # measured 0.917, 0.916
+    assert (err <= nearest_err * (1 + 1e-6)).all() and err.sum() < 0.95 * nearest_err.sum()
+    full, _ = quantized((1.0, 1.0))  # one clipping, the full range: torchao's own scales and values
+    assert torch.equal(full.qdata, nearest.qdata) and torch.equal(full.scale, nearest.scale)
 
 
 def test_unknown_settings_are_named():
