@@ -192,7 +192,7 @@ def test_manifest_describes_the_export(exports):
     layers = manifest["quantization"]["layers"]
     # tiny-gemma2: hidden 96 = 3 groups of 32 -> int4; intermediate 200 is no multiple of 32 -> int8.
     assert layers["layers.0.attn.q_proj"] == INT4 and layers["layers.0.mlp.down_proj"] == INT8
-    assert layers["lm_head"] == INT4_CLIPPED and layers["embed_tokens"] == TABLE_INT4  # the head follows the table
+    assert layers["lm_head"] == INT4_CLIPPED and layers["embed_tokens"] == TABLE_INT4  # both with clipped groups
     assert {"torch", "executorch", "torchao"} <= set(manifest["versions"])
 
 

@@ -57,7 +57,7 @@ def linear_plan(model: nn.Module, settings: ExportSettings) -> dict[str, str]:
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and settings.quant != "fp32":
             fits = module.in_features % settings.group_size == 0
-            plan[name] = INT4 if settings.quant == "int4" and fits else INT8
+            plan[name] = (INT4_CLIPPED if name == "lm_head" else INT4) if settings.quant == "int4" and fits else INT8
     return plan
 
 
@@ -78,6 +78,7 @@ def quantization_targets(model: Gemma, settings: ExportSettings, tied: bool) -> 
                                                     weight_scale_dtype=torch.bfloat16),
         INT8: Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0)),
     }
+    configs[INT4_CLIPPED] = configs[INT4]
 
     def quantize(module: nn.Module, config, clips: tuple[float, ...] = NEAREST):
         return lambda weight: quantize_rows(module, weight, config, clips=clips)
@@ -85,11 +86,9 @@ def quantization_targets(model: Gemma, settings: ExportSettings, tied: bool) -> 
     targets = []
     if tied and "lm_head" not in plan:  # a float head beside a quantized table
         targets.append(Target(("embed_tokens.weight",), model.lm_head.weight.copy_))
-    for name, scheme in list(plan.items()):
+    for name, scheme in plan.items():
         source = "embed_tokens.weight" if name == "lm_head" and tied else f"{name}.weight"
-        clips = NEAREST
-        if name == "lm_head" and scheme == INT4:
-            clips, plan[name] = CLIPS, INT4_CLIPPED
+        clips = CLIPS if scheme == INT4_CLIPPED else NEAREST
         targets.append(Target((source,), quantize(model.get_submodule(name), configs[scheme], clips)))
     if settings.embedding_quant != "none":
         hidden = model.config.hidden_size
@@ -114,12 +113,12 @@ def quantize_rows(module: nn.Module, weight: torch.Tensor, config, elements: int
     parts = []
     for block in weight.split(max(1, elements // weight.shape[1])):
         block = block.float()  # a checkpoint's bf16 rows, in float32 one block at a time
-        holder = (nn.Embedding(*block.shape, device="meta") if isinstance(module, nn.Embedding)
-                  else nn.Linear(block.shape[1], block.shape[0], bias=False, device="meta"))
-        holder.weight = nn.Parameter(block, requires_grad=False)
         if len(clips) > 1:
             parts.append(searched(block, config, clips))
             continue
+        holder = (nn.Embedding(*block.shape, device="meta") if isinstance(module, nn.Embedding)
+                  else nn.Linear(block.shape[1], block.shape[0], bias=False, device="meta"))
+        holder.weight = nn.Parameter(block, requires_grad=False)
         quantize_(holder, config, filter_fn=lambda m, fqn: m is holder)
         parts.append(holder.weight.detach())
         # quantize_ leaves the holder in a reference cycle (it binds extra_repr to it), which only
