@@ -38,7 +38,7 @@ def test_real_int4_pte_verifies_on_emulated_arm64(real, tmp_path):
     activations are rounded to int8 again at every layer): close, not equal. Compared on what verify judges,
     each check's mean KL and the perplexity ratio over all 144 rows, not a check's own ratio: the
     decode check's 16 rows are noise (measured 2026-12-02, clipped int4 table: decode x1.820 on the
-    host, x1.935 on arm64, 6% apart, from a KL 0.012 apart; over all rows x2.130 / x2.156)."""
+    host, x1.935 on arm64, 6% apart, from a KL 0.012 apart; the same checks over all rows: x2.130 / x2.156)."""
     folder = cached_export(real[0], ExportSettings(format="pte", quant="int4", max_seq_len=REAL_MAX_SEQ_LEN))
     reports = {}
     for target in ("host", "arm64"):
