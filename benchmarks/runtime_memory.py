@@ -87,9 +87,8 @@ def main() -> None:
         start = time.perf_counter()
         greedy(backend, prompt, args.new_tokens)
         report(f"run {run + 1} ({time.perf_counter() - start:.0f} s)")
-    files = sum(f["bytes"] for f in manifest["files"].values())
-    budget = files + cache_bytes(manifest) + 2**30
-    print(f"files {files / MIB:,.0f} MiB + KV cache {cache_bytes(manifest) / MIB:,.0f} MiB + 1 GiB = {budget / MIB:,.0f} MiB; "
+    files, cache = sum(f["bytes"] for f in manifest["files"].values()), cache_bytes(manifest)
+    print(f"files {files / MIB:,.0f} MiB + KV cache {cache / MIB:,.0f} MiB + 1 GiB = {(files + cache + 2**30) / MIB:,.0f} MiB; "
           f"peak {memory()['peak'] / MIB:,.0f} MiB")
     io = manifest["io"]
     data = [name for name in io.get("files") or [] if name != io["program"]]
