@@ -41,8 +41,12 @@ tools:
 	if [ -n "$$missing" ]; then if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; \
 	  else echo "the arm64 tests need:$$missing (sudo apt-get install$$missing)"; exit 1; fi; fi
 
+# One test process per core (at most 2: a real-model test process takes a few GiB); a module's tests
+# stay in one process, so its fixtures are made once. Lowering a .pte is single-threaded Python for
+# minutes, so two processes nearly halve a run whose exports are not cached yet.
+PYTEST_PARALLEL := -n auto --maxprocesses 2 --dist loadscope
 test: setup tools
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PYTEST_PARALLEL)
 	$(MAKE) -C android_demo check
 
 test-fast: setup

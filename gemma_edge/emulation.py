@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 from gemma_edge.errors import GemmaEdgeError
-from gemma_edge.files import write_atomic
+from gemma_edge.files import exclusive, write_atomic
 
 # NEON, dot product and fp16, as in most phones since 2019 (Cortex-A76). neoverse-n2 adds i8mm.
 DEFAULT_CPU = "cortex-a76"
@@ -64,13 +64,16 @@ def ensure_arm64(progress=print) -> Path:
     for tool in ("apt-get", "dpkg", "mmdebstrap"):
         if shutil.which(tool) is None:
             raise GemmaEdgeError(f"emulating arm64 needs {tool} (Debian): apt-get install mmdebstrap")
-    progress(f"setting up the arm64 emulation in {base} (once)")
-    _qemu(base)
-    _userland(base)
-    _wheels(base)
-    # Last, and whole: a kit without it (a killed setup) is completed step by step on the next use;
-    # each step's folder appears by a rename once complete, so no half-made step is ever taken as done.
-    write_atomic(base / "ready", "qemu-user from trixie, python3.11 from bookworm arm64, " + ", ".join(PACKAGES) + "\n")
+    with exclusive(base / ".setup.lock"):  # two first uses at once: the second waits for the first's kit
+        if (base / "ready").is_file():
+            return base
+        progress(f"setting up the arm64 emulation in {base} (once)")
+        _qemu(base)
+        _userland(base)
+        _wheels(base)
+        # Last, and whole: a kit without it (a killed setup) is completed step by step on the next use;
+        # each step's folder appears by a rename once complete, so no half-made step is ever taken as done.
+        write_atomic(base / "ready", "qemu-user from trixie, python3.11 from bookworm arm64, " + ", ".join(PACKAGES) + "\n")
     return base
 
 
@@ -129,7 +132,15 @@ def ensure_pte_runner(progress=print) -> Path:
         return runner
     if shutil.which(CROSS_CXX) is None:
         raise GemmaEdgeError(f"building the arm64 .pte runner needs {CROSS_CXX}: apt-get install g++-aarch64-linux-gnu")
+    with exclusive(base / ".runner.lock"):  # another process may be building the same one
+        if not runner.is_file():
+            _build_pte_runner(base, et_version, runner, progress)
+    return runner
+
+
+def _build_pte_runner(base: Path, et_version: str, runner: Path, progress) -> None:
     et = _executorch_wheel(base, et_version, progress)
+    source = Path(__file__).with_name("native")
     progress("cross-compiling the native .pte runner for arm64")
     runner.parent.mkdir(exist_ok=True)
     tmp = runner.with_suffix(".partial")
@@ -142,7 +153,6 @@ def ensure_pte_runner(progress=print) -> Path:
         if old != tmp:
             old.unlink()
     tmp.rename(runner)
-    return runner
 
 
 def _executorch_wheel(base: Path, et_version: str, progress) -> Path:

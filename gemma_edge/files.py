@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import os
 import re
@@ -175,6 +176,21 @@ def _writing(folder: Path) -> Iterator[None]:
         raise OutputFolderError(f"cannot write the export in {folder}: {WRITE_ERRORS[e.errno]} "
                                 f"({e.filename or e.strerror}); free some space or choose another -o folder. "
                                 "Nothing was left behind, and an earlier export there is unchanged") from None
+
+
+@contextlib.contextmanager
+def exclusive(lock: Path) -> Iterator[None]:
+    """One process at a time in the block, across processes (an advisory lock on the file `lock`,
+    made if missing and left in place): a second process waits here until the first is done, then
+    finds its work made. The kernel drops the lock of a killed process."""
+    lock = Path(lock)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:

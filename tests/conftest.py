@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+PARALLEL = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1
+if PARALLEL:
+    # Test processes side by side (make test: pytest -n, one per core) compute on one thread each,
+    # and so do the commands they start: OpenMP threads sharing a core with another process wait
+    # for each other at every barrier (a 2-thread PyTorch measured 2.5-3x slower beside a busy core).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch
+
+if PARALLEL:
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 from gemma_edge.config import VARIANTS
 from gemma_edge.reference import hf_config_for

@@ -18,7 +18,7 @@ from gemma_edge.checkpoints import Checkpoint, cache_dir
 from gemma_edge.exporters.manifest import versions
 from gemma_edge.manifest import MANIFEST
 from gemma_edge.exporters.settings import PTE_TOKENS_PER_CALL, ExportSettings
-from gemma_edge.files import sha256_file, write_atomic
+from gemma_edge.files import exclusive, sha256_file, write_atomic
 
 
 def content_key(ckpt: Checkpoint, settings: ExportSettings) -> str:
@@ -71,21 +71,23 @@ def cached_export(ckpt: Checkpoint, settings: ExportSettings, export=None) -> Pa
     label = f"{name}-{fmt}{settings.quant}-g{settings.group_size}-e{settings.embedding_quant}-{settings.max_seq_len}{ops}{kv}{calls}"
     root = cache_dir() / "test-exports"
     folder = root / f"{label}-{content_key(ckpt, settings)}"
-    if not (folder / MANIFEST).is_file():
-        if export is None:
-            if settings.format == "pte":
-                from gemma_edge.exporters.executorch import export_pte as exporter
-            else:
-                from gemma_edge.exporters.onnx import export_onnx as exporter
-            def export(ckpt, settings, folder):
-                exporter(ckpt, settings, folder, overwrite=True)
-        made = export(ckpt, settings, folder)
-        if made is not None:
-            write_atomic(sidecar(folder), json.dumps(made) + "\n")
-        earlier = re.compile(re.escape(label) + r"-[0-9a-f]{16}(\.json)?")  # not another label that starts with this one
-        for old in root.glob(f"{label}-*"):
-            if earlier.fullmatch(old.name) and not old.name.startswith(folder.name):
-                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+    # Test processes running side by side (pytest -n) make each export once: the second waits for the first's.
+    with exclusive(root / f".{label}.lock"):
+        if not (folder / MANIFEST).is_file():
+            if export is None:
+                if settings.format == "pte":
+                    from gemma_edge.exporters.executorch import export_pte as exporter
+                else:
+                    from gemma_edge.exporters.onnx import export_onnx as exporter
+                def export(ckpt, settings, folder):
+                    exporter(ckpt, settings, folder, overwrite=True)
+            made = export(ckpt, settings, folder)
+            if made is not None:
+                write_atomic(sidecar(folder), json.dumps(made) + "\n")
+            earlier = re.compile(re.escape(label) + r"-[0-9a-f]{16}(\.json)?")  # not another label that starts with this one
+            for old in root.glob(f"{label}-*"):
+                if earlier.fullmatch(old.name) and not old.name.startswith(folder.name):
+                    shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
     return folder
 
 
