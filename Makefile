@@ -42,9 +42,10 @@ tools:
 	  else echo "the arm64 tests need:$$missing (sudo apt-get install$$missing)"; exit 1; fi; fi
 
 # One test process per core (at most 2: a real-model test process takes a few GiB); a module's tests
-# stay in one process, so its fixtures are made once. Lowering a .pte is single-threaded Python for
-# minutes, so two processes nearly halve a run whose exports are not cached yet.
-PYTEST_PARALLEL := -n auto --maxprocesses 2 --dist loadscope
+# stay in one process, so its fixtures are made once, and modules start in the order conftest.py
+# gives (the real model's exports first). Lowering a .pte is single-threaded Python for minutes, so
+# two processes nearly halve a run whose exports are not cached yet.
+PYTEST_PARALLEL := -n auto --maxprocesses 2 --dist loadscope --no-loadscope-reorder
 test: setup tools
 	$(BIN)/python -m pytest $(PYTEST_PARALLEL)
 	$(MAKE) -C android_demo check

@@ -25,7 +25,7 @@ import torch
 
 from gemma_edge.config import GemmaConfig, check_model_type, variant
 from gemma_edge.errors import CheckpointError, MissingDependencyError, UnsupportedModelError
-from gemma_edge.files import make_temp_dir, remove_dead_leftovers, sha256_file
+from gemma_edge.files import exclusive, make_temp_dir, remove_dead_leftovers, sha256_file
 from gemma_edge.model import Gemma
 
 BUILTIN = "gemma-3-270m"
@@ -330,7 +330,9 @@ def _from_gguf(path: Path, source: str) -> Checkpoint:
                     if arch == "gemma" else "")
             raise UnsupportedModelError(
                 f"{path}: GGUF architecture {arch!r} is not supported; valid: {', '.join(GGUF_ARCHITECTURES)}{hint}")
-        _convert_gguf(path, folder)
+        with exclusive(folder.with_name(f".{folder.name}.lock")):  # a second process waits for the first's conversion
+            if not (folder / "config.json").is_file():
+                _convert_gguf(path, folder)
     return Checkpoint(source, read_hf_config(folder), folder)
 
 

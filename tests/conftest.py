@@ -21,6 +21,17 @@ if PARALLEL:
 from gemma_edge.config import VARIANTS
 from gemma_edge.reference import hf_config_for
 
+# The modules that export the real Gemma 3 270M (minutes per export, one core each) run first, the
+# longest first, so that with two test processes the other one runs the many short modules beside
+# them, rather than one process lowering alone at the end (make test: --no-loadscope-reorder).
+FIRST = ["test_real_executorch", "test_android_contract", "test_real_onnx", "test_real_verify",
+         "test_real_runtime", "test_real_model", "test_executorch"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__, len(FIRST)))  # stable: the rest keep their order
+
 # One row per supported family: Gemma 1 multi-query, Gemma 1 multi-head, Gemma 2 (soft-capping,
 # alternating sliding window), Gemma 3 (QK-norm, local/global RoPE, 5:1-style sliding pattern).
 TINY = ["tiny-gemma", "tiny-gemma-mha", "tiny-gemma2", "tiny-gemma3"]
