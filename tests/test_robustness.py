@@ -526,6 +526,38 @@ def test_a_half_made_arm64_kit_is_rebuilt_not_used(tmp_path, monkeypatch):
     assert ran == []
 
 
+HOLD = """import sys, time
+from pathlib import Path
+from gemma_edge.files import exclusive
+with exclusive(Path(sys.argv[1])):
+    with open(sys.argv[2], "a") as log:
+        log.write(f"in {sys.argv[3]}\\n")
+    time.sleep(float(sys.argv[4]))
+    with open(sys.argv[2], "a") as log:
+        log.write(f"out {sys.argv[3]}\\n")
+"""
+
+
+def test_one_process_at_a_time_makes_what_they_share_and_a_killed_one_lets_go(tmp_path):
+    """files.exclusive, which the GGUF conversion, the arm64 kit, its runner and the tests' export
+    cache take: three processes at once go in one after another; a holder killed with SIGKILL (no
+    clean-up of its own) does not keep the next one out."""
+    lock, log = tmp_path / "lock", tmp_path / "log"
+    procs = [subprocess.Popen([sys.executable, "-c", HOLD, lock, log, str(i), "0.3"]) for i in range(3)]
+    assert [p.wait(timeout=60) for p in procs] == [0, 0, 0]
+    lines = log.read_text().split("\n")[:-1]
+    assert len(lines) == 6 and all(lines[i].split()[1] == lines[i + 1].split()[1] and lines[i].startswith("in ")
+                                   and lines[i + 1].startswith("out ") for i in range(0, 6, 2)), lines
+    log.unlink()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, lock, log, "killed", "600"])
+    while not (log.is_file() and log.read_text() == "in killed\n"):
+        assert holder.poll() is None
+    holder.kill()
+    holder.wait()
+    assert subprocess.run([sys.executable, "-c", HOLD, lock, log, "next", "0"], timeout=60).returncode == 0
+    assert log.read_text() == "in killed\nin next\nout next\n"
+
+
 # ---------------------------------------------------------------------------------------------
 # Long runs, and more than one Generator
 
