@@ -134,13 +134,12 @@ def ensure_pte_runner(progress=print) -> Path:
         raise GemmaEdgeError(f"building the arm64 .pte runner needs {CROSS_CXX}: apt-get install g++-aarch64-linux-gnu")
     with exclusive(base / ".runner.lock"):  # another process may be building the same one
         if not runner.is_file():
-            _build_pte_runner(base, et_version, runner, progress)
+            _build_pte_runner(base, et_version, source, runner, progress)
     return runner
 
 
-def _build_pte_runner(base: Path, et_version: str, runner: Path, progress) -> None:
+def _build_pte_runner(base: Path, et_version: str, source: Path, runner: Path, progress) -> None:
     et = _executorch_wheel(base, et_version, progress)
-    source = Path(__file__).with_name("native")
     progress("cross-compiling the native .pte runner for arm64")
     runner.parent.mkdir(exist_ok=True)
     tmp = runner.with_suffix(".partial")
