@@ -6,6 +6,7 @@ quantized weights, so the export itself adds no error beyond quantization.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -258,17 +259,20 @@ def test_each_partition_s_weights_are_freed_once_it_is_packed(tiny_checkpoints, 
     """XNNPACK preprocesses one partition after another; the unpacked weights only that partition
     reads are freed as soon as it is packed (exporters/executorch.py: preprocess_and_free; Gemma 7B
     int4: 8.4 GiB that waited for the last partition), but not a tied table, which the embedding
-    reads outside XNNPACK (an fp32 export's). The program is the same, byte for byte."""
+    reads outside XNNPACK (an fp32 export's). The program is the same, byte for byte, as the one
+    lowered with every weight kept to the end and every step of the lowering taken (the steps with
+    nothing to change are left out otherwise: exporters/lowering_shortcuts.py)."""
     import executorch.kernels.quantized  # noqa: F401  (the quantized embedding kernels)
     from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
 
     import gemma_edge.exporters.executorch as pte
 
-    original = XnnpackBackend.preprocess
+    original, shortcuts = XnnpackBackend.preprocess, pte.idle_steps_skipped
 
-    def lowered(quant: str, release_bytes: int):
+    def lowered(quant: str, release_bytes: int, every_step: bool = False):
         """(the program's bytes, linear weights freed before each partition, the table's bytes before and after)"""
         monkeypatch.setattr(pte, "RELEASE_BYTES", release_bytes)  # 0: the tiny weights are under the full-size threshold
+        monkeypatch.setattr(pte, "idle_steps_skipped", contextlib.nullcontext if every_step else shortcuts)
         model, _ = build_model(resolve(tiny_checkpoints["tiny-gemma"]), ExportSettings(format="pte", quant=quant, max_seq_len=MAX_SEQ_LEN))
         part = (lambda w: w.qdata) if quant == "int4" else (lambda w: w)
         linears = [part(m.weight) for name, m in model.named_modules() if name.endswith("_proj")]
@@ -288,10 +292,51 @@ def test_each_partition_s_weights_are_freed_once_it_is_packed(tiny_checkpoints, 
     early, freed, _, linears = lowered("int4", 0)
     # freed partition by partition: none before the first, more before each later one
     assert freed[0] == 0 and freed == sorted(freed) and len(set(freed)) > 2 and freed[-1] <= linears, freed
-    late, freed_late, _, _ = lowered("int4", 1 << 62)
+    late, freed_late, _, _ = lowered("int4", 1 << 62, every_step=True)
     assert set(freed_late) == {0} and early == late
     _, freed, (table_before, table_after), _ = lowered("fp32", 0)
     assert freed[-1] > 0 and table_after == table_before > 0  # the tied table is kept
+
+
+def test_xnnpack_passes_are_left_out_only_where_they_have_nothing_to_change(monkeypatch):
+    """A partition holding the ops of XNNPACK's batch-norm, activation, upsample, padding and conv1d
+    passes gets those passes; a Gemma's (linears, bmm, softmax) leaves them out, each a re-trace of
+    the partition. Either way the program is the one every step of the lowering makes, byte for byte
+    (the Gemma's: test_each_partition_s_weights_are_freed_once_it_is_packed)."""
+    import torch.nn.functional as F
+    from executorch.backends.xnnpack import _passes as xnn
+
+    import gemma_edge.exporters.executorch as pte
+    from gemma_edge.exporters.lowering_shortcuts import xnnpack_pass_applies
+
+    class Vision(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv2, self.norm, self.prelu, self.conv1 = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.PReLU(4), torch.nn.Conv1d(3, 4, 3)
+
+        def forward(self, image, signal):
+            x = F.interpolate(F.relu(self.norm(self.conv2(image))), scale_factor=2.0, mode="bilinear")
+            return self.prelu(F.pad(x, (1, 1, 1, 1))), self.conv1(signal)
+
+    model = Vision().eval()
+    with torch.no_grad():
+        model.norm.running_mean.uniform_(-1, 1), model.norm.running_var.uniform_(0.5, 2)
+    program = torch.export.export(model, (torch.randn(1, 3, 8, 8), torch.randn(1, 3, 16)))
+    ran, transform = [], xnn._transform
+    monkeypatch.setattr(xnn, "_transform", lambda ep, p: ran.append(type(p)) or transform(ep, p))
+    some = pte.lower(program, {}).buffer
+    some_ran = set(ran)
+    monkeypatch.setattr(pte, "idle_steps_skipped", contextlib.nullcontext)
+    ran.clear()
+    every = pte.lower(program, {}).buffer
+    assert some == every and len(ran) == 17 > len(some_ran)
+    assert {xnn.FuseBatchNormPass, xnn.DecomposeBatchNorm, xnn.FuseActivationPass, xnn.ConvertToUpsampleBilinear2d,
+            xnn.InsertPadQDQPass, xnn.Conv1dUnsqueezePass} <= some_ran
+
+    gemma_ops = {"aten.linear.default", "aten.bmm.default", "aten._softmax.default", "aten.mul.Tensor", "aten.add.Tensor",
+                 "aten.cat.default", "aten.view_copy.default", "aten.permute_copy.default", "aten.tanh.default", "getitem"}
+    applies = xnnpack_pass_applies()
+    assert not [p for p, test in applies.items() if test(gemma_ops)] and len(applies) == 11
 
 
 @pytest.mark.parametrize("shape", [(9000, 64), (5, 7), (1, 1)])

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from gemma_edge.checkpoints import Checkpoint, iter_weights, weight_shapes
+from gemma_edge.exporters.lowering_shortcuts import idle_steps_skipped
 from gemma_edge.exporters.manifest import cache_section, copy_tokenizer, special_tokens, versions, write_manifest
 from gemma_edge.exporters.rewrites import replace_gelu_with_explicit_tanh_form, replace_rmsnorm_mean_with_linear
 from gemma_edge.exporters.settings import ExportSettings
@@ -126,7 +127,7 @@ def lower(program: torch.export.ExportedProgram, metadata: dict[str, object], re
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
 
     # IR validity checks re-trace the whole graph; export_llama skips them too.
-    with xnnpack_without_copies(single_use_storages(program) if release else set(), report):
+    with xnnpack_without_copies(single_use_storages(program) if release else set(), report), idle_steps_skipped():
         edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()], constant_methods=metadata,
                                            compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True))
     if release:

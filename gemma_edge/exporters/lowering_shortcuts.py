@@ -1,0 +1,118 @@
+"""Steps of ExecuTorch's lowering that change nothing in a Gemma's program, left out.
+
+Each step re-traces the program (or an XNNPACK partition of it) node by node with fake tensors, so
+a step with nothing to do costs as much as one that rewrites. On a 6-layer Gemma 3 int4 at 64
+positions the lowering took 150 s; 28 s of it went to XNNPACK passes with nothing to match and 19 s
+to a decomposition with nothing left to decompose. Both shortcuts are exact: the program is the one
+every step makes, byte for byte (tests/test_executorch.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from typing import Callable
+
+
+@contextlib.contextmanager
+def idle_steps_skipped():
+    """While lowering: XNNPACK passes a partition holds no ops for, and decompositions a program
+    holds no ops for, are left out (see below); restored on exit."""
+    with xnnpack_passes_that_apply(), decompositions_that_apply():
+        yield
+
+
+@contextlib.contextmanager
+def xnnpack_passes_that_apply():
+    """XNNPACK preprocesses each partition with its 17 passes, each a re-trace of the partition even
+    where it has nothing to change (3-7 s per pass over a 6-layer model's 14 partitions). Here a
+    pass is left out of a partition that holds none of the ops it acts on (xnnpack_pass_applies)."""
+    import executorch.backends.xnnpack.xnnpack_preprocess as preprocess
+
+    applies = xnnpack_pass_applies()
+    all_passes = preprocess.XNNPACKPassManager
+
+    class PassesThatApply(all_passes):
+        def __init__(self, program, passes=None):
+            super().__init__(program, passes)
+            held = op_names(program.graph)
+            self.passes = [p for p in self.passes if p not in applies or applies[p](held)]
+
+    preprocess.XNNPACKPassManager = PassesThatApply
+    try:
+        yield
+    finally:
+        preprocess.XNNPACKPassManager = all_passes
+
+
+def xnnpack_pass_applies() -> dict[type, Callable[[set[str]], bool]]:
+    """XNNPACK pass -> whether it can change a partition holding these ops (their names): each of
+    these passes rewrites only nodes of the ops named here (read from the pass where it lists them),
+    or subgraphs matching its patterns (a pattern matches only where every op it has is held). The
+    other passes always run."""
+    from executorch.backends.xnnpack import _passes as xnn
+    from executorch.backends.xnnpack.partition.graphs import bilinear_2d, sdpa
+    from executorch.exir.dialects._ops import ops as exir_ops
+    from executorch.exir.passes.memory_format_ops_pass import MemoryFormatOpsMap
+
+    def any_of(*ops) -> Callable[[set[str]], bool]:
+        names = {op if isinstance(op, str) else _op_name(op) for op in ops}
+        return lambda held: not names.isdisjoint(held)
+
+    def a_pattern_of(patterns) -> Callable[[set[str]], bool]:
+        needs = [op_names(pattern.graph) for pattern in patterns]
+        return lambda held: any(ops <= held for ops in needs)
+
+    edge = exir_ops.edge.aten
+    batch_norm = any_of(*xnn.DecomposeBatchNorm.BATCH_NORM_OPS)
+    return {xnn.ConvertToUpsampleBilinear2d: a_pattern_of(bilinear_2d.get_graphs_dict()),
+            xnn.ConvertToSDPAPass: a_pattern_of(sdpa.get_graphs()),
+            xnn.FuseBatchNormPass: batch_norm, xnn.DecomposeBatchNorm: batch_norm,
+            xnn.FuseActivationPass: any_of(*xnn.FuseActivationPass.FUSEABLE_ACTIVATIONS),
+            xnn.DimOrderOpsRevertPass: any_of(*MemoryFormatOpsMap),
+            xnn.RemoveGetItemPass: any_of("aten.max_pool2d_with_indices.default", "aten.max.dim"),  # by name there
+            xnn.Conv1dUnsqueezePass: any_of("aten.convolution.default"),  # by name there
+            xnn.PReLUReshapePass: any_of(edge._prelu_kernel.default),
+            xnn.InsertPadQDQPass: any_of(edge.constant_pad_nd.default),
+            xnn.RemoveRedundantCopyPass: any_of(edge._to_copy.default)}
+
+
+@contextlib.contextmanager
+def decompositions_that_apply():
+    """Before partitioning, ExecuTorch decomposes the program three times (to_edge_transform_and_lower
+    with a partitioner that checks ops: functionalize; all but the ops the partitioner may take; then
+    the ops it declined), each a re-trace of the whole program. A Gemma's third finds nothing to do
+    (19 s of the 150). Here a program that an earlier call has already decomposed, and that holds
+    none of the table's ops, is returned as it is. ExecuTorch skips its second call the same way
+    where its partitioner checks no ops (_gen_edge_manager_for_partitioners); sym_size is not counted,
+    as its entry rebuilds the node it replaces."""
+    import torch
+    from torch.export import ExportedProgram
+
+    decompose = ExportedProgram.run_decompositions
+    decomposed: weakref.WeakSet = weakref.WeakSet()
+    rebuilt_as_is = {torch.ops.aten.sym_size.int}
+
+    def run_decompositions(self, decomp_table=None, *args, **kwargs):
+        if self in decomposed and decomp_table is not None and not any(
+                node.op == "call_function" and node.target in decomp_table and node.target not in rebuilt_as_is
+                for node in self.graph.nodes):
+            return self
+        result = decompose(self, decomp_table, *args, **kwargs)
+        decomposed.add(result)
+        return result
+
+    ExportedProgram.run_decompositions = run_decompositions
+    try:
+        yield
+    finally:
+        ExportedProgram.run_decompositions = decompose
+
+
+def op_names(graph) -> set[str]:
+    """The names of the ops a graph calls (aten.linear.default, getitem)."""
+    return {_op_name(node.target) for node in graph.nodes if node.op == "call_function"}
+
+
+def _op_name(target) -> str:
+    return getattr(target, "__name__", str(target))
