@@ -74,8 +74,8 @@ def apply(model, recipe: dict) -> None:
 
 
 RECIPES = {
-    "int4 all, asym (ONNX today)": dict(linear=4, embedding=4, head=4),
-    "int4 all, sym (.pte today)": dict(linear=4, embedding=4, head=4, symmetric=True),
+    "int4 all, asym (ONNX, .pte with offsets)": dict(linear=4, embedding=4, head=4),
+    "int4 all, sym (XNNPACK grid, no offsets)": dict(linear=4, embedding=4, head=4, symmetric=True),
     "int4 all, asym + clip search": dict(linear=4, embedding=4, head=4, search=True),
     "int4 all, sym + clip search": dict(linear=4, embedding=4, head=4, symmetric=True, search=True),
     "int4, head int8": dict(linear=4, embedding=4, head=8),

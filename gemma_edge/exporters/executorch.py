@@ -34,7 +34,8 @@ from gemma_edge.exporters.manifest import cache_section, copy_tokenizer, special
 from gemma_edge.exporters.rewrites import replace_gelu_with_explicit_tanh_form, replace_rmsnorm_mean_with_linear
 from gemma_edge.exporters.settings import ExportSettings
 from gemma_edge.exporters.streaming import Progress, fill_layers
-from gemma_edge.exporters.torchao_quant import quantization_targets, untie_output_projection
+from gemma_edge.exporters.torchao_quant import (quantization_plan, quantization_targets, replace_with_quantized_layers,
+                                                untie_output_projection)
 from gemma_edge.exporters.tracing import export_model
 from gemma_edge.files import staged_folder
 from gemma_edge.model import Gemma
@@ -87,11 +88,13 @@ def build_model(ckpt: Checkpoint, settings: ExportSettings,
         model = Gemma(ckpt.config, settings.max_seq_len, cache_dtype=getattr(torch, settings.kv_dtype))
         if quantized:
             untie_output_projection(model)
+    plan = quantization_plan(model, settings) if quantized else {}
+    replace_with_quantized_layers(model, plan, settings)
     # Allocated but untouched: the float32 pages of a layer exist only between its read and its
     # quantization, which frees them.
     model.to_empty(device="cpu")
     model.init_buffers()
-    targets, plan = quantization_targets(model, settings, ckpt.config.tie_word_embeddings) if quantized else ([], {})
+    targets = quantization_targets(model, plan, settings, ckpt.config.tie_word_embeddings) if quantized else []
     shapes = weight_shapes(ckpt.config)
     fill_layers(model, weights, targets, sum(math.prod(s) for s in shapes.values()), report)
     return model.eval().requires_grad_(False), plan
