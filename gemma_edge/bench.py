@@ -57,11 +57,13 @@ class ExportBench:
 def weights_read_per_token(manifest: dict) -> int:
     """Bytes of weights one decode step reads: the program's files, less an embedding table stored
     apart from the output projection (a decode step reads one row of it). ONNX stores Gemma's tied
-    table once (the projection reads it whole); a .pte stores the embedding separately. Scales and
-    zero points are counted with the weights they belong to, so this is a slight overestimate."""
+    table once (the projection reads it whole), and so does a .pte whose head reads the quantized
+    table (the manifest's quantization.head_reads_table); earlier .pte exports stored it apart. Scales
+    and zero points are counted with the weights they belong to, so this is a slight overestimate."""
     program = sum(manifest["files"][f]["bytes"] for f in program_files(manifest))
     c = manifest["config"]
-    shared = manifest["format"] == "onnx" and c.get("tie_word_embeddings", True)
+    tied = c.get("tie_word_embeddings", True)
+    shared = tied and (manifest["format"] == "onnx" or (manifest.get("quantization") or {}).get("head_reads_table", False))
     table = 0 if shared else int(c["vocab_size"] * c["hidden_size"] * BYTES_PER_WEIGHT[manifest["export"]["embedding_quant"]])
     return max(program - table, 0)
 

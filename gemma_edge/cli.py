@@ -135,10 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--quant", default="int4", help="linear layers: fp32, int8 or int4 (default: %(default)s)")
     export.add_argument("--group-size", type=int, default=32, help="weights per int4 scale (ONNX: per int8 scale too) (default: %(default)s)")
     export.add_argument("--embedding-quant", default=None,
-                        help="the embedding table (on ONNX, the tied output projection too): none, int8 or int4 "
-                             "(default: int8 for --quant int8, int4 for int4, none for fp32). ONNX --quant int8 "
-                             "--embedding-quant int4 is the export for phones: x1.09 perplexity on Gemma 3 270M at "
-                             "int4's decode speed")
+                        help="the embedding table and the tied output projection, which reads it (stored once): "
+                             "none, int8 or int4 (default: int8 for --quant int8, int4 for int4, none for fp32). "
+                             "--quant int8 --embedding-quant int4 is the export for phones: x1.09 perplexity on "
+                             "Gemma 3 270M (ONNX) at int4's decode speed")
     export.add_argument("--ops", default=None, choices=("auto", "contrib", "standard"),
                         help="ONNX only: ONNX Runtime's fused contrib operators (GroupQueryAttention: faster on its CPU "
                              "provider), standard ONNX operators only (other runtimes), or auto: contrib where the "

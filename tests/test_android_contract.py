@@ -19,8 +19,9 @@ pytestmark = pytest.mark.slow  # exports (cached across runs)
 FIXTURES = Path(__file__).parent / "data" / "manifests"
 # Every manifest field ExportManifest.java reads, as paths into the JSON.
 APP_FIELDS = [("gemma_edge_manifest",), ("format",), ("export", "quant"), ("config", "model_type"), ("config", "vocab_size"),
-              ("max_seq_len",), ("special_tokens", "bos_token_id"), ("special_tokens", "stop_token_ids"), ("io", "program")]
-APP_FILES = ["tokenizer.json"]  # besides io.program
+              ("max_seq_len",), ("special_tokens", "bos_token_id"), ("special_tokens", "stop_token_ids"), ("io", "program"),
+              ("io", "files")]
+APP_FILES = ["tokenizer.json"]  # besides io.files (the program and its weights)
 
 
 def field(manifest: dict, path: tuple[str, ...]):
@@ -34,7 +35,7 @@ def fixture(fmt: str) -> dict:
 
 
 def check_folder(folder: Path, manifest: dict) -> None:
-    for name in [manifest["io"]["program"], *APP_FILES]:
+    for name in [manifest["io"]["program"], *manifest["io"]["files"], *APP_FILES]:
         assert (folder / name).is_file(), f"{folder} lacks {name}, which the app opens"
 
 

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from gemma_edge.checkpoints import load_model, resolve
 from gemma_edge.errors import ConfigError, GemmaEdgeError
 from gemma_edge.exporters.settings import ExportSettings
-from gemma_edge.exporters.executorch import build_model, export_pte
+from gemma_edge.exporters.executorch import DATA_FILE, build_model, export_pte
 from gemma_edge.exporters.int4_offsets import OffsetLinear
-from gemma_edge.exporters.torchao_quant import INT4, INT8, TABLE_INT4
+from gemma_edge.exporters.torchao_quant import HEAD_OF_TABLE, INT4, INT8, TABLE_INT4
 from gemma_edge.files import sha256_file
 from gemma_edge.reference import load_reference
 from gemma_edge.runtime.eager import EagerBackend
@@ -205,7 +205,9 @@ def test_manifest_describes_the_export(exports):
     layers = manifest["quantization"]["layers"]
     # tiny-gemma2: hidden 96 = 3 groups of 32 -> int4; intermediate 200 is no multiple of 32 -> int8.
     assert layers["layers.0.attn.q_proj"] == INT4 and layers["layers.0.mlp.down_proj"] == INT8
-    assert layers["lm_head"] == INT4 and layers["embed_tokens"] == TABLE_INT4  # both with offsets, clipped groups
+    assert layers["embed_tokens"] == TABLE_INT4  # with offsets, clipped groups
+    assert layers["lm_head"] == HEAD_OF_TABLE and manifest["quantization"]["head_reads_table"]  # tied: the table itself
+    assert manifest["io"]["files"] == ["model.pte", DATA_FILE]  # the program, then its weights
     assert {"torch", "executorch", "torchao"} <= set(manifest["versions"])
 
 
@@ -224,9 +226,37 @@ def test_runner_metadata_methods(exports):
 
 
 def test_int4_is_smaller_than_int8_and_fp32(exports):
-    size = {q: (exports[("tiny-gemma3", q)] / "model.pte").stat().st_size for q in ("fp32", "int8", "int4")}
+    size = {q: sum((exports[("tiny-gemma3", q)] / name).stat().st_size for name in ("model.pte", DATA_FILE))
+            for q in ("fp32", "int8", "int4")}
     assert size["int4"] < size["int8"] < size["fp32"]
     assert size["fp32"] / size["int4"] > 2.5  # measured 2.6x on this tiny model (scales and graph dominate)
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_a_tied_table_and_the_head_reading_it_are_stored_once(quant, exports):
+    """The embedding (ExecuTorch's quantized embedding kernel) and the output projection (XNNPACK)
+    read the same quantized table, and the data file holds it once: one segment of the table's size
+    (int8 rows, or 4-bit values two to a byte), under two names (the embedding's constant and
+    XNNPACK's weight); so are the int8 table's scales and the int4 table's offsets and their scales.
+    The int4 table's group scales are the one part stored twice: XNNPACK holds bf16 ones, and the
+    embedding kernel ExecuTorch picks reads its scales as float32 (torchao_quant.quantize_with_offsets).
+    That the head computes from it what the model does: test_pte_matches_its_reference."""
+    from executorch.extension.flat_tensor.serialize.serialize import _deserialize_to_flat_tensor
+
+    folder = exports[("tiny-gemma3", quant)]
+    config = json.loads((folder / "gemma_edge.json").read_text())["config"]
+    rows, width = config["vocab_size"], config["hidden_size"]
+    data = _deserialize_to_flat_tensor((folder / DATA_FILE).read_bytes())
+    names = collections.Counter(entry.segment_index for entry in data.named_data)
+    # part: (bytes, names of its one segment)
+    parts = {"values": (rows * width, 2), "scales": (rows * 4, 2)}  # int8: fp32 scale per row
+    if quant == "int4":  # groups of 32; the offsets int8 per group, with an fp32 scale per row
+        groups = rows * width // 32
+        parts = {"values": (rows * width // 2, 2), "offsets": (groups, 2), "offset scales": (rows * 4, 2),
+                 "table's scales": (groups * 4, 1), "head's scales": (groups * 2, 1)}
+    for part, (size, users) in parts.items():
+        segments = [i for i, segment in enumerate(data.segments) if segment.size == size]
+        assert len(segments) == 1 and names[segments[0]] == users, (part, size, [names[i] for i in segments])
 
 
 def test_existing_output_is_kept_without_overwrite(exports, tiny_checkpoints):
@@ -262,9 +292,18 @@ def test_lowering_shares_weights_with_the_backend_and_frees_them_after(tiny_chec
     zeros = model.layers[0].attn.cache.k
     manager = lower_to_executorch(model, {})
     assert model.layers[0].attn.cache.k is not zeros  # the program keeps a written buffer's shape, not its zeros
-    assert min(before.values()) > 0 and len(manager.buffer) > before["gate"] // 2
+    assert min(before.values()) > 0 and len(_program_and_data(manager)) > before["gate"] // 2
     assert gate.qdata.untyped_storage().nbytes() == 0 and gate.scale.untyped_storage().nbytes() == 0
     assert table.qdata.untyped_storage().nbytes() == before["table"]
+
+
+def _program_and_data(manager) -> bytes:
+    """A lowered program's bytes and its data file's (model.ptd, the weights), as written."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        manager.write_tensor_data_to_file(folder)
+        return manager.buffer + (Path(folder) / DATA_FILE).read_bytes()
 
 
 def test_each_partition_s_weights_are_freed_once_it_is_packed(tiny_checkpoints, monkeypatch):
@@ -308,7 +347,7 @@ def test_each_partition_s_weights_are_freed_once_it_is_packed(tiny_checkpoints, 
 
         monkeypatch.setattr(XnnpackBackend, "preprocess", staticmethod(preprocess))
         table_bytes = table.untyped_storage().nbytes()
-        buffer = pte.lower_to_executorch(model, {}).buffer
+        buffer = _program_and_data(pte.lower_to_executorch(model, {}))
         monkeypatch.setattr(XnnpackBackend, "preprocess", original)
         return buffer, freed, (table_bytes, table.untyped_storage().nbytes()), len(linears)
 
@@ -466,7 +505,7 @@ def test_stock_executorch_runner_generates_what_our_runtime_generates(exports, t
     prompt = "The capital of France is"
 
     pieces: list[str] = []
-    runner = TextLLMRunner(str(folder / "model.pte"), str(folder / "tokenizer.json"))
+    runner = TextLLMRunner(str(folder / "model.pte"), str(folder / "tokenizer.json"), str(folder / DATA_FILE))
     runner.generate(prompt, GenerationConfig(echo=False, max_new_tokens=16, temperature=0.0, num_bos=1),
                     token_callback=pieces.append)
 
@@ -518,7 +557,7 @@ def test_a_prompt_longer_than_a_call_is_prefilled_in_chunks(half_cache_in_chunks
     from tokenizers import Tokenizer
 
     folder = half_cache_in_chunks
-    program = Runtime.get().load_program(folder / "model.pte")
+    program = Runtime.get().load_program(folder / "model.pte", data_path=folder / DATA_FILE)
     value = lambda name: program.load_method(name).execute([])  # noqa: E731
     assert value("get_max_seq_len") == [4] and value("get_max_context_len") == [MAX_SEQ_LEN]
     manifest = json.loads((folder / "gemma_edge.json").read_text())
@@ -534,7 +573,7 @@ def test_a_prompt_longer_than_a_call_is_prefilled_in_chunks(half_cache_in_chunks
     ids = tokenizer.encode(prompt).ids
     assert len(ids) > 8  # three calls or more
     pieces: list[str] = []
-    TextLLMRunner(str(folder / "model.pte"), str(folder / "tokenizer.json")).generate(
+    TextLLMRunner(str(folder / "model.pte"), str(folder / "tokenizer.json"), str(folder / DATA_FILE)).generate(
         prompt, GenerationConfig(echo=False, max_new_tokens=12, temperature=0.0, num_bos=1), token_callback=pieces.append)
     ours = greedy(ExecuTorchBackend(folder), ids, 12, stop_ids=[1]).token_ids
     assert len(pieces) == len(ours) > 1 and "".join(pieces) == tokenizer.decode(ours)

@@ -294,8 +294,8 @@ def with_external_data(folder: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("fmt, damaged", [("pte", "model.pte"), ("onnx", "model.onnx"), ("onnx", "model.onnx.data"),
-                                          ("pte", "tokenizer.json")])
+@pytest.mark.parametrize("fmt, damaged", [("pte", "model.pte"), ("pte", "model.ptd"), ("onnx", "model.onnx"),
+                                          ("onnx", "model.onnx.data"), ("pte", "tokenizer.json")])
 def test_a_truncated_file_is_named_before_any_runtime_reads_it(capsys, earlier, tmp_path, fmt, damaged):
     from gemma_edge.runtime import Generator
 
@@ -328,13 +328,13 @@ def test_a_file_damaged_in_place_is_named_by_its_loader_or_its_checksum(capsys, 
     one_line_error(err, str(program), f"{runtime} cannot load it", "gemma-edge verify")
 
     folder = copy_of(earlier[fmt], tmp_path, "weights")
-    program = folder / f"model.{fmt}"
-    data = bytearray(program.read_bytes())
+    weights = folder / ("model.ptd" if fmt == "pte" else "model.onnx")  # a .pte's weights are in its data file
+    data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one weight byte: it still loads and runs
-    program.write_bytes(bytes(data))
+    weights.write_bytes(bytes(data))
     code, err = cli(capsys, "generate", folder, "Hello", "-n", 2, "--verify-checksums")
     assert code == 2
-    one_line_error(err, str(program), "SHA-256 differs")
+    one_line_error(err, str(weights), "SHA-256 differs")
     capsys.readouterr()
     assert main(["generate", str(folder), "Hello", "-n", "2"]) == 0  # sizes only, by default: it runs
 

@@ -95,15 +95,15 @@ def _scale_in_file(path: Path, w: np.ndarray) -> None:
     path.write_bytes(bytes(data))
 
 
-def _perturb_pte_weight(pte: Path, checkpoint: Path) -> None:
+def _perturb_pte_weight(data: Path, checkpoint: Path) -> None:
     """The same 2% change to every 7th value of layer 0's down projection, found in the program's
-    XNNPACK data by its bytes (an fp32 .pte keeps the checkpoint's [out, in] float32 weights as they are)."""
+    data file by its bytes (an fp32 .pte keeps the checkpoint's [out, in] float32 weights as they are)."""
     from safetensors.numpy import load_file
 
     weights = {}
     for f in checkpoint.glob("*.safetensors"):
         weights.update(load_file(f))
-    _scale_in_file(pte, weights["model.layers.0.mlp.down_proj.weight"].astype(np.float32))
+    _scale_in_file(data, weights["model.layers.0.mlp.down_proj.weight"].astype(np.float32))
 
 
 def test_a_perturbed_weight_fails_by_checksum_and_by_numbers(exports, tiny_with_tokenizers, tmp_path):
@@ -191,11 +191,31 @@ def test_a_broken_pte_fails_on_arm64_by_its_numbers(exports, tiny_with_tokenizer
     """The emulated run can fail too: a perturbed weight, checksums not consulted."""
     folder = tmp_path / "broken"
     shutil.copytree(exports[("tiny-gemma3", "pte", "fp32")], folder)
-    _perturb_pte_weight(folder / "model.pte", tiny_with_tokenizers["tiny-gemma3"])
+    _perturb_pte_weight(folder / "model.ptd", tiny_with_tokenizers["tiny-gemma3"])
     result, arm = verify(folder, tmp_path, "--target", "arm64", "--no-verify-checksums",
                          "--reference", str(tiny_with_tokenizers["tiny-gemma3"]))
     assert result.returncode == 1 and not arm["passed"] and arm["target"] == "arm64", result.stdout
     assert arm["checks"][0]["max_abs"] > 1e-2
+
+def test_the_arm64_runner_takes_a_thread_count(exports):
+    """The native runner's --threads (ExecuTorch's thread pool, sized before the program loads, as
+    the Python backend's --threads): one thread computes the logits the default pool does, on the
+    program and its data file; a count below 1 is refused before the runner starts."""
+    from gemma_edge.emulation import arm64_command, ensure_pte_runner
+    from gemma_edge.errors import GemmaEdgeError
+    from gemma_edge.runtime.native_backend import NativeBackend
+
+    folder = exports[("tiny-gemma3", "pte", "int8")]
+    runner = ensure_pte_runner(progress=lambda message: None)
+    prefix, env = arm64_command("cortex-a76")
+    ids = list(range(2, 14))
+    one = NativeBackend(folder, runner, prefix, env, threads=1).forward_last(ids, 0)
+    pool = NativeBackend(folder, runner, prefix, env).forward_last(ids, 0)
+    np.testing.assert_array_equal(one, pool)
+    assert np.isfinite(one).all() and one.std() > 0
+    with pytest.raises(GemmaEdgeError, match="at least 1"):
+        NativeBackend(folder, runner, prefix, env, threads=0)
+
 
 def test_a_truncated_pte_is_reported_by_the_arm64_runner(exports, tiny_with_tokenizers, tmp_path):
     """A program the runtime cannot load: the runner's own reason, not a hang or a stack trace."""

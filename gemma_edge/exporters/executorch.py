@@ -3,6 +3,10 @@
     OUTDIR/model.pte        forward(tokens [1, T], input_pos [T]) -> logits [1, vocab] of the last position,
                             T from 1 to max_tokens_per_call (a longer prompt is prefilled in chunks); the
                             KV cache, max_seq_len positions, lives in the program's mutable buffers
+    OUTDIR/model.ptd        the weights (ExecuTorch's data file: the program's and XNNPACK's, identical
+                            bytes stored once, so a tied table and the output projection reading it
+                            are one copy); loaded beside the program (Module(pte, ptd), LlmModule's
+                            data path)
     OUTDIR/tokenizer.json   (and tokenizer.model where the source has one)
     OUTDIR/gemma_edge.json  the manifest
 
@@ -21,9 +25,8 @@ import contextlib
 import copy
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ContextManager
+from typing import Callable
 
 import torch
 from torch import nn
@@ -33,16 +36,18 @@ from gemma_edge.exporters.lowering_shortcuts import idle_steps_skipped
 from gemma_edge.exporters.manifest import cache_section, copy_tokenizer, special_tokens, versions, write_manifest
 from gemma_edge.exporters.rewrites import replace_gelu_with_explicit_tanh_form, replace_rmsnorm_mean_with_linear
 from gemma_edge.exporters.settings import ExportSettings
+from gemma_edge.exporters.stages import ExportResult, Stage, no_stage
 from gemma_edge.exporters.streaming import Progress, fill_layers
-from gemma_edge.exporters.torchao_quant import (quantization_plan, quantization_targets, replace_with_quantized_layers,
-                                                untie_output_projection)
+from gemma_edge.exporters.torchao_quant import (HEAD_OF_TABLE, quantization_plan, quantization_targets,
+                                                replace_with_quantized_layers, untie_output_projection)
 from gemma_edge.exporters.tracing import export_model
 from gemma_edge.files import staged_folder
 from gemma_edge.model import Gemma
 
 PTE_FILE = "model.pte"
+DATA_TAG = "model"  # the weights' file: model.ptd
+DATA_FILE = DATA_TAG + ".ptd"
 RELEASE_BYTES = 1 << 20  # weights this large are freed as soon as XNNPACK has packed them
-Stage = Callable[[str], ContextManager]
 
 
 class LastTokenLogits(nn.Module):
@@ -88,7 +93,7 @@ def build_model(ckpt: Checkpoint, settings: ExportSettings,
         model = Gemma(ckpt.config, settings.max_seq_len, cache_dtype=getattr(torch, settings.kv_dtype))
         if quantized:
             untie_output_projection(model)
-    plan = quantization_plan(model, settings) if quantized else {}
+    plan = quantization_plan(model, settings, ckpt.config.tie_word_embeddings) if quantized else {}
     replace_with_quantized_layers(model, plan, settings)
     # Allocated but untouched: the float32 pages of a layer exist only between its read and its
     # quantization, which frees them.
@@ -108,7 +113,7 @@ def lower_to_executorch(model: Gemma, metadata: dict[str, object], max_tokens: i
     release_delegated_weights), and the model cannot run after."""
     model = replace_gelu_with_explicit_tanh_form(replace_rmsnorm_mean_with_linear(model))
     drop_cache_contents(model)
-    return lower(export_model(LastTokenLogits(model), max_tokens), metadata, release=True, report=report)
+    return lower(export_model(LastTokenLogits(model), max_tokens), metadata, release=True, report=report, data_file=True)
 
 
 def drop_cache_contents(model: Gemma) -> None:
@@ -121,17 +126,19 @@ def drop_cache_contents(model: Gemma) -> None:
 
 
 def lower(program: torch.export.ExportedProgram, metadata: dict[str, object], release: bool = False,
-          report: Callable[[Progress], None] | None = None):
+          report: Callable[[Progress], None] | None = None, data_file: bool = False):
     """An exported program -> edge dialect with XNNPACK delegation -> an ExecuTorch program manager,
     its serialized form a list of pieces (the delegates' packed weights among them) not yet joined.
     release: free the weights the delegates have packed once they have (the program's module and
-    whatever shares its weights cannot run after). report: called as each XNNPACK partition is packed."""
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    whatever shares its weights cannot run after). report: called as each XNNPACK partition is packed.
+    data_file: every weight, the program's and XNNPACK's, in one data file (DATA_FILE, written with
+    the manager's write_tensor_data_to_file), whose store keeps identical bytes once; else in the
+    program."""
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
 
     # IR validity checks re-trace the whole graph; export_llama skips them too.
     with xnnpack_without_copies(single_use_storages(program) if release else set(), report), idle_steps_skipped():
-        edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()], constant_methods=metadata,
+        edge = to_edge_transform_and_lower(program, partitioner=[xnnpack_partitioner(data_file)], constant_methods=metadata,
                                            compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True))
     if release:
         release_delegated_weights(edge.exported_program())
@@ -142,8 +149,30 @@ def lower(program: torch.export.ExportedProgram, metadata: dict[str, object], re
     # (llama::update_cache_with_indices) needs 4-D buffers, and the view back to the 3-D ones our
     # attention multiplies by became a copy of its own (3 ms per step): this is the faster way.
     config = ExecutorchBackendConfig(do_quant_fusion_and_const_prop=True, extract_delegate_segments=True,
-                                     run_reinplace_pass=True, memory_planning_pass=plan_returned_outputs_only())
+                                     run_reinplace_pass=True, memory_planning_pass=plan_returned_outputs_only(),
+                                     external_constants=(lambda node: DATA_TAG) if data_file else False)
     return edge.to_executorch(config)
+
+
+def xnnpack_partitioner(data_file: bool):
+    """XNNPACK's partitioner; with data_file, each weight it delegates is tagged for the data file
+    (XNNPACK writes a weight whose node carries a delegate_constant_tag to that file of the store).
+    Tagged here, on the program the partitioner is given, as no earlier graph has the nodes of
+    torchao's quantized tensors' parts. (Made here, not at import: build_model needs no executorch.)"""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    class WeightsInDataFile(XnnpackPartitioner):
+        def partition(self, exported_program):
+            signature = exported_program.graph_signature
+            mutated = set(signature.buffers_to_mutate.values())  # the KV cache
+            held = {**signature.inputs_to_parameters, **signature.inputs_to_buffers,
+                    **signature.inputs_to_lifted_tensor_constants}
+            for node in exported_program.graph.nodes:
+                if node.op == "placeholder" and node.name in held and held[node.name] not in mutated:
+                    node.meta.setdefault("custom", {})["delegate_constant_tag"] = DATA_TAG
+            return super().partition(exported_program)
+
+    return WeightsInDataFile() if data_file else XnnpackPartitioner()
 
 
 def plan_returned_outputs_only():
@@ -155,7 +184,7 @@ def plan_returned_outputs_only():
     made before, and the planner gave those their own memory, never written or read: a second KV
     cache in the memory plan, which ExecuTorch allocates whole (zero-filled) when the program loads
     (Gemma 7B at 1024 positions: 0.875 GiB of its 1.75 GiB plan). Here the output node gets the
-    buffers' own specs for them first. (Made here, not at import: ONNX exports import this module.)"""
+    buffers' own specs for them first. (Made here, not at import: build_model needs no executorch.)"""
     from executorch.exir.passes import MemoryPlanningPass
 
     class PlanReturnedOutputsOnly(MemoryPlanningPass):
@@ -302,28 +331,18 @@ def release_delegated_weights(program: torch.export.ExportedProgram) -> None:
 
 
 def program_bytes(program: torch.export.ExportedProgram, metadata: dict[str, object]) -> bytes:
-    """The lowered program as one bytes object (to load it in memory; a file is written in pieces)."""
+    """The lowered program as one bytes object, its weights in it (to load it in memory; a file is
+    written in pieces, its weights in a data file)."""
     return lower(program, metadata).buffer
 
 
-@dataclass
-class ExportResult:
-    folder: Path
-    manifest: dict
-    seconds: dict[str, float]  # per stage
-
-
 def export_pte(ckpt: Checkpoint, settings: ExportSettings, outdir: Path, overwrite: bool = False,
-               stage: Stage = lambda name: contextlib.nullcontext(),
+               stage: Stage = no_stage,
                report: Callable[[Progress], None] | None = None) -> ExportResult:
-    seconds: dict[str, float] = {}
+    result = ExportResult(Path(outdir))
 
-    @contextlib.contextmanager
     def timed(name: str):
-        start = time.perf_counter()
-        with stage(name):
-            yield
-        seconds[name] = time.perf_counter() - start
+        return result.timed(name, stage)
 
     with staged_folder(outdir, overwrite) as tmp:
         with timed("load and quantize"):
@@ -341,12 +360,13 @@ def export_pte(ckpt: Checkpoint, settings: ExportSettings, outdir: Path, overwri
             # .buffer) would hold a second copy of every weight, the file's size.
             with open(tmp / PTE_FILE, "wb") as f:
                 program.write_to_file(f)
+            program.write_tensor_data_to_file(tmp)  # DATA_FILE
             del program
             tokenizer = copy_tokenizer(ckpt, tmp)
             manifest = write_manifest(
                 tmp, ckpt, settings, special,
-                quantization={"layers": plan},
-                io={"program": PTE_FILE, "method": "forward",
+                quantization={"layers": plan, "head_reads_table": plan.get("lm_head") == HEAD_OF_TABLE},
+                io={"program": PTE_FILE, "files": [PTE_FILE, DATA_FILE], "method": "forward",
                     "inputs": [{"name": "tokens", "dtype": "int64", "shape": [1, "T"]},
                                {"name": "input_pos", "dtype": "int64", "shape": ["T"]}],
                     "outputs": [{"name": "logits", "dtype": "float32", "shape": [1, model.config.vocab_size],
@@ -356,4 +376,5 @@ def export_pte(ckpt: Checkpoint, settings: ExportSettings, outdir: Path, overwri
                     "kernels": ["executorch.kernels.quantized"] if settings.embedding_quant != "none" else []},
                 cache=cache, tokenizer={"files": tokenizer},
                 versions=versions("torch", "executorch", "torchao", "transformers"))
-    return ExportResult(Path(outdir), manifest, seconds)
+    result.manifest = manifest
+    return result

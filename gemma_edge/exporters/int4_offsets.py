@@ -27,17 +27,22 @@ from torch import nn
 class OffsetLinear(nn.Module):
     """A linear layer (no bias) whose weight is s * q + m per group of its input columns: `weight`
     holds s * q (torchao's symmetric 4-bit tensor), `offsets` the m, `sums` the 0/1 matrix that
-    sums each group of an input row. Built on the meta device, filled by quantize_offsets."""
+    sums each group of an input row. Built on the meta device, filled by quantize_offsets.
+    pairs_swapped: the weight holds each pair of columns swapped (2k+1, 2k), and the input's pairs are
+    swapped to match (a tied head reading the table's bytes: torchao_quant.read_table_as_linear)."""
 
-    def __init__(self, in_features: int, out_features: int, group_size: int):
+    def __init__(self, in_features: int, out_features: int, group_size: int, pairs_swapped: bool = False):
         super().__init__()
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.pairs_swapped = pairs_swapped
         groups = in_features // group_size
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.offsets = nn.Linear(groups, out_features, bias=False)  # [out, groups]
         self.register_buffer("sums", torch.empty(groups, in_features), persistent=False)  # [groups, in]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pairs_swapped:  # within a group: the group sums are the same
+            x = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
         return F.linear(x, self.weight) + self.offsets(F.linear(x, self.sums))
 
 
@@ -57,16 +62,18 @@ class OffsetEmbedding(nn.Module):
         return groups.flatten(-2)
 
 
-def replace_with_offset_layers(model: nn.Module, names: list[str], group_size: int) -> nn.Module:
+def replace_with_offset_layers(model: nn.Module, names: list[str], group_size: int,
+                               pairs_swapped: list[str] = ()) -> nn.Module:
     """Swap the named nn.Linear / nn.Embedding layers for their offset forms (on the meta device,
-    before the model is allocated and filled)."""
+    before the model is allocated and filled), the linears of pairs_swapped with their column pairs
+    swapped."""
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         old = getattr(parent, child)
         with torch.device("meta"):
             new = (OffsetEmbedding(old.num_embeddings, old.embedding_dim, group_size) if isinstance(old, nn.Embedding)
-                   else OffsetLinear(old.in_features, old.out_features, group_size))
+                   else OffsetLinear(old.in_features, old.out_features, group_size, name in pairs_swapped))
         setattr(parent, child, new)
     return model
 

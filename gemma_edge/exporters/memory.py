@@ -18,11 +18,11 @@ from gemma_edge.exporters.settings import ExportSettings
 
 GIB = 2**30
 # Bytes per weight as each format stores it (group size g): int4 packs two per byte with one
-# scale per group (ONNX: float32 scale and a 4-bit zero point; XNNPACK: bf16 scale, symmetric);
-# int8 one byte with one float32 scale per row.
+# scale per group (ONNX: float32 scale and a 4-bit zero point; .pte: bf16 scale and an int8
+# offset, int4_offsets.py); int8 one byte with one float32 scale per row.
 PER_WEIGHT = {
     ("onnx", "int4"): lambda g: 0.5 + 4 / g + 0.5 / g,
-    ("pte", "int4"): lambda g: 0.5 + 2 / g,
+    ("pte", "int4"): lambda g: 0.5 + 2 / g + 1 / g,
     ("onnx", "int8"): lambda g: 1 + 4 / g + 1 / g,  # ONNX's int8 layers are blocked too
     ("pte", "int8"): lambda g: 1.0,
 }
@@ -39,13 +39,16 @@ LARGEST = 1.5
 
 def weight_bytes(config: GemmaConfig, settings: ExportSettings, held: bool = False) -> int:
     """The exported weights' bytes (held: as the exporter holds them in memory): linear layers at
-    --quant, the embedding at --embedding-quant (a tied head shares the table in ONNX; a .pte holds
-    the head as its own linear layer)."""
+    --quant, the embedding at --embedding-quant (a tied head reads the quantized table in both
+    formats; a .pte's head beside a float table is its own linear layer, and a head reading an int4
+    table holds its own copy of the 4-bit values in memory, their column pairs swapped)."""
     shapes = weight_shapes(config)
     table = math.prod(shapes["embed_tokens.weight"])
     linears = sum(math.prod(s) for name, s in shapes.items() if len(s) == 2 and name != "embed_tokens.weight")
-    if settings.format == "pte" and settings.quant != "fp32" and config.tie_word_embeddings:
+    tied_pte = settings.format == "pte" and config.tie_word_embeddings
+    if tied_pte and settings.embedding_quant == "none" and settings.quant != "fp32":
         linears += table  # the output projection, untied to be quantized as a linear layer
+    head_copy = table if tied_pte and held and settings.embedding_quant == "int4" else 0
 
     def size(quant: str) -> float:
         if quant in ("fp32", "none"):
@@ -53,7 +56,7 @@ def weight_bytes(config: GemmaConfig, settings: ExportSettings, held: bool = Fal
         per = HELD_PER_WEIGHT if held and (settings.format, quant) in HELD_PER_WEIGHT else PER_WEIGHT
         return per[(settings.format, quant)](settings.group_size)
 
-    return int(linears * size(settings.quant) + table * size(settings.embedding_quant))
+    return int(linears * size(settings.quant) + (table + head_copy) * size(settings.embedding_quant))
 
 
 KV_ITEMSIZE = {"float32": 4, "float16": 2}

@@ -20,10 +20,8 @@ buffer as past (IO binding) and ONNX Runtime writes in place.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import time
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -34,12 +32,12 @@ from torch import nn
 
 from gemma_edge.checkpoints import Checkpoint, iter_weights, weight_shapes
 from gemma_edge.errors import ConfigError
-from gemma_edge.exporters.executorch import ExportResult, Stage
 from gemma_edge.exporters.manifest import cache_section, copy_tokenizer, special_tokens, versions, write_manifest
 from gemma_edge.exporters.onnx_contrib import FUSED, resolve_ops, share_rope_halves, unsupported, use_ops
 from gemma_edge.exporters.onnx_quant import QuantizedMatrix, replace_weights_with_block_quantized
 from gemma_edge.exporters.rewrites import TensorKVCache, pass_caches_as_tensors
 from gemma_edge.exporters.settings import ExportSettings
+from gemma_edge.exporters.stages import ExportResult, Stage, no_stage
 from gemma_edge.exporters.streaming import Progress, Target, fill_layers
 from gemma_edge.files import staged_folder
 from gemma_edge.model import Gemma
@@ -296,16 +294,12 @@ def genai_config(model: Gemma, special: dict, filename: str) -> dict:
 
 
 def export_onnx(ckpt: Checkpoint, settings: ExportSettings, outdir: Path, overwrite: bool = False,
-                stage: Stage = lambda name: contextlib.nullcontext(),
+                stage: Stage = no_stage,
                 report: Callable[[Progress], None] | None = None) -> ExportResult:
-    seconds: dict[str, float] = {}
+    result = ExportResult(Path(outdir))
 
-    @contextlib.contextmanager
     def timed(name: str):
-        start = time.perf_counter()
-        with stage(name):
-            yield
-        seconds[name] = time.perf_counter() - start
+        return result.timed(name, stage)
 
     ops = resolve_ops(ckpt.config, settings.ops)
     if ops == "standard" and settings.kv_dtype != "float32":
@@ -333,4 +327,5 @@ def export_onnx(ckpt: Checkpoint, settings: ExportSettings, outdir: Path, overwr
             manifest = write_manifest(tmp, ckpt, settings, special, quantization={"layers": plan},
                                       io={**io, "files": files}, cache=cache, tokenizer={"files": tokenizer},
                                       versions=versions("torch", "onnx", "onnxscript", "onnxruntime", "transformers"))
-    return ExportResult(Path(outdir), manifest, seconds)
+    result.manifest = manifest
+    return result

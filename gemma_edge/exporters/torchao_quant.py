@@ -16,6 +16,12 @@
   ranges instead: x1.445 / x1.541). int8 layers with an int4 table, the head int8 (eager): x1.062
   on the manual with a symmetric table, x1.033 / x1.015 with offsets.
 
+A tied output projection reads the quantized table's own values (int8 rows, or int4 groups with
+their offsets) as a linear layer, and the program stores them once (executorch.py keeps the weights
+in model.ptd, whose store keeps one copy of identical bytes). XNNPACK packs 4-bit weights with
+the even column in the low half of each byte, ExecuTorch's 4-bit embedding in the high half: the
+projection holds the table's columns with each pair swapped, and swaps its input's pairs to match.
+
 A linear whose input width is not a multiple of the group size keeps 8-bit per-channel weights
 (never a silently truncated group); every layer's scheme is returned for the manifest.
 """
@@ -35,6 +41,7 @@ INT4 = "int4 groupwise with offsets, clipped groups, int8 dynamic activations"
 INT8 = "int8 per channel, int8 dynamic activations"
 TABLE_INT4 = "int4 groupwise with offsets, clipped groups (weight only)"
 TABLE_INT8 = "int8 per row (weight only)"
+HEAD_OF_TABLE = "the embedding table's own weights, int8 dynamic activations (stored once, with the table)"
 NEAREST = (1.0,)  # each group on its full range (torchao's own choice of scale)
 
 
@@ -49,12 +56,13 @@ def untie_output_projection(model: Gemma) -> Gemma:
     return model
 
 
-def quantization_plan(model: Gemma, settings: ExportSettings) -> dict[str, str]:
+def quantization_plan(model: Gemma, settings: ExportSettings, tied: bool) -> dict[str, str]:
     """{layer: scheme} for the (untied) model: --quant's for each linear layer, --embedding-quant's
-    for the table. A tied output projection does not follow an int4 table under int8 layers (as it
-    does in ONNX exports): on the real 270M the head at int4 measured x1.166 / x1.176 (symmetric,
-    clipped) against x1.059 / x1.117 at int8 (with an asymmetric table; the Python manual /
-    transformers' README), for 311 against about 380 MiB."""
+    for the table; a tied output projection reads the quantized table (HEAD_OF_TABLE), as in ONNX
+    exports. Real 270M, int8 layers, int4 table, perplexity ratio on the Python manual /
+    modeling_gemma.py: the head at int8 of its own x1.033 / x1.015 (eager) in about 366 MiB; the
+    head reading the table x1.105 / x1.113 (the .pte) in 217 MiB (groups of 16: x1.097 / x1.001
+    eager, 35 MiB more)."""
     plan = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and settings.quant != "fp32":
@@ -63,12 +71,17 @@ def quantization_plan(model: Gemma, settings: ExportSettings) -> dict[str, str]:
     if settings.embedding_quant != "none":
         int4 = settings.embedding_quant == "int4" and model.config.hidden_size % settings.group_size == 0
         plan["embed_tokens"] = TABLE_INT4 if int4 else TABLE_INT8
+        if tied:
+            plan["lm_head"] = HEAD_OF_TABLE
     return plan
 
 
 def replace_with_quantized_layers(model: Gemma, plan: dict[str, str], settings: ExportSettings) -> Gemma:
-    """On the meta device: the int4 layers of plan become their offset forms (int4_offsets.py)."""
-    return replace_with_offset_layers(model, [n for n, s in plan.items() if s in (INT4, TABLE_INT4)], settings.group_size)
+    """On the meta device: the int4 layers of plan become their offset forms (int4_offsets.py), a
+    head that reads an int4 table too (its column pairs swapped, see the module's docstring)."""
+    offsets = [n for n, s in plan.items() if s in (INT4, TABLE_INT4)]
+    swapped = ["lm_head"] if plan.get("lm_head") == HEAD_OF_TABLE and plan["embed_tokens"] == TABLE_INT4 else []
+    return replace_with_offset_layers(model, offsets + swapped, settings.group_size, pairs_swapped=swapped)
 
 
 def quantization_targets(model: Gemma, plan: dict[str, str], settings: ExportSettings, tied: bool) -> list[Target]:
@@ -95,6 +108,8 @@ def quantization_targets(model: Gemma, plan: dict[str, str], settings: ExportSet
 
     def quantize(name: str, scheme: str):
         module = model.get_submodule(name)
+        if scheme == HEAD_OF_TABLE:  # after the table (the last targets of its source)
+            return lambda weight: read_table_as_linear(module, model.embed_tokens)
         if scheme in offsets:
             return lambda weight: quantize_with_offsets(module, weight, configs[scheme], offsets[scheme], CLIPS)
         return lambda weight: quantize_rows(module, weight, configs[scheme])
@@ -102,7 +117,7 @@ def quantization_targets(model: Gemma, plan: dict[str, str], settings: ExportSet
     targets = []
     if tied and "lm_head" not in plan:  # a float head beside a quantized table
         targets.append(Target(("embed_tokens.weight",), model.lm_head.weight.copy_))
-    for name, scheme in plan.items():
+    for name, scheme in sorted(plan.items(), key=lambda item: item[1] == HEAD_OF_TABLE):
         source = "embed_tokens.weight" if name == "lm_head" and tied else f"{name}.weight"
         targets.append(Target((source,), quantize(name, scheme)))
     return targets
@@ -145,7 +160,12 @@ def quantize_with_offsets(module: OffsetLinear | OffsetEmbedding, weight: torch.
     dynamic = isinstance(config, Int8DynamicActivationIntxWeightConfig)
     scale_dtype = (config.weight_scale_dtype if dynamic else config.scale_dtype) or torch.float32
     group, rows = module.group_size, block_rows(weight, elements)
-    searched = [offsets_and_scales(block.float(), group, clips, scale_dtype) for block in weight.split(rows)]
+    # Every scale rounded to bf16, as XNNPACK's blockwise kernels hold them: a head reading the table
+    # (read_table_as_linear) gets the table's own. Stored in the config's dtype; the table's float32:
+    # the embedding kernel ExecuTorch's quant fusion picks (embedding_4bit.out) reads its scales in
+    # the output's dtype, and bf16 scales came out as 1e30.
+    searched = [offsets_and_scales(block.float(), group, clips, torch.bfloat16) for block in weight.split(rows)]
+    searched = [(scale.to(scale_dtype), offset) for scale, offset in searched]
     quantize_rows(module.offsets, torch.cat([offset for _, offset in searched]), offsets_config)
     added = module.offsets.weight.dequantize().split(rows)  # the offsets the device adds, [rows, groups]
     parts = []
@@ -160,6 +180,28 @@ def quantize_with_offsets(module: OffsetLinear | OffsetEmbedding, weight: torch.
     module.weight = nn.Parameter(joined(parts), requires_grad=False)
     if isinstance(module, OffsetLinear):
         module.sums = group_sums_matrix(module.in_features, group)
+
+
+def read_table_as_linear(head: nn.Linear | OffsetLinear, table: nn.Embedding | OffsetEmbedding) -> None:
+    """Give a tied head the quantized table's values, as a linear layer with int8 dynamic activations:
+    the same 8-bit rows, or the same 4-bit groups (their column pairs swapped: head.pairs_swapped)
+    with the same offsets, so that the program's two copies are byte for byte one."""
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import \
+        IntxUnpackedToInt8TensorActivationQuantization as Activations
+
+    def as_linear(t: torch.Tensor, qdata: torch.Tensor | None = None) -> nn.Parameter:
+        attributes = {name: getattr(t, name) for name in type(t).tensor_attribute_names}
+        attributes["activation_quantization"] = Activations.INT8_ASYM_PER_TOKEN
+        return nn.Parameter(type(t)(t.qdata if qdata is None else qdata, t.scale, t.zero_point, **attributes),
+                            requires_grad=False)
+
+    if isinstance(head, OffsetLinear):
+        qdata = table.weight.qdata
+        head.weight = as_linear(table.weight, qdata.unflatten(-1, (-1, 2)).flip(-1).flatten(-2))
+        head.offsets.weight = as_linear(table.offsets.weight)
+        head.sums = group_sums_matrix(head.in_features, head.group_size)
+    else:
+        head.weight = as_linear(table.weight)
 
 
 def block_rows(weight: torch.Tensor, elements: int) -> int:

@@ -8,6 +8,16 @@
 #include <executorch/extension/module/module.h>
 #include <executorch/extension/tensor/tensor.h>
 
+// ExecuTorch's thread pool (extension/threadpool/threadpool.h, which its wheels do not ship; the
+// library, libexecutorch_threadpool, exports these two).
+namespace executorch::extension::threadpool {
+class ThreadPool final {
+ public:
+  bool _unsafe_reset_threadpool(uint32_t num_threads);
+};
+ThreadPool* get_threadpool();
+}  // namespace executorch::extension::threadpool
+
 namespace gemma_edge {
 
 using executorch::aten::ScalarType;
@@ -32,8 +42,25 @@ int64_t constant(Module& module, const char* name) {
 
 }  // namespace
 
-PteProgram::PteProgram(const std::string& path) : module_(std::make_unique<Module>(path, Module::LoadMode::Mmap)) {
-  check(module_->load(), "loading " + path);
+namespace {
+
+// Before the program loads: XNNPACK takes the pool's threads when it initializes its delegates.
+void set_threads(uint32_t threads) {
+  if (threads > 0 && !executorch::extension::threadpool::get_threadpool()->_unsafe_reset_threadpool(threads)) {
+    throw std::runtime_error("setting " + std::to_string(threads) + " threads failed");
+  }
+}
+
+std::vector<std::string> data_files(const std::string& data_path) {
+  return data_path.empty() ? std::vector<std::string>{} : std::vector<std::string>{data_path};
+}
+
+}  // namespace
+
+PteProgram::PteProgram(const std::string& path, const std::string& data_path, uint32_t threads) {
+  set_threads(threads);
+  module_ = std::make_unique<Module>(path, data_files(data_path), Module::LoadMode::Mmap);
+  check(module_->load(), "loading " + path + (data_path.empty() ? "" : " with " + data_path));
   check(module_->load_method("forward"), "loading the forward method of " + path);
   vocab_size_ = constant(*module_, "get_vocab_size");
   max_seq_len_ = constant(*module_, "get_max_context_len");  // positions the cache holds

@@ -18,8 +18,11 @@ namespace gemma_edge {
 
 class PteProgram {
  public:
-  // Loads model.pte (memory-mapped) and its "forward" method; throws std::runtime_error saying why not.
-  explicit PteProgram(const std::string& path);
+  // Loads model.pte and the data file holding its weights (model.ptd; none for programs that hold
+  // their own), both memory-mapped, and its "forward" method; throws std::runtime_error saying why not.
+  // threads > 0: the size of ExecuTorch's thread pool (XNNPACK's and the kernels'), set before the
+  // program loads; 0: ExecuTorch's default (the performance cores it finds).
+  explicit PteProgram(const std::string& path, const std::string& data_path = "", uint32_t threads = 0);
   ~PteProgram();
 
   // Places tokens at positions start_pos.. of the static KV cache and returns the logits of the

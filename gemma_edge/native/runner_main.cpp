@@ -1,4 +1,4 @@
-// gemma-edge-runner MODEL.pte: serves forward_last calls over stdin/stdout for a host process
+// gemma-edge-runner [--threads N] MODEL.pte [MODEL.ptd]: serves forward_last calls over stdin/stdout for a host process
 // (gemma_edge/runtime/native_backend.py; under QEMU for the arm64 parity check).
 //
 // Binary, native byte order, one request at a time:
@@ -8,6 +8,7 @@
 // A program that fails to load prints why on stderr and exits with 1.
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <exception>
 #include <string>
 #include <vector>
@@ -25,12 +26,20 @@ void write_int32(int32_t value) { write(&value, sizeof value); }
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 2 || std::string(argv[1]) == "--help") {
-    std::fprintf(stderr, "usage: %s MODEL.pte   (requests on stdin, logits on stdout: see runner_main.cpp)\n", argv[0]);
-    return argc == 2 ? 0 : 2;
+  uint32_t threads = 0;  // ExecuTorch's default
+  int first = 1;
+  if (argc > 2 && std::string(argv[1]) == "--threads") {
+    threads = static_cast<uint32_t>(std::strtoul(argv[2], nullptr, 10));
+    first = 3;
+  }
+  const int files = argc - first;
+  if (files < 1 || files > 2 || std::string(argv[first]) == "--help" || (first == 3 && threads == 0)) {
+    std::fprintf(stderr, "usage: %s [--threads N] MODEL.pte [MODEL.ptd]   (requests on stdin, logits on stdout: see runner_main.cpp)\n",
+                 argv[0]);
+    return argc == 2 && std::string(argv[1]) == "--help" ? 0 : 2;
   }
   try {
-    gemma_edge::PteProgram program(argv[1]);
+    gemma_edge::PteProgram program(argv[first], files == 2 ? argv[first + 1] : "", threads);
     const int64_t header[2] = {program.vocab_size(), program.max_seq_len()};
     write("GERN", 4);
     write_int32(1);

@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 
 from gemma_edge.errors import DamagedExportError, GemmaEdgeError, MissingDependencyError
-from gemma_edge.manifest import damaged, read_manifest
+from gemma_edge.manifest import damaged, program_files, read_manifest
 from gemma_edge.runtime.backend import can_rewind, first_line, native_log_captured, release_mapped_pages
 
 KERNEL_MODULES = ("executorch.kernels.quantized",)
@@ -41,20 +41,24 @@ class ExecuTorchBackend:
             from executorch.extension.pybindings import portable_lib
 
             portable_lib._unsafe_reset_threadpool(threads)  # before loading: XNNPACK takes the pool then
-        name = self.manifest["io"]["program"]
+        # The program, then its weights' data file (exports since model.ptd; earlier programs hold them).
+        files, name = program_files(self.manifest), self.manifest["io"]["program"]
+        data = [n for n in files if n != name]
         try:
             with native_log_captured() as log:  # ExecuTorch logs the reason; the exception has only a code
-                program = Runtime.get().load_program(folder / name)
+                program = Runtime.get().load_program(folder / name, data_path=folder / data[0] if data else None)
                 self._method = program.load_method(self.manifest["io"]["method"])
         except RuntimeError as e:  # "Failed to load program, error: 0x23"
             reason = next((line.split("] ", 1)[-1] for line in reversed(log) if "] " in line), "")
-            raise DamagedExportError(damaged(folder, name, f"ExecuTorch cannot load it: {first_line(e)}"
+            named = name + (f" (or its weights, {data[0]})" if data else "")
+            raise DamagedExportError(damaged(folder, named, f"ExecuTorch cannot load it: {first_line(e)}"
                                              + (f"; {reason}" if reason else ""))) from None
         # ExecuTorch's loader maps the program and reads and locks its constants whole, the embedding
         # table among them (0.3 GiB at Gemma 2B), though a step reads one row of it; XNNPACK has
         # copied the delegated weights into its own layout by now. (Loading holds the GIL, so this
         # cannot run while it loads, as it does for ONNX Runtime.)
-        release_mapped_pages(folder / name, unlock=True)
+        for file in files:
+            release_mapped_pages(folder / file, unlock=True)
 
     def forward_last(self, token_ids: Sequence[int], start_pos: int) -> np.ndarray:
         """Logits [vocab] of the last of token_ids, placed at start_pos..: one program call per chunk

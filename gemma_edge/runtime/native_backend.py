@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from gemma_edge.errors import GemmaEdgeError
-from gemma_edge.manifest import read_manifest
+from gemma_edge.manifest import program_files, read_manifest
 from gemma_edge.runtime.backend import can_rewind
 
 READY = struct.Struct("=4siqq")  # "GERN", version, vocab_size, max_seq_len
@@ -26,7 +26,8 @@ PROTOCOL = 1
 
 
 class NativeBackend:
-    def __init__(self, folder: str | Path, runner: str | Path, prefix: Sequence[str] = (), env: dict | None = None):
+    def __init__(self, folder: str | Path, runner: str | Path, prefix: Sequence[str] = (), env: dict | None = None,
+                 threads: int | None = None):
         folder = Path(folder)
         self.manifest = read_manifest(folder)
         if self.manifest.get("format") != "pte":
@@ -35,7 +36,11 @@ class NativeBackend:
         self.can_rewind = can_rewind(self.manifest)
         # The runtime's own log lines (cpuinfo, XNNPACK) go to a file, shown only when the runner fails.
         self._log = tempfile.TemporaryFile()
-        self._process = subprocess.Popen([*prefix, str(runner), str(folder / self.manifest["io"]["program"])],
+        files = [folder / name for name in program_files(self.manifest)]  # the program, then its data file
+        if threads is not None and threads < 1:
+            raise GemmaEdgeError(f"--threads must be at least 1, got {threads}")
+        options = ["--threads", str(threads)] if threads else []  # else ExecuTorch's default
+        self._process = subprocess.Popen([*prefix, str(runner), *options, *map(str, files)],
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, env=env)
         self._closer = weakref.finalize(self, _close, self._process, self._log)
         magic, version, self.vocab_size, runner_seq_len = READY.unpack(self._read(READY.size, "loading the program"))

@@ -28,6 +28,7 @@ public final class ExportManifest {
   public final int bosTokenId;
   public final List<Integer> stopTokenIds;  // <eos> and <end_of_turn>
   public final String program;  // model.pte or model.onnx, relative to the folder
+  public final String data;  // the program's weights file (model.ptd, model.onnx.data), or null: in the program
   public final String tokenizer;  // tokenizer.json, relative to the folder
 
   private ExportManifest(File folder, JSONObject json) throws JSONException {
@@ -54,7 +55,17 @@ public final class ExportManifest {
       ids.add(stops.getInt(i));
     }
     stopTokenIds = Collections.unmodifiableList(ids);
-    program = plainName(folder, json.getJSONObject("io").getString("program"));
+    JSONObject io = json.getJSONObject("io");
+    program = plainName(folder, io.getString("program"));
+    String weights = null;
+    JSONArray programFiles = io.optJSONArray("files");  // the program and its weights file
+    for (int i = 0; programFiles != null && i < programFiles.length(); i++) {
+      String name = plainName(folder, programFiles.getString(i));
+      if (!name.equals(program)) {
+        weights = name;
+      }
+    }
+    data = weights;
     tokenizer = "tokenizer.json";
     JSONObject files = json.optJSONObject("files");
     if (files != null) {
@@ -102,8 +113,8 @@ public final class ExportManifest {
       throw new IOException(folder + " has no " + FILE + ": pick the folder `gemma-edge export` wrote (adb push it whole)");
     }
     ExportManifest manifest = parse(folder, readText(file));
-    for (String name : new String[] {manifest.program, manifest.tokenizer}) {
-      if (!inside(folder, name).isFile()) {
+    for (String name : new String[] {manifest.program, manifest.data, manifest.tokenizer}) {
+      if (name != null && !inside(folder, name).isFile()) {
         throw new IOException(folder + " lacks " + name + ": push the whole export folder again");
       }
     }

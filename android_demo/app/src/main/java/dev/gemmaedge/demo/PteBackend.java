@@ -22,7 +22,12 @@ final class PteBackend implements LlmBackend {
   public void load() {
     String program = new File(manifest.folder, manifest.program).getPath();
     String tokenizer = new File(manifest.folder, manifest.tokenizer).getPath();
-    module = new LlmModule(program, tokenizer, GenerationSettings.defaults().temperature);
+    float temperature = GenerationSettings.defaults().temperature;
+    if (manifest.data == null) {  // exports before model.ptd held their weights in the program
+      module = new LlmModule(program, tokenizer, temperature);
+    } else {  // the weights' data file, the tied table stored once
+      module = new LlmModule(program, tokenizer, temperature, new File(manifest.folder, manifest.data).getPath());
+    }
     module.load();
   }
 

@@ -37,6 +37,7 @@ public class ExportManifestTest {
       assertEquals(2, m.bosTokenId);
       assertEquals(Arrays.asList(1, 106), m.stopTokenIds);  // <eos>, <end_of_turn>
       assertEquals(format.equals("pte") ? "model.pte" : "model.onnx", m.program);
+      assertEquals(format.equals("pte") ? "model.ptd" : null, m.data);  // a .pte's weights, the tied table once
       assertEquals("gemma", m.defaultFormat().name());
       assertEquals("gemma3_text int4 " + format + ", context 1024", m.summary());
     }
@@ -51,6 +52,9 @@ public class ExportManifestTest {
     IOException missing = assertThrows(IOException.class, () -> ExportManifest.read(folder));
     assertTrue(missing.getMessage(), missing.getMessage().contains("lacks model.pte"));
     Files.write(new File(folder, "model.pte").toPath(), new byte[] {0});
+    IOException noData = assertThrows(IOException.class, () -> ExportManifest.read(folder));
+    assertTrue(noData.getMessage(), noData.getMessage().contains("lacks model.ptd"));
+    Files.write(new File(folder, "model.ptd").toPath(), new byte[] {0});
     Files.write(new File(folder, "tokenizer.json").toPath(), new byte[] {0});
     assertEquals("pte", ExportManifest.read(folder).format);
     // The picker finds it as a root itself and as a child of a root; a missing root is skipped.
