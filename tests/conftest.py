@@ -134,7 +134,7 @@ def tiny_exports(tiny_with_tokenizers):
     from gemma_edge.checkpoints import resolve
     from gemma_edge.exporters.settings import ExportSettings
 
-    def export(name: str, fmt: str, quant: str, **settings) -> Path:
+    def export(name: str, fmt: str, quant: str = "int4", **settings) -> Path:
         return cached_export(resolve(tiny_with_tokenizers[name]),
                              ExportSettings(format=fmt, quant=quant, max_seq_len=TINY_MAX_SEQ_LEN, **settings))
 

@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from gemma_edge.checkpoints import load_model, resolve
 from gemma_edge.errors import ConfigError, GemmaEdgeError
 from gemma_edge.exporters.settings import ExportSettings
 from gemma_edge.exporters.executorch import DATA_FILE, build_model, export_pte
+from gemma_edge.exporters.head_correction import COLUMNS, CorrectedHead
 from gemma_edge.exporters.int4_offsets import OffsetLinear
 from gemma_edge.exporters.torchao_quant import HEAD_OF_TABLE, INT4, INT8, TABLE_INT4
 from gemma_edge.files import sha256_file
@@ -37,9 +39,15 @@ PREFILL, DECODE = 20, 16
 GEMMA_EDGE = str(Path(sys.executable).with_name("gemma-edge"))
 
 # (family, quantization): every family at int4 (quantized linears and embedding, rings), every
-# quantization on Gemma 3. tiny-gemma/int8 goes through the command line.
+# quantization on Gemma 3, and the phone recipe (int8 layers, the int4 table the head reads).
+# tiny-gemma/int8 goes through the command line.
 CASES = [("tiny-gemma", "int8"), ("tiny-gemma-mha", "int4"), ("tiny-gemma2", "int4"),
-         ("tiny-gemma3", "fp32"), ("tiny-gemma3", "int8"), ("tiny-gemma3", "int4")]
+         ("tiny-gemma3", "fp32"), ("tiny-gemma3", "int8"), ("tiny-gemma3", "int4"), ("tiny-gemma3", "phone")]
+RECIPES = {"phone": {"quant": "int8", "embedding_quant": "int4"}}  # else {"quant": name}
+
+
+def _recipe(quant: str) -> dict:
+    return RECIPES.get(quant, {"quant": quant})
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +64,7 @@ def exports(tiny_exports, tiny_checkpoints, tmp_path_factory) -> dict[tuple[str,
             assert result.returncode == 0, result.stderr
             assert "model.pte" in result.stdout and "trace and lower" in result.stderr
         else:
-            folder = tiny_exports(name, "pte", quant)
+            folder = tiny_exports(name, "pte", **_recipe(quant))
         out[(name, quant)] = folder
     return out
 
@@ -74,7 +82,7 @@ def _ids(vocab: int, seed: int = 0) -> list[int]:
 
 
 def _eager_quantized(folder: Path, quant: str):
-    model, _ = build_model(resolve(folder), ExportSettings(format="pte", quant=quant, max_seq_len=MAX_SEQ_LEN))
+    model, _ = build_model(resolve(folder), ExportSettings(format="pte", max_seq_len=MAX_SEQ_LEN, **_recipe(quant)))
     return EagerBackend(model)
 
 
@@ -85,8 +93,10 @@ def mean_kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("name, quant", CASES)
-def test_pte_matches_its_reference(name, quant, exports, tiny_checkpoints):
-    folder = tiny_checkpoints[name]
+def test_pte_matches_its_reference(name, quant, exports, tiny_with_tokenizers):
+    # The checkpoint the export was made from (its tokenizer gives the head's correction its
+    # calibration text; head_correction.py). tiny-gemma int8, exported without one, has no correction.
+    folder = tiny_with_tokenizers[name]
     pte = ExecuTorchBackend(exports[(name, quant)])
     vocab = pte.manifest["config"]["vocab_size"]
     ids = _ids(vocab)
@@ -165,8 +175,12 @@ def test_every_quantized_layer_alone_computes_what_eager_computes(name, quant, t
                 # within a few ulps of a rounding tie may land one step away (measured: 35.499996
                 # became 36): such a row may differ, every other row must not.
                 tie = _near_rounding_tie(rows) if rows.is_floating_point() else torch.zeros_like(off)
-                if isinstance(module, OffsetLinear):  # its group sums are quantized too, computed by each side
-                    tie |= _near_rounding_tie(F.linear(rows, module.sums))
+                linear = module
+                if isinstance(module, CorrectedHead):  # its picked columns are quantized on their own too
+                    tie |= _near_rounding_tie(F.linear(rows, module.pick))
+                    linear = module.head
+                if isinstance(linear, OffsetLinear):  # its group sums are quantized too, computed by each side
+                    tie |= _near_rounding_tie(F.linear(rows, linear.sums))
                 assert not (off & ~tie).any(), (
                     f"{layer} ({plan[layer]}), rows {(off & ~tie).nonzero().flatten().tolist()} of {len(rows)} differ "
                     f"by up to {(got - expected).abs().max():.1e}")
@@ -184,9 +198,9 @@ def _near_rounding_tie(x: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name, quant", [("tiny-gemma3", "int4"), ("tiny-gemma2", "int4"), ("tiny-gemma3", "fp32")])
-def test_greedy_on_the_pte_equals_the_eager_model(name, quant, exports, tiny_checkpoints):
-    reference = (_eager_quantized(tiny_checkpoints[name], quant) if quant != "fp32"
-                 else EagerBackend(load_model(tiny_checkpoints[name], MAX_SEQ_LEN)))
+def test_greedy_on_the_pte_equals_the_eager_model(name, quant, exports, tiny_with_tokenizers):
+    reference = (_eager_quantized(tiny_with_tokenizers[name], quant) if quant != "fp32"
+                 else EagerBackend(load_model(tiny_with_tokenizers[name], MAX_SEQ_LEN)))
     prompt = _ids(reference.model.config.vocab_size, seed=3)[:PREFILL]
     expected = greedy(reference, prompt, 32).token_ids
     assert greedy(ExecuTorchBackend(exports[(name, quant)]), prompt, 32).token_ids == expected
@@ -232,31 +246,34 @@ def test_int4_is_smaller_than_int8_and_fp32(exports):
     assert size["fp32"] / size["int4"] > 2.5  # measured 2.6x on this tiny model (scales and graph dominate)
 
 
-@pytest.mark.parametrize("quant", ["int8", "int4"])
+@pytest.mark.parametrize("quant", ["int8", "int4", "phone"])
 def test_a_tied_table_and_the_head_reading_it_are_stored_once(quant, exports):
     """The embedding (ExecuTorch's quantized embedding kernel) and the output projection (XNNPACK)
     read the same quantized table, and the data file holds it once: one segment of the table's size
     (int8 rows, or 4-bit values two to a byte), under two names (the embedding's constant and
-    XNNPACK's weight); so are the int8 table's scales and the int4 table's offsets and their scales.
-    The int4 table's group scales are the one part stored twice: XNNPACK holds bf16 ones, and the
-    embedding kernel ExecuTorch picks reads its scales as float32 (torchao_quant.quantize_with_offsets).
-    That the head computes from it what the model does: test_pte_matches_its_reference."""
+    XNNPACK's weight); so are the table's scales (int8: float32 per row; int4: bf16 per group, the
+    table's rows coming out in bf16, see torchao_quant.quantize_with_offsets) and the int4 table's
+    offsets and their scales. That the head computes from it what the model does:
+    test_pte_matches_its_reference."""
     from executorch.extension.flat_tensor.serialize.serialize import _deserialize_to_flat_tensor
 
     folder = exports[("tiny-gemma3", quant)]
-    config = json.loads((folder / "gemma_edge.json").read_text())["config"]
-    rows, width = config["vocab_size"], config["hidden_size"]
+    manifest = json.loads((folder / "gemma_edge.json").read_text())
+    rows, width = manifest["config"]["vocab_size"], manifest["config"]["hidden_size"]
     data = _deserialize_to_flat_tensor((folder / DATA_FILE).read_bytes())
     names = collections.Counter(entry.segment_index for entry in data.named_data)
     # part: (bytes, names of its one segment)
     parts = {"values": (rows * width, 2), "scales": (rows * 4, 2)}  # int8: fp32 scale per row
-    if quant == "int4":  # groups of 32; the offsets int8 per group, with an fp32 scale per row
-        groups = rows * width // 32
+    if manifest["export"]["embedding_quant"] == "int4":  # the offsets int8 per group, an fp32 scale per row
+        groups = rows * width // manifest["export"]["group_size"]
         parts = {"values": (rows * width // 2, 2), "offsets": (groups, 2), "offset scales": (rows * 4, 2),
-                 "table's scales": (groups * 4, 1), "head's scales": (groups * 2, 1)}
-    for part, (size, users) in parts.items():
-        segments = [i for i, segment in enumerate(data.segments) if segment.size == size]
-        assert len(segments) == 1 and names[segments[0]] == users, (part, size, [names[i] for i in segments])
+                 "scales": (groups * 2, 2),
+                 # the head's correction (head_correction.py): int8 per row, an fp32 scale per row
+                 "correction": (rows * min(COLUMNS, width), 1), "correction's scales": (rows * 4, 1)}
+    # Each part one segment of its size, read under `users` names.
+    sizes = {size for size, _ in parts.values()}
+    found = collections.Counter((s.size, names[i]) for i, s in enumerate(data.segments) if s.size in sizes)
+    assert found == collections.Counter(parts.values()), (parts, found)
 
 
 def test_existing_output_is_kept_without_overwrite(exports, tiny_checkpoints):
@@ -414,7 +431,7 @@ def test_packing_int4_by_rows_gives_xnnpack_s_bytes(shape):
 
 @pytest.mark.parametrize("table", [False, True])
 def test_offset_groups_fit_the_weights_better_than_symmetric_ones(table):
-    """An int4 output projection (bf16 scales: XNNPACK's 8da4w) and an int4 table (fp32 scales,
+    """An int4 output projection (bf16 scales: XNNPACK's 8da4w) and an int4 table (bf16 scales too,
     weight only), each group s * q + m with q on the symmetric grid XNNPACK's kernels take and m
     from the int8 offsets the device adds: closer to weights whose groups are not centred on zero
     than torchao's symmetric groups, clipping better than the full range, and the same in blocks
@@ -429,7 +446,7 @@ def test_offset_groups_fit_the_weights_better_than_symmetric_ones(table):
     g = torch.Generator().manual_seed(0)
     w = torch.randn(300, 128, generator=g) * torch.rand(300, 1, generator=g) + 0.3 * torch.rand(300, 1, generator=g)
     if table:
-        config = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32))
+        config = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32), scale_dtype=torch.bfloat16)
         offsets = IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))
         make = lambda: OffsetEmbedding(300, 128, 32)  # noqa: E731
     else:
@@ -445,7 +462,7 @@ def test_offset_groups_fit_the_weights_better_than_symmetric_ones(table):
         module = make()
         quantize_with_offsets(module, w, config, offsets, clips, elements=elements)
         q = module.weight
-        assert q.qdata.min() >= -8 and q.qdata.max() <= 7 and q.scale.dtype == (torch.float32 if table else torch.bfloat16)
+        assert q.qdata.min() >= -8 and q.qdata.max() <= 7 and q.scale.dtype == torch.bfloat16
         assert not q.zero_point.any()  # the 4-bit grid is symmetric, as XNNPACK's kernels are
         assert module.offsets.weight.qdata.dtype == torch.int8
         return module, q.dequantize() + module.offsets.weight.dequantize().repeat_interleave(32, dim=1)
@@ -469,6 +486,11 @@ def test_unknown_settings_are_named():
         ExportSettings(format="tflite")
     with pytest.raises(ConfigError, match="group-size"):
         ExportSettings(format="pte", group_size=7)
+    # XNNPACK's 4-bit kernels take groups of 32, 64, ... (the lowering asserted deep inside before)
+    for settings in ({"quant": "int4"}, {"quant": "int8", "embedding_quant": "int4"}):
+        with pytest.raises(ConfigError, match="--format pte with int4 weights needs a --group-size that is a multiple of 32"):
+            ExportSettings(format="pte", group_size=16, **settings)
+    assert ExportSettings(format="pte", group_size=64).group_size == 64
 
 
 def _byte_level_tokenizer(path: Path) -> Path:
@@ -525,6 +547,30 @@ def half_cache_in_chunks(tiny_with_tokenizers, tmp_path_factory) -> Path:
     return folder
 
 
+def _native_fp16() -> bool:
+    """Whether this CPU computes in float16 (x86's AVX512-FP16, ARM's half-precision arithmetic),
+    and so XNNPACK's f16 kernels sum in it."""
+    try:
+        flags = " ".join(line for line in open("/proc/cpuinfo") if line.startswith(("flags", "Features"))).split()
+    except OSError:
+        return False
+    return "avx512_fp16" in flags or "asimdhp" in flags
+
+
+_torch_bmm = torch.bmm
+
+
+def fp16_sums_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """torch.bmm, but float16 operands' products summed in float16, one product at a time in the
+    order of the shared dimension, as a float16 fused multiply-add loop does."""
+    if a.dtype != torch.float16:
+        return _torch_bmm(a, b)
+    acc = torch.zeros(a.shape[0], a.shape[1], b.shape[2], dtype=torch.float16)
+    for k in range(a.shape[2]):  # each product exact in float32, the sum rounded to float16
+        acc = (acc.float() + a[:, :, k:k + 1].float() * b[:, k:k + 1, :].float()).half()
+    return acc
+
+
 def test_a_float16_cache_is_half_the_memory_and_rounds_as_float16(half_cache_in_chunks, tiny_exports, tiny_checkpoints):
     """--kv-dtype float16 in a .pte: the program's cache buffers are float16 and attention multiplies
     in float16 (XNNPACK's f16 matmuls, which round as ARM's half-precision arithmetic does), the
@@ -538,7 +584,14 @@ def test_a_float16_cache_is_half_the_memory_and_rounds_as_float16(half_cache_in_
     manifest = json.loads((folder / "gemma_edge.json").read_text())
     full = json.loads((tiny_exports("tiny-gemma3", "pte", "fp32") / "gemma_edge.json").read_text())
     assert manifest["cache"]["dtype"] == "float16" and 2 * manifest["cache"]["bytes"] == full["cache"]["bytes"]
-    got, fp32, half = half_cache_rows(ExecuTorchBackend(folder), tiny_checkpoints["tiny-gemma3"], _rows)
+    # Where the CPU has float16 arithmetic, XNNPACK's f16 matmuls sum their products in float16, as
+    # a phone's do (measured on an x86 with AVX512-FP16: the program 1.7e-3 from a PyTorch half
+    # cache, whose products sum in float32, which is 1.0e-3 from float32); the eager half cache then
+    # sums in float16 too (fp16_sums_bmm; measured: 1.9e-3 from float32, the program 1.8e-3 from
+    # float32 and 1.1e-3 from it).
+    bmm = fp16_sums_bmm if _native_fp16() else torch.bmm
+    with mock.patch.object(torch, "bmm", bmm):
+        got, fp32, half = half_cache_rows(ExecuTorchBackend(folder), tiny_checkpoints["tiny-gemma3"], _rows)
     rounding, ours, to_half = np.abs(half - fp32).mean(), np.abs(got - fp32).mean(), np.abs(got - half).mean()
     print(f"float16 cache: the program's mean |diff| from a float32 cache {ours:.1e}, from the eager half cache "
           f"{to_half:.1e}; the eager half cache's from float32 {rounding:.1e}")

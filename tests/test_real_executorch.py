@@ -12,6 +12,7 @@ import torch
 from export_cache import cached_export
 from gemma_edge.exporters.settings import ExportSettings
 from gemma_edge.exporters.executorch import DATA_FILE, PTE_FILE
+from gemma_edge.exporters.head_correction import COLUMNS
 from gemma_edge.exporters.torchao_quant import HEAD_OF_TABLE, INT4, INT8, TABLE_INT4, untie_output_projection
 from gemma_edge.model import Gemma, RMSNorm
 from gemma_edge.runtime.executorch_backend import ExecuTorchBackend
@@ -53,10 +54,12 @@ def quality(logits: np.ndarray, fp32: np.ndarray, ids: list[int]) -> dict[str, f
 # (v_proj x1.09, up_proj x1.10, down_proj x1.07 each alone), x1.075 on the output projection,
 # x1.046 on the embedding.
 BOUNDS = {
-    # int8 layers, int4 table read by the head: measured x1.105, top-1 81.8%, KL 0.103 (x1.113 on
-    # transformers' modeling_gemma.py); the head at int8 beside it measured x1.033 in 366 MiB; int8
-    # throughout x1.006, 92.4%, 0.026 in 262 MiB (its table stored once; 423 MiB before)
-    "phone": {"ppl_ratio": 1.12, "top1": 0.79, "kl": 0.12},
+    # int8 layers, int4 table read by the head, its 32 worst columns corrected (head_correction.py):
+    # measured x1.048, top-1 87.5%, KL 0.060 (x1.121, 88.1%, 0.143 on transformers' modeling_gemma.py);
+    # uncorrected x1.118, 82.2%, 0.100; the head at int8 of its own x1.033 in 366 MiB; int8
+    # throughout x1.006, 92.4%, 0.026 in 262 MiB (its table stored once; 423 MiB before).
+    # ppl_ratio: issue 16's target.
+    "phone": {"ppl_ratio": 1.10, "top1": 0.85, "kl": 0.075},
     # measured x1.462, top-1 70.8%, KL 0.323 with the head reading the table (the table's scales
     # rounded to bf16 as the head's are); x1.435, 71.2%, 0.314 with a head of its own; x1.866,
     # 63.2%, 0.651 with symmetric groups, the table's and the head's clipped; x1.932, 59.5%, 0.701
@@ -77,11 +80,11 @@ def test_real_pte_quality_on_real_english(quant, real, exports):
 
 
 def ideal_bytes(ckpt, plan: dict[str, str], group: int) -> int:
-    """Weights at their nominal width plus their scales (bf16 per group for int4 linears, fp32 for
-    the int4 table, fp32 per row for int8), each int4 layer's offsets (int8 per group, an fp32 scale
-    per row), plus the float norm weights; a head reading the table adds only its bf16 scales where
-    the table's are fp32 (the rest is the table's bytes). Shapes come from the model itself, built
-    on the meta device (nothing allocated)."""
+    """Weights at their nominal width plus their scales (bf16 per group for int4, fp32 per row for
+    int8), each int4 layer's offsets (int8 per group, an fp32 scale per row), plus the float norm
+    weights; a head reading the table adds only its correction (head_correction.py: int8 per row
+    on COLUMNS columns, an fp32 scale per row) where the table is int4. Shapes come from the model
+    itself, built on the meta device (nothing allocated)."""
     with torch.device("meta"):
         model = untie_output_projection(Gemma(ckpt.config, 8))
     total = 0
@@ -91,10 +94,9 @@ def ideal_bytes(ckpt, plan: dict[str, str], group: int) -> int:
         elif name in plan:
             rows, cols = module.weight.shape  # linear [out, in]; embedding [vocab, hidden]
             if plan[name] == HEAD_OF_TABLE:
-                total += rows * cols // group * 2 if plan["embed_tokens"] == TABLE_INT4 else 0
+                total += rows * (COLUMNS + 4) if plan["embed_tokens"] == TABLE_INT4 else 0
             elif plan[name] in (INT4, TABLE_INT4):
-                scale = 4 if plan[name] == TABLE_INT4 else 2
-                total += rows * cols // 2 + rows * cols // group * scale + rows * cols // group + rows * 4
+                total += rows * cols // 2 + rows * cols // group * 2 + rows * cols // group + rows * 4
             else:
                 total += rows * cols + rows * 4
     return total
@@ -112,7 +114,7 @@ def test_real_pte_is_within_10_percent_of_its_ideal_size(recipe, real, exports):
     size = file_bytes(exports[recipe])
     ideal = ideal_bytes(real[0], manifest["quantization"]["layers"], manifest["export"]["group_size"])
     print(f"gemma-3-270m {recipe} .pte: {size / MIB:.1f} MiB, ideal {ideal / MIB:.1f} MiB (+{size / ideal - 1:.1%})")
-    assert ideal < size <= 1.10 * ideal  # measured: phone 217.0 MiB, ideal 212.3; int4 178.9, ideal 173.5
+    assert ideal < size <= 1.10 * ideal  # measured: phone 206.1 MiB, ideal 201.3; int4 178.9, ideal 173.5 before the correction
     if recipe == "phone":
         assert size <= 230 * MIB  # the head at int8 beside the table: 366 MiB; int8 throughout 423
 

@@ -32,13 +32,14 @@ import torch
 from torch import nn
 
 from gemma_edge.checkpoints import Checkpoint, iter_weights, weight_shapes
+from gemma_edge.exporters.head_correction import CorrectedHead, correct_head
 from gemma_edge.exporters.lowering_shortcuts import idle_steps_skipped
 from gemma_edge.exporters.manifest import cache_section, copy_tokenizer, special_tokens, versions, write_manifest
 from gemma_edge.exporters.rewrites import replace_gelu_with_explicit_tanh_form, replace_rmsnorm_mean_with_linear
 from gemma_edge.exporters.settings import ExportSettings
 from gemma_edge.exporters.stages import ExportResult, Stage, no_stage
 from gemma_edge.exporters.streaming import Progress, fill_layers
-from gemma_edge.exporters.torchao_quant import (HEAD_OF_TABLE, quantization_plan, quantization_targets,
+from gemma_edge.exporters.torchao_quant import (HEAD_OF_TABLE, TABLE_INT4, quantization_plan, quantization_targets,
                                                 replace_with_quantized_layers, untie_output_projection)
 from gemma_edge.exporters.tracing import export_model
 from gemma_edge.files import staged_folder
@@ -102,6 +103,12 @@ def build_model(ckpt: Checkpoint, settings: ExportSettings,
     targets = quantization_targets(model, plan, settings, ckpt.config.tie_word_embeddings) if quantized else []
     shapes = weight_shapes(ckpt.config)
     fill_layers(model, weights, targets, sum(math.prod(s) for s in shapes.values()), report)
+    if plan.get("lm_head") == HEAD_OF_TABLE and plan["embed_tokens"] == TABLE_INT4:
+        name, table = next(iter(iter_weights(ckpt)))  # the first weight: read again, alone
+        assert name == "embed_tokens.weight", name
+        tokenizer = ckpt.hf_dir / "tokenizer.json" if ckpt.hf_dir and (ckpt.hf_dir / "tokenizer.json").is_file() else None
+        correct_head(model.eval(), table, tokenizer)
+        del table
     return model.eval().requires_grad_(False), plan
 
 
@@ -365,7 +372,9 @@ def export_pte(ckpt: Checkpoint, settings: ExportSettings, outdir: Path, overwri
             tokenizer = copy_tokenizer(ckpt, tmp)
             manifest = write_manifest(
                 tmp, ckpt, settings, special,
-                quantization={"layers": plan, "head_reads_table": plan.get("lm_head") == HEAD_OF_TABLE},
+                quantization={"layers": plan, "head_reads_table": plan.get("lm_head") == HEAD_OF_TABLE,
+                              **({"head_correction": model.lm_head.calibration}
+                                 if isinstance(model.lm_head, CorrectedHead) else {})},
                 io={"program": PTE_FILE, "files": [PTE_FILE, DATA_FILE], "method": "forward",
                     "inputs": [{"name": "tokens", "dtype": "int64", "shape": [1, "T"]},
                                {"name": "input_pos", "dtype": "int64", "shape": ["T"]}],

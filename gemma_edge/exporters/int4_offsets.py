@@ -57,7 +57,8 @@ class OffsetEmbedding(nn.Module):
         self.offsets = nn.Embedding(num_embeddings, embedding_dim // group_size)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = F.embedding(ids, self.weight)  # [..., dim]
+        # [..., dim], in the offsets' dtype (float32) whatever the 4-bit rows come out in (bf16)
+        rows = F.embedding(ids, self.weight).to(self.offsets.weight.dtype)
         groups = rows.unflatten(-1, (-1, self.group_size)) + self.offsets(ids).unsqueeze(-1)
         return groups.flatten(-2)
 

@@ -81,6 +81,10 @@ class ExportSettings:
         g = self.group_size
         if self.format == "onnx" and (g < 16 or g & (g - 1)):  # MatMulNBits and GatherBlockQuantized blocks
             raise ConfigError(f"--format onnx needs a --group-size that is a power of 2 of at least 16 (16, 32, 64, ...), got {g}")
+        # XNNPACK's 4-bit blockwise kernels (the int4 layers, and a tied head reading an int4 table)
+        if self.format == "pte" and "int4" in (self.quant, self.embedding_quant) and g % 32:
+            raise ConfigError(f"--format pte with int4 weights needs a --group-size that is a multiple of 32 "
+                              f"(XNNPACK's 4-bit kernels: 32, 64, 128, ...), got {g}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

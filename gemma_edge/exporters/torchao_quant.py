@@ -61,8 +61,8 @@ def quantization_plan(model: Gemma, settings: ExportSettings, tied: bool) -> dic
     for the table; a tied output projection reads the quantized table (HEAD_OF_TABLE), as in ONNX
     exports. Real 270M, int8 layers, int4 table, perplexity ratio on the Python manual /
     modeling_gemma.py: the head at int8 of its own x1.033 / x1.015 (eager) in about 366 MiB; the
-    head reading the table x1.105 / x1.113 (the .pte) in 217 MiB (groups of 16: x1.097 / x1.001
-    eager, 35 MiB more)."""
+    head reading the table x1.118 / x1.126 (the .pte) in 197 MiB; with its worst columns corrected
+    (head_correction.py, which build_model applies) x1.048 / x1.121 in 206 MiB."""
     plan = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and settings.quant != "fp32":
@@ -100,7 +100,8 @@ def quantization_targets(model: Gemma, plan: dict[str, str], settings: ExportSet
         INT4: Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group),
                                                     weight_scale_dtype=torch.bfloat16),
         INT8: Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0)),
-        TABLE_INT4: IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(group)),
+        # bf16 scales as the head's (XNNPACK's): the table's group scales are then the head's bytes too
+        TABLE_INT4: IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(group), scale_dtype=torch.bfloat16),
         TABLE_INT8: IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0)),
     }
     # The offsets of an int4 layer: 8-bit per row, as the int8 layers of its kind.
@@ -160,12 +161,7 @@ def quantize_with_offsets(module: OffsetLinear | OffsetEmbedding, weight: torch.
     dynamic = isinstance(config, Int8DynamicActivationIntxWeightConfig)
     scale_dtype = (config.weight_scale_dtype if dynamic else config.scale_dtype) or torch.float32
     group, rows = module.group_size, block_rows(weight, elements)
-    # Every scale rounded to bf16, as XNNPACK's blockwise kernels hold them: a head reading the table
-    # (read_table_as_linear) gets the table's own. Stored in the config's dtype; the table's float32:
-    # the embedding kernel ExecuTorch's quant fusion picks (embedding_4bit.out) reads its scales in
-    # the output's dtype, and bf16 scales came out as 1e30.
-    searched = [offsets_and_scales(block.float(), group, clips, torch.bfloat16) for block in weight.split(rows)]
-    searched = [(scale.to(scale_dtype), offset) for scale, offset in searched]
+    searched = [offsets_and_scales(block.float(), group, clips, scale_dtype) for block in weight.split(rows)]
     quantize_rows(module.offsets, torch.cat([offset for _, offset in searched]), offsets_config)
     added = module.offsets.weight.dequantize().split(rows)  # the offsets the device adds, [rows, groups]
     parts = []
@@ -177,6 +173,12 @@ def quantize_with_offsets(module: OffsetLinear | OffsetEmbedding, weight: torch.
             rest, (1, group), config.weight_dtype, intx_choose_qparams_algorithm=None,
             activation_quantization="int8_asym_per_token" if dynamic else None,
             custom_scale=scale, custom_zero_point=torch.zeros_like(scale, dtype=torch.int8)))
+    if isinstance(module, OffsetEmbedding):
+        # A table's rows come out in its scales' dtype (OffsetEmbedding then adds the float32
+        # offsets): the embedding kernel ExecuTorch's quant fusion picks for a float32 output
+        # (embedding_4bit.out) reads its scales as float32, and bf16 ones came out as 1e30; with
+        # a bf16 output it reads them as they are.
+        parts = [with_attributes(part, dtype=scale_dtype) for part in parts]
     module.weight = nn.Parameter(joined(parts), requires_grad=False)
     if isinstance(module, OffsetLinear):
         module.sums = group_sums_matrix(module.in_features, group)
@@ -190,10 +192,9 @@ def read_table_as_linear(head: nn.Linear | OffsetLinear, table: nn.Embedding | O
         IntxUnpackedToInt8TensorActivationQuantization as Activations
 
     def as_linear(t: torch.Tensor, qdata: torch.Tensor | None = None) -> nn.Parameter:
-        attributes = {name: getattr(t, name) for name in type(t).tensor_attribute_names}
-        attributes["activation_quantization"] = Activations.INT8_ASYM_PER_TOKEN
-        return nn.Parameter(type(t)(t.qdata if qdata is None else qdata, t.scale, t.zero_point, **attributes),
-                            requires_grad=False)
+        # float32 products whatever dtype the table's rows come out in (an int4 table's: bf16)
+        return nn.Parameter(with_attributes(t, qdata, activation_quantization=Activations.INT8_ASYM_PER_TOKEN,
+                                            dtype=torch.float32), requires_grad=False)
 
     if isinstance(head, OffsetLinear):
         qdata = table.weight.qdata
@@ -202,6 +203,13 @@ def read_table_as_linear(head: nn.Linear | OffsetLinear, table: nn.Embedding | O
         head.sums = group_sums_matrix(head.in_features, head.group_size)
     else:
         head.weight = as_linear(table.weight)
+
+
+def with_attributes(t: torch.Tensor, qdata: torch.Tensor | None = None, **attributes) -> torch.Tensor:
+    """A torchao quantized tensor with the same scales and zero points as t, its qdata (or the one
+    given) and its attributes but those given."""
+    attributes = {**{name: getattr(t, name) for name in type(t).tensor_attribute_names}, **attributes}
+    return type(t)(t.qdata if qdata is None else qdata, t.scale, t.zero_point, **attributes)
 
 
 def block_rows(weight: torch.Tensor, elements: int) -> int:
