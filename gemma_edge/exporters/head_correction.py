@@ -14,10 +14,12 @@ table's error on those columns exactly, in 8 bits:
 The columns are those with the largest expected error, E[h_j^2] * mean_i (W - Wq)_ij^2, the first
 measured on a calibration text: the model runs once over it after its layers are quantized. The
 embedding lookup is not changed (its error costs little: x1.033 of the phone recipe's x1.11).
-Measured on the real 270M, int8 layers with an int4 table (eager, 512 tokens of the Python manual
-/ of transformers' modeling_gemma.py): x1.114 / x1.098, top-1 82.0% / 86.5% without; 32 columns
-x1.042 / x1.095, 86.7% / 88.6%, for 8 MiB. Picked from the norm's weights alone (no calibration)
-the columns share none with these and help nothing: the outliers come from the residual stream.
+Measured on the real 270M, int8 layers with an int4 table (the .pte, 512 tokens of the Python
+manual / of transformers' modeling_gemma.py): x1.118 / x1.126, top-1 82.2% / 87.1% without; 32
+columns x1.048 / x1.121, 87.5% / 88.1%, for 9 MiB (eager: 16 columns x1.054 / x1.094, 64 x1.038 /
+x1.088). All-int4: x1.462 -> x1.380 on the manual. Picked from the norm's weights alone (no
+calibration) the columns share none with these and help nothing: the outliers come from the
+residual stream.
 """
 
 from __future__ import annotations
@@ -89,13 +91,34 @@ def column_energy(model, ids: list[int]) -> torch.Tensor:
     return total / max(count, 1)
 
 
-def table_error(table_weight: torch.Tensor, quantized: nn.Module, rows: int = 1 << 14):
-    """Yields (first row, (W - Wq) [rows, hidden] float32) over the table in blocks of rows: W the
-    checkpoint's table, Wq what the quantized table (an OffsetEmbedding) looks up."""
-    ids = torch.arange(table_weight.shape[0])
+def quantized_rows(table: nn.Module, start: int, end: int) -> torch.Tensor:
+    """Rows start..end-1 [rows, hidden] float32 of an int4 table (an OffsetEmbedding), as its lookup
+    computes them: torchao's lookup dequantizes the whole table first (Gemma 2B: 2 GiB in float32),
+    a slice of its rows only those."""
+    values = table.weight[start:end].dequantize().to(table.offsets.weight.dtype)
+    return values + table.offsets.weight[start:end].dequantize().repeat_interleave(table.group_size, dim=1)
+
+
+class RowLookup(nn.Module):
+    """An int4 table's lookup, one row at a time (quantized_rows): the calibration pass's."""
+
+    def __init__(self, table: nn.Module):
+        super().__init__()
+        self.table = table
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.cat([quantized_rows(self.table, i, i + 1) for i in ids.flatten().tolist()]).view(*ids.shape, -1)
+
+
+def table_error(table_weight: torch.Tensor, table: nn.Module, elements: int = 1 << 22):
+    """Yields W - Wq [rows, hidden] float32 over the table, a block of rows of about `elements`
+    weights at a time (a few float32 copies of a block are held while it is computed: 16 MiB
+    each, so the correction stays inside the export's memory estimate): W the checkpoint's table,
+    Wq the quantized table's (an OffsetEmbedding)."""
+    rows = max(1, elements // table_weight.shape[1])
     for start in range(0, table_weight.shape[0], rows):
-        block = ids[start:start + rows]
-        yield start, table_weight[block].float() - quantized(block).float()
+        end = min(start + rows, table_weight.shape[0])
+        yield table_weight[start:end].float() - quantized_rows(table, start, end)
 
 
 def correct_head(model, table_weight: torch.Tensor, tokenizer_file: pathlib.Path | None, columns: int = COLUMNS) -> CorrectedHead:
@@ -109,11 +132,17 @@ def correct_head(model, table_weight: torch.Tensor, tokenizer_file: pathlib.Path
     hidden = model.config.hidden_size
     columns = min(columns, hidden)
     squared = torch.zeros(hidden)
-    for _, error in table_error(table_weight, model.embed_tokens):
+    for error in table_error(table_weight, model.embed_tokens):
         squared += (error * error).sum(0)
     ids, described = calibration_ids(tokenizer_file, model.config.vocab_size)
-    picked = (column_energy(model, ids) * squared).argsort(descending=True)[:columns]
-    correction = torch.cat([error[:, picked] for _, error in table_error(table_weight, model.embed_tokens)])
+    table = model.embed_tokens
+    model.embed_tokens = RowLookup(table)
+    try:
+        energy = column_energy(model, ids)
+    finally:
+        model.embed_tokens = table
+    picked = (energy * squared).argsort(descending=True)[:columns]
+    correction = torch.cat([error[:, picked] for error in table_error(table_weight, model.embed_tokens)])
     head = CorrectedHead(model.lm_head, hidden, table_weight.shape[0], columns)
     head.pick = torch.zeros(columns, hidden).index_put_((torch.arange(columns), picked), torch.tensor(1.0))
     quantize_rows(head.correction, correction,
