@@ -167,6 +167,7 @@ def xnnpack_partitioner(data_file: bool):
     Tagged here, on the program the partitioner is given, as no earlier graph has the nodes of
     torchao's quantized tensors' parts. (Made here, not at import: build_model needs no executorch.)"""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.backends.xnnpack.utils.quant_utils import is_dequant, is_quant
 
     class WeightsInDataFile(XnnpackPartitioner):
         def partition(self, exported_program):
@@ -177,6 +178,12 @@ def xnnpack_partitioner(data_file: bool):
             for node in exported_program.graph.nodes:
                 if node.op == "placeholder" and node.name in held and held[node.name] not in mutated:
                     node.meta.setdefault("custom", {})["delegate_constant_tag"] = DATA_TAG
+                # What XNNPACK's PropagateCustomMetaPass does to each partition, done once here: a
+                # quantize/dequantize node carries its input's tag. The pass then has nothing to do
+                # and is left out (lowering_shortcuts: each run of it re-traced its partition).
+                elif (is_quant(node) or is_dequant(node)) and node.args and isinstance(node.args[0], torch.fx.Node) \
+                        and "custom" in node.args[0].meta:
+                    node.meta["custom"] = node.args[0].meta["custom"]
             return super().partition(exported_program)
 
     return WeightsInDataFile() if data_file else XnnpackPartitioner()

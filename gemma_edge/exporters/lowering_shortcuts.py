@@ -13,12 +13,14 @@ import contextlib
 import weakref
 from typing import Callable
 
+import torch
+
 
 @contextlib.contextmanager
 def idle_steps_skipped():
     """While lowering: XNNPACK passes a partition holds no ops for, and decompositions a program
     holds no ops for, are left out (see below); restored on exit."""
-    with xnnpack_passes_that_apply(), decompositions_that_apply():
+    with xnnpack_passes_that_apply(), decompositions_that_apply(), edge_passes_that_apply():
         yield
 
 
@@ -36,7 +38,7 @@ def xnnpack_passes_that_apply():
         def __init__(self, program, passes=None):
             super().__init__(program, passes)
             held = op_names(program.graph)
-            self.passes = [p for p in self.passes if p not in applies or applies[p](held)]
+            self.passes = [p for p in self.passes if p not in applies or applies[p](held, program.graph)]
 
     preprocess.XNNPACKPassManager = PassesThatApply
     try:
@@ -45,23 +47,26 @@ def xnnpack_passes_that_apply():
         preprocess.XNNPACKPassManager = all_passes
 
 
-def xnnpack_pass_applies() -> dict[type, Callable[[set[str]], bool]]:
-    """XNNPACK pass -> whether it can change a partition holding these ops (their names): each of
-    these passes rewrites only nodes of the ops named here (read from the pass where it lists them),
-    or subgraphs matching its patterns (a pattern matches only where every op it has is held). The
+def xnnpack_pass_applies() -> dict[type, Callable[[set[str], torch.fx.Graph], bool]]:
+    """XNNPACK pass -> whether it can change a partition holding these ops (their names) in this
+    graph: each of these passes rewrites only nodes of the ops named here (read from the pass where
+    it lists them), or subgraphs matching its patterns (a pattern matches only where every op it has
+    is held), or nodes of the kind its predicate below looks for, as the pass's own loop does. The
     other passes always run."""
     from executorch.backends.xnnpack import _passes as xnn
     from executorch.backends.xnnpack.partition.graphs import bilinear_2d, sdpa
+    from executorch.backends.xnnpack.utils.quant_utils import is_dequant, is_quant
     from executorch.exir.dialects._ops import ops as exir_ops
     from executorch.exir.passes.memory_format_ops_pass import MemoryFormatOpsMap
+    from torch.fx.passes.utils.source_matcher_utils import get_source_partitions
 
-    def any_of(*ops) -> Callable[[set[str]], bool]:
+    def any_of(*ops) -> Callable[[set[str], torch.fx.Graph], bool]:
         names = {op if isinstance(op, str) else _op_name(op) for op in ops}
-        return lambda held: not names.isdisjoint(held)
+        return lambda held, graph: not names.isdisjoint(held)
 
-    def a_pattern_of(patterns) -> Callable[[set[str]], bool]:
+    def a_pattern_of(patterns) -> Callable[[set[str], torch.fx.Graph], bool]:
         needs = [op_names(pattern.graph) for pattern in patterns]
-        return lambda held: any(ops <= held for ops in needs)
+        return lambda held, graph: any(ops <= held for ops in needs)
 
     edge = exir_ops.edge.aten
     batch_norm = any_of(*xnn.DecomposeBatchNorm.BATCH_NORM_OPS)
@@ -74,7 +79,23 @@ def xnnpack_pass_applies() -> dict[type, Callable[[set[str]], bool]]:
             xnn.Conv1dUnsqueezePass: any_of("aten.convolution.default"),  # by name there
             xnn.PReLUReshapePass: any_of(edge._prelu_kernel.default),
             xnn.InsertPadQDQPass: any_of(edge.constant_pad_nd.default),
-            xnn.RemoveRedundantCopyPass: any_of(edge._to_copy.default)}
+            xnn.RemoveRedundantCopyPass: any_of(edge._to_copy.default),
+            # cats of more than 5 tensors (XNNPACK concatenates at most 5)
+            xnn.DecomposeConcatenate: lambda held, graph: any(
+                _op_name(n.target) == "aten.cat.default" and len(n.args[0]) > 5 for n in _calls(graph)),
+            # mm/addmm/bmm traced from a linear layer, rebuilt as linear (XNNPACK's own source partitions)
+            xnn.ConvertToLinearPass: lambda held, graph: any(
+                n.target in xnn.ConvertToLinearPass.targets
+                for found in get_source_partitions(graph, xnn.ConvertToLinearPass.linear_modules).values()
+                for partition in found for n in partition.nodes),
+            # memory formats: only ops that need NHWC, or 4-D values (channels-last ones among them), start any
+            xnn.ChannelsLastTaggedReshapePass: lambda held, graph: any_of(
+                *xnn.ChannelsLastTaggedReshapePass.memory_sensitive_ops_nhwc)(held, graph) or any(
+                _is_4d(n.meta.get("val")) for n in graph.nodes),
+            # a quantize/dequantize node whose input carries custom metadata it lacks (copied, then a re-trace)
+            xnn.PropagateCustomMetaPass: lambda held, graph: any(
+                "custom" in n.args[0].meta and n.meta.get("custom") != n.args[0].meta["custom"]
+                for n in _calls(graph) if (is_quant(n) or is_dequant(n)) and n.args and isinstance(n.args[0], torch.fx.Node))}
 
 
 @contextlib.contextmanager
@@ -107,6 +128,46 @@ def decompositions_that_apply():
         yield
     finally:
         ExportedProgram.run_decompositions = decompose
+
+
+@contextlib.contextmanager
+def edge_passes_that_apply():
+    """Converting the program to ExecuTorch's edge dialect runs a list of passes over the whole
+    program (_generate_edge_program), most of them a re-trace (8-10 s each at Gemma 3 270M). Two act
+    on ops a Gemma's program no longer holds by then: aten.t (NormalizeTransposePass) and view ops
+    (ReplaceBrokenOpsWithFunctionalOpsPass; ReplaceViewOpsWithViewCopyOpsPass, which runs before it,
+    has made them copies). Each is left out where the graph it would get holds none; restored on exit."""
+    import executorch.exir.program._program as edge_program
+    from executorch.exir.passes.normalize_transpose_pass import NormalizeTransposePass
+    from executorch.exir.passes.replace_broken_ops_with_function_ops_pass import ReplaceBrokenOpsWithFunctionalOpsPass
+    from torch.fx.passes.infra.pass_base import PassResult
+
+    applies = {NormalizeTransposePass: lambda graph: any(n.target == torch.ops.aten.t.default for n in _calls(graph)),
+               ReplaceBrokenOpsWithFunctionalOpsPass: lambda graph: any(getattr(n.target, "is_view", False) for n in _calls(graph))}
+    passes_for = edge_program._get_aten_to_edge_passes
+
+    def if_it_applies(step):
+        check = applies.get(type(getattr(step, "__wrapped__", step)))  # the pass, inside its result wrapper
+        return step if check is None else lambda gm: step(gm) if check(gm.graph) else PassResult(gm, False)
+
+    def passes_that_apply(config):
+        before, after = passes_for(config)
+        return [if_it_applies(step) for step in before], after
+
+    edge_program._get_aten_to_edge_passes = passes_that_apply
+    try:
+        yield
+    finally:
+        edge_program._get_aten_to_edge_passes = passes_for
+
+
+def _calls(graph):
+    return (node for node in graph.nodes if node.op == "call_function")
+
+
+def _is_4d(value) -> bool:
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return any(getattr(v, "ndim", None) == 4 for v in values)
 
 
 def op_names(graph) -> set[str]:
