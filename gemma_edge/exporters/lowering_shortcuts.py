@@ -22,7 +22,7 @@ def idle_steps_skipped():
     """While lowering: XNNPACK passes a partition holds no ops for, decompositions a program holds
     no ops for, and edge-dialect passes with no ops to act on, are left out (see below); restored
     on exit."""
-    with xnnpack_passes_that_apply(), decompositions_that_apply(), edge_passes_that_apply():
+    with xnnpack_passes_that_apply(), decompositions_that_apply(), one_decomposition(), edge_passes_that_apply():
         yield
 
 
@@ -130,6 +130,39 @@ def decompositions_that_apply():
         yield
     finally:
         ExportedProgram.run_decompositions = decompose
+
+
+@contextlib.contextmanager
+def one_decomposition():
+    """ExecuTorch functionalizes the whole program (run_decompositions({})) and then decomposes it
+    with its partitioner's table (_gen_edge_manager_for_partitioners): two re-traces of the whole
+    program (about 30 s each at Gemma 3 270M), where a decomposition functionalizes as it goes. Here
+    the program is decomposed with that table once, right before (the partitioners' pre-decomposition
+    hook, _apply_pre_decomposition_transforms), and decompositions_that_apply returns it as it is to
+    both calls. The table is made as ExecuTorch makes it, for a single partitioner; with several, or
+    outside decompositions_that_apply, nothing changes."""
+    import executorch.exir.program._program as edge_program
+    from executorch.exir.tracer import _default_decomposition_table
+
+    transforms = edge_program._apply_pre_decomposition_transforms
+
+    def transformed_and_decomposed(program, partitioners):
+        program = transforms(program, partitioners)
+        if len(partitioners) != 1:
+            return program
+        ops, _ = partitioners[0].ops_to_not_decompose(program)
+        if not edge_program._can_skip_using_EDGE_DO_NOT_DECOMP(partitioners[0], program):
+            ops = edge_program._remove_invalid_ops_for_not_decompose(ops)
+        table = _default_decomposition_table()
+        for op in ops:
+            table.pop(op, None)
+        return program.run_decompositions(table)
+
+    edge_program._apply_pre_decomposition_transforms = transformed_and_decomposed
+    try:
+        yield
+    finally:
+        edge_program._apply_pre_decomposition_transforms = transforms
 
 
 @contextlib.contextmanager
