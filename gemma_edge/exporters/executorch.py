@@ -106,7 +106,7 @@ def build_model(ckpt: Checkpoint, settings: ExportSettings,
     if plan.get("lm_head") == HEAD_OF_TABLE and plan["embed_tokens"] == TABLE_INT4:
         name, table = next(iter(iter_weights(ckpt)))  # the first weight: read again, alone
         assert name == "embed_tokens.weight", name
-        tokenizer = ckpt.hf_dir / "tokenizer.json" if ckpt.hf_dir and (ckpt.hf_dir / "tokenizer.json").is_file() else None
+        tokenizer = next((f for f in ckpt.tokenizer_files if f.name == "tokenizer.json"), None)
         correct_head(model.eval(), table, tokenizer)
         del table
     return model.eval().requires_grad_(False), plan
