@@ -151,6 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help=".pte only: the longest call, in tokens; longer prompts are prefilled in chunks. The "
                              "program's memory plan holds the activations of this many tokens (default: 256, or "
                              "--max-seq-len if shorter)")
+    export.add_argument("--recipe", default="rtn",
+                        help="how int4 layers are rounded: rtn (to nearest, each group on its best clipping) or gptq "
+                             "(GPTQ on the same grids, calibrated on a text layer by layer) (default: %(default)s)")
+    export.add_argument("--calibration", metavar="FILE", default=None,
+                        help="--recipe gptq: the calibration text, plain text or JSON lines (\"text\", or dolly's "
+                             "\"instruction\"/\"context\"/\"response\") (default: Python's own module documentation)")
+    export.add_argument("--calibration-tokens", type=int, default=16384, metavar="N",
+                        help="--recipe gptq: tokens of the calibration text to calibrate on, in chunks of up to 512 "
+                             "(default: %(default)s)")
     export.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder to create")
     export.add_argument("--overwrite", action="store_true", help="replace OUTDIR if it exists (only once the new export is complete)")
     export.add_argument("--force", action="store_true",

@@ -24,7 +24,7 @@ from gemma_edge.reference import hf_config_for
 # The modules that export the real Gemma 3 270M (minutes per export, one core each) run first, the
 # longest first, so that with two test processes the other one runs the many short modules beside
 # them, rather than one process lowering alone at the end (make test: --no-loadscope-reorder).
-FIRST = ["test_real_executorch", "test_android_contract", "test_real_onnx", "test_real_verify",
+FIRST = ["test_real_executorch", "test_real_calibration", "test_android_contract", "test_real_onnx", "test_real_verify",
          "test_real_runtime", "test_real_model", "test_executorch"]
 
 

@@ -68,7 +68,10 @@ def cached_export(ckpt: Checkpoint, settings: ExportSettings, export=None) -> Pa
     kv = "" if settings.kv_dtype == "float32" else f"-kv{settings.kv_dtype}"
     default_calls = None if settings.format != "pte" else min(settings.max_seq_len, PTE_TOKENS_PER_CALL)
     calls = "" if settings.max_tokens_per_call == default_calls else f"-t{settings.max_tokens_per_call}"
-    label = f"{name}-{fmt}{settings.quant}-g{settings.group_size}-e{settings.embedding_quant}-{settings.max_seq_len}{ops}{kv}{calls}"
+    recipe = "" if settings.recipe == "rtn" else f"-{settings.recipe}{settings.calibration_tokens}"
+    calibration = "" if settings.calibration is None else f"-c{hashlib.sha256(settings.calibration.encode()).hexdigest()[:8]}"
+    label = (f"{name}-{fmt}{settings.quant}-g{settings.group_size}-e{settings.embedding_quant}-{settings.max_seq_len}"
+             f"{ops}{kv}{calls}{recipe}{calibration}")
     root = cache_dir() / "test-exports"
     folder = root / f"{label}-{content_key(ckpt, settings)}"
     # Test processes running side by side (pytest -n) make each export once: the second waits for the first's.

@@ -59,6 +59,10 @@ def test_check_random_variant():
     (["check", "random:tiny-gemma", "--max-seq-len", "0"], "max_seq_len must be a positive integer"),
     (["check", "random:tiny-gemma", "--max-seq-len", "100000"], "exceeds the model's context"),
     (["check", "random:tiny-gemma", "--max-seq-len", "20"], "exceed --max-seq-len 20"),
+    (["export", "random:tiny-gemma", "--recipe", "gptq", "--calibration", "/no/such.txt", "-o", "/tmp/never-made"],
+     "--calibration /no/such.txt: no such file"),
+    (["export", "random:tiny-gemma", "--recipe", "gptq", "--quant", "int8", "-o", "/tmp/never-made"],
+     "--recipe gptq calibrates 4-bit weights"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message):
     result = run(*args)

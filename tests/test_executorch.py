@@ -39,11 +39,13 @@ PREFILL, DECODE = 20, 16
 GEMMA_EDGE = str(Path(sys.executable).with_name("gemma-edge"))
 
 # (family, quantization): every family at int4 (quantized linears and embedding, rings), every
-# quantization on Gemma 3, and the phone recipe (int8 layers, the int4 table the head reads).
-# tiny-gemma/int8 goes through the command line.
+# quantization on Gemma 3, the phone recipe (int8 layers, the int4 table the head reads), and int4
+# layers rounded by GPTQ. tiny-gemma/int8 goes through the command line.
 CASES = [("tiny-gemma", "int8"), ("tiny-gemma-mha", "int4"), ("tiny-gemma2", "int4"),
-         ("tiny-gemma3", "fp32"), ("tiny-gemma3", "int8"), ("tiny-gemma3", "int4"), ("tiny-gemma3", "phone")]
-RECIPES = {"phone": {"quant": "int8", "embedding_quant": "int4"}}  # else {"quant": name}
+         ("tiny-gemma3", "fp32"), ("tiny-gemma3", "int8"), ("tiny-gemma3", "int4"), ("tiny-gemma3", "phone"),
+         ("tiny-gemma3", "gptq")]
+RECIPES = {"phone": {"quant": "int8", "embedding_quant": "int4"},
+           "gptq": {"quant": "int4", "recipe": "gptq", "calibration_tokens": 2048}}  # else {"quant": name}
 
 
 def _recipe(quant: str) -> dict:
@@ -212,7 +214,8 @@ def test_manifest_describes_the_export(exports):
     assert manifest["format"] == "pte" and manifest["max_seq_len"] == MAX_SEQ_LEN
     assert manifest["export"] == {"format": "pte", "quant": "int4", "group_size": 32, "embedding_quant": "int4",
                                   "max_seq_len": MAX_SEQ_LEN, "ops": None, "kv_dtype": "float32",  # ops: an ONNX setting
-                                  "max_tokens_per_call": MAX_SEQ_LEN}  # the default: min(max_seq_len, 256)
+                                  "max_tokens_per_call": MAX_SEQ_LEN,  # the default: min(max_seq_len, 256)
+                                  "recipe": "rtn", "calibration": None, "calibration_tokens": 16384}
     assert manifest["config"]["attn_logit_softcapping"] == 5.0
     for name, info in manifest["files"].items():
         assert sha256_file(folder / name) == info["sha256"] and (folder / name).stat().st_size == info["bytes"]

@@ -46,17 +46,19 @@ FAMILIES = ["tiny-gemma", "tiny-gemma-mha", "tiny-gemma2", "tiny-gemma3"]
 CASES = [(name, quant, "auto") for name in FAMILIES for quant in ("fp32", "int8", "int4")]
 CASES += [("tiny-gemma3", quant, "standard") for quant in ("fp32", "int4")]
 CASES += [("tiny-gemma3", "int8+e4", "auto")]  # int8 layers, int4 table: the x1.09 recipe (test_real_onnx.py)
+CASES += [("tiny-gemma3", "int4+gptq", "auto")]  # int4 layers and the table rounded by GPTQ
 # The quantization of a case: --quant, and --embedding-quant where it differs from its default.
 RECIPES = {"fp32": {"quant": "fp32"}, "int8": {"quant": "int8"}, "int4": {"quant": "int4"},
-           "int8+e4": {"quant": "int8", "embedding_quant": "int4"}}
+           "int8+e4": {"quant": "int8", "embedding_quant": "int4"},
+           "int4+gptq": {"quant": "int4", "recipe": "gptq", "calibration_tokens": 2048}}
 CONTRIB = {"tiny-gemma2", "tiny-gemma3"}  # what auto resolves to contrib for
 
 
 @pytest.fixture(scope="module")
 def exports(tiny_exports, tiny_checkpoints, tmp_path_factory) -> dict[tuple[str, str, str], Path]:
-    """tiny-gemma int4 exported through the command line; the other default-operator exports at
-    --quant alone are the tiny exports the other test modules share (conftest.tiny_exports: the same
-    weights, with a tokenizer); the rest exported here."""
+    """tiny-gemma int4 exported through the command line; the other default-operator exports are
+    the tiny exports the other test modules share (conftest.tiny_exports: the same weights, with a
+    tokenizer); the rest exported here."""
     root = tmp_path_factory.mktemp("onnx")
     out = {}
     for name, quant, ops in CASES:
@@ -67,8 +69,8 @@ def exports(tiny_exports, tiny_checkpoints, tmp_path_factory) -> dict[tuple[str,
                                     capture_output=True, text=True, timeout=900)
             assert result.returncode == 0, result.stderr
             assert "model.onnx" in result.stdout and "quantize" in result.stderr
-        elif ops == "auto" and list(RECIPES[quant]) == ["quant"]:
-            folder = tiny_exports(name, "onnx", quant)
+        elif ops == "auto":
+            folder = tiny_exports(name, "onnx", **RECIPES[quant])
         else:
             export_onnx(resolve(tiny_checkpoints[name]), ExportSettings(format="onnx", max_seq_len=MAX_SEQ_LEN, ops=ops,
                                                                         **RECIPES[quant]), folder)

@@ -53,10 +53,16 @@ def run(args: argparse.Namespace) -> int:
 
     settings = ExportSettings(format=args.format, quant=args.quant, group_size=args.group_size,
                               embedding_quant=args.embedding_quant, max_seq_len=args.max_seq_len, ops=args.ops,
-                              kv_dtype=args.kv_dtype, max_tokens_per_call=args.max_tokens_per_call)
+                              kv_dtype=args.kv_dtype, max_tokens_per_call=args.max_tokens_per_call,
+                              recipe=args.recipe, calibration=args.calibration,
+                              calibration_tokens=args.calibration_tokens)
     console = progress()
     out = Path(args.output)
     check_output_folder(out, args.overwrite)  # before minutes of work, not after them
+    if args.calibration is not None and not Path(args.calibration).is_file():
+        from gemma_edge.errors import ConfigError
+
+        raise ConfigError(f"--calibration {args.calibration}: no such file; give a text or JSON lines file")
 
     display = StageProgress(console)
     stage = display.stage
@@ -76,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
         table.add_column(col, justify="right" if col == "size" else "left")
     for name, info in result.manifest["files"].items():
         table.add_row(name, f"{info['bytes'] / 2**20:,.1f} MiB", info["sha256"][:16])
-    table.add_row("quantization", f"{settings.quant} / emb {settings.embedding_quant}", f"group {settings.group_size}")
+    table.add_row("quantization", f"{settings.quant} / emb {settings.embedding_quant}",
+                  f"group {settings.group_size}, {settings.recipe}" + (f" on {args.calibration}" if args.calibration else ""))
     if "ops" in result.manifest["io"]:
         table.add_row("operators", result.manifest["io"]["ops"], "")
     table.add_row("time", f"{sum(result.seconds.values()):.1f} s", ", ".join(f"{k} {v:.0f}s" for k, v in result.seconds.items()))

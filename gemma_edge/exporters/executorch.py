@@ -32,6 +32,8 @@ import torch
 from torch import nn
 
 from gemma_edge.checkpoints import Checkpoint, iter_weights, weight_shapes
+from gemma_edge.exporters.calibration import (Calibration, calibrated_stream, load_stage, recipe_calibration,
+                                              recipe_record)
 from gemma_edge.exporters.head_correction import CorrectedHead, correct_head
 from gemma_edge.exporters.lowering_shortcuts import idle_steps_skipped
 from gemma_edge.exporters.manifest import cache_section, copy_tokenizer, special_tokens, versions, write_manifest
@@ -39,8 +41,9 @@ from gemma_edge.exporters.rewrites import replace_gelu_with_explicit_tanh_form, 
 from gemma_edge.exporters.settings import ExportSettings
 from gemma_edge.exporters.stages import ExportResult, Stage, no_stage
 from gemma_edge.exporters.streaming import Progress, fill_layers
-from gemma_edge.exporters.torchao_quant import (HEAD_OF_TABLE, TABLE_INT4, quantization_plan, quantization_targets,
-                                                replace_with_quantized_layers, untie_output_projection)
+from gemma_edge.exporters.torchao_quant import (HEAD_OF_TABLE, INT4, TABLE_INT4, int4_layer_grid, quantization_plan,
+                                                quantization_targets, replace_with_quantized_layers,
+                                                untie_output_projection)
 from gemma_edge.exporters.tracing import export_model
 from gemma_edge.files import staged_folder
 from gemma_edge.model import Gemma
@@ -83,11 +86,12 @@ def runner_metadata(model: Gemma, settings: ExportSettings, stop_ids: list[int])
     }
 
 
-def build_model(ckpt: Checkpoint, settings: ExportSettings,
-                report: Callable[[Progress], None] | None = None) -> tuple[Gemma, dict[str, str]]:
+def build_model(ckpt: Checkpoint, settings: ExportSettings, report: Callable[[Progress], None] | None = None,
+                calib: Calibration | None = None) -> tuple[Gemma, dict[str, str]]:
     """The model quantized as the program computes (torchao), built on the meta device and filled
     layer by layer from the checkpoint, each layer quantized as soon as it is read: only one layer
-    is ever in float32. Returns it and {layer: quantization scheme}."""
+    is ever in float32; the 4-bit layers rounded by settings.recipe (calibrated on calib, else the
+    settings' text). Returns it and {layer: quantization scheme}."""
     weights = iter_weights(ckpt)  # the checkpoint's headers are checked before anything is allocated
     quantized = settings.quant != "fp32" or settings.embedding_quant != "none"
     with torch.device("meta"):
@@ -100,10 +104,18 @@ def build_model(ckpt: Checkpoint, settings: ExportSettings,
     # quantization, which frees them.
     model.to_empty(device="cpu")
     model.init_buffers()
-    targets = quantization_targets(model, plan, settings, ckpt.config.tie_word_embeddings) if quantized else []
+    grids = {}
+    # the 4-bit layers (an untied head among them) and the tied 4-bit table the head reads
+    calibrated = {f"{name}.weight" for name, scheme in plan.items() if scheme in (INT4, TABLE_INT4)}
+    weights = calibrated_stream(ckpt, settings, weights, calibrated, int4_layer_grid(settings.group_size), grids, calib)
+    targets = quantization_targets(model, plan, settings, ckpt.config.tie_word_embeddings, grids) if quantized else []
     shapes = weight_shapes(ckpt.config)
     fill_layers(model, weights, targets, sum(math.prod(s) for s in shapes.values()), report)
-    if plan.get("lm_head") == HEAD_OF_TABLE and plan["embed_tokens"] == TABLE_INT4:
+    # The head reading an int4 table gets its worst columns corrected, unless GPTQ rounded the table:
+    # GPTQ already spreads each column's error over the others, which a correction of some columns
+    # back to the checkpoint's values undoes. Measured on the real 270M (eager, all-int4, the manual /
+    # modeling_gemma.py): GPTQ with the correction x1.112 / x1.543, without x1.103 / x1.442.
+    if plan.get("lm_head") == HEAD_OF_TABLE and plan["embed_tokens"] == TABLE_INT4 and settings.recipe == "rtn":
         name, table = next(iter(iter_weights(ckpt)))  # the first weight: read again, alone
         assert name == "embed_tokens.weight", name
         tokenizer = next((f for f in ckpt.tokenizer_files if f.name == "tokenizer.json"), None)
@@ -359,8 +371,9 @@ def export_pte(ckpt: Checkpoint, settings: ExportSettings, outdir: Path, overwri
         return result.timed(name, stage)
 
     with staged_folder(outdir, overwrite) as tmp:
-        with timed("load and quantize"):
-            model, plan = build_model(ckpt, settings, report)
+        calib = recipe_calibration(ckpt, settings)
+        with timed(load_stage(calib)):
+            model, plan = build_model(ckpt, settings, report, calib)
         special = special_tokens(ckpt)
         cache = cache_section(getattr(torch, settings.kv_dtype),
                               [t.shape for layer in model.layers for t in (layer.attn.cache.k, layer.attn.cache.v)],
@@ -379,7 +392,8 @@ def export_pte(ckpt: Checkpoint, settings: ExportSettings, outdir: Path, overwri
             tokenizer = copy_tokenizer(ckpt, tmp)
             manifest = write_manifest(
                 tmp, ckpt, settings, special,
-                quantization={"layers": plan, "head_reads_table": plan.get("lm_head") == HEAD_OF_TABLE,
+                quantization={"layers": plan, "recipe": recipe_record(settings, calib),
+                              "head_reads_table": plan.get("lm_head") == HEAD_OF_TABLE,
                               **({"head_correction": model.lm_head.calibration}
                                  if isinstance(model.lm_head, CorrectedHead) else {})},
                 io={"program": PTE_FILE, "files": [PTE_FILE, DATA_FILE], "method": "forward",

@@ -19,6 +19,8 @@ asymmetric MatMulNBits blocks: x1.46 on the manual), for 6% more file and the sa
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -113,6 +115,22 @@ def offsets_and_scales(block: torch.Tensor, group: int, clips: tuple[float, ...]
         keep(clip, fit(clip))
     _, scale, offset = best
     return scale.to(scale_dtype), offset
+
+
+@dataclass
+class OffsetGrid:
+    """Each group's grid as the device computes it, s * q + m for q in [-8, 7] (gptq.Grid)."""
+
+    scale: torch.Tensor  # [rows, groups] in the dtype the device stores (bf16)
+    offset: torch.Tensor  # float32 [rows, groups]: m as the device adds it (after its 8-bit rounding)
+    raw_offset: torch.Tensor  # float32 [rows, groups]: m before that rounding, what the exporter quantizes
+    group: int
+
+    def round(self, w: torch.Tensor, col: int) -> torch.Tensor:
+        """Column col of a matrix, w [rows], rounded onto its group's grid and dequantized."""
+        g = col // self.group
+        s, m = self.scale[:, g].float(), self.offset[:, g]
+        return torch.round((w - m) / s).clamp_(-8, 7) * s + m
 
 
 def group_sums_matrix(in_features: int, group_size: int) -> torch.Tensor:

@@ -79,7 +79,20 @@ def expected_peak(config: GemmaConfig, settings: ExportSettings) -> int:
     extra = LARGEST * largest
     if settings.format == "pte":
         extra = max(extra, weight_bytes(config, settings))
+    if settings.recipe != "rtn":
+        extra = max(extra, calibration_bytes(config, settings.calibration_tokens))
     return int(BASE + weight_bytes(config, settings, held=True) + extra + cache_bytes(config, settings.max_seq_len, KV_ITEMSIZE[settings.kv_dtype]))
+
+
+def calibration_bytes(config: GemmaConfig, tokens: int) -> int:
+    """What --recipe gptq holds beside the model being filled (exporters/calibration.py), at its
+    widest moment, down_proj's GPTQ: one decoder layer in float32, the Hessians of its linear layers,
+    GPTQ's two [cols, cols] factors of the widest one, the calibration activations (in and out)."""
+    h, heads, inter = config.hidden_size, config.num_attention_heads * config.head_dim, config.intermediate_size
+    kv = config.num_key_value_heads * config.head_dim
+    layer = h * (heads + 2 * kv) + heads * h + 3 * h * inter
+    hessians = 5 * h * h + heads * heads + inter * inter  # q, k, v, gate, up: hidden-wide inputs
+    return 4 * (layer + hessians + 2 * inter * inter + 2 * tokens * h)
 
 
 def available_memory() -> int:

@@ -32,9 +32,13 @@ from torch import nn
 
 from gemma_edge.checkpoints import Checkpoint, iter_weights, weight_shapes
 from gemma_edge.errors import ConfigError
+from gemma_edge.exporters.calibration import (Calibration, calibrated_stream, head_weight, linear_weights, load_stage,
+                                              recipe_calibration, recipe_record)
+from gemma_edge.exporters.gptq import cat_grids
 from gemma_edge.exporters.manifest import cache_section, copy_tokenizer, special_tokens, versions, write_manifest
 from gemma_edge.exporters.onnx_contrib import FUSED, resolve_ops, share_rope_halves, unsupported, use_ops
-from gemma_edge.exporters.onnx_quant import QuantizedMatrix, replace_weights_with_block_quantized
+from gemma_edge.exporters.onnx_quant import (BITS, CLIPS, BlockGrid, QuantizedMatrix, block_grid,
+                                             replace_weights_with_block_quantized)
 from gemma_edge.exporters.rewrites import TensorKVCache, pass_caches_as_tensors
 from gemma_edge.exporters.settings import ExportSettings
 from gemma_edge.exporters.stages import ExportResult, Stage, no_stage
@@ -78,10 +82,15 @@ class CacheInOut(nn.Module):
 
 
 def build_model(ckpt: Checkpoint, settings: ExportSettings, ops: str,
-                report: Callable[[Progress], None] | None = None) -> tuple[Gemma, dict[str, str]]:
+                report: Callable[[Progress], None] | None = None,
+                calib: Calibration | None = None) -> tuple[Gemma, dict[str, str]]:
     """The model as the graph computes it (ops, block-quantized layers), filled layer by layer from
-    the checkpoint; returns it and {layer: quantization scheme}."""
+    the checkpoint, its 4-bit layers rounded by settings.recipe (calibrated on calib, else the
+    settings' text); returns it and {layer: quantization scheme}."""
     weights = iter_weights(ckpt)  # the checkpoint's headers are checked before anything is allocated
+    grids: dict[str, BlockGrid] = {}
+    weights = calibrated_stream(ckpt, settings, weights, calibrated_onnx_weights(ckpt.config, settings),
+                                lambda name, w: block_grid(w, BITS["int4"], settings.group_size, CLIPS), grids, calib)
     with torch.device("meta"):
         model = use_ops(Gemma(ckpt.config, settings.max_seq_len, cache_dtype=getattr(torch, settings.kv_dtype)), ops)
         plan = replace_weights_with_block_quantized(model, settings.quant, settings.embedding_quant, settings.group_size)
@@ -89,14 +98,32 @@ def build_model(ckpt: Checkpoint, settings: ExportSettings, ops: str,
     model.init_buffers()
     share_rope_halves(model)
     shapes = weight_shapes(ckpt.config)
-    fill_layers(model, weights, layer_targets(model, shapes), sum(math.prod(s) for s in shapes.values()), report)
+    fill_layers(model, weights, layer_targets(model, shapes, grids), sum(math.prod(s) for s in shapes.values()), report)
     return model.eval().requires_grad_(False), plan
 
 
-def layer_targets(model: Gemma, checkpoint_names) -> list[Target]:
+def calibrated_onnx_weights(config, settings: ExportSettings) -> set[str]:
+    """The 4-bit weights --recipe calibrates: the decoder's linear layers at --quant int4, the output
+    projection where it is 4-bit (an untied head at --quant int4; the tied table, which the head
+    reads, at --embedding-quant int4)."""
+    names = linear_weights(config) if settings.quant == "int4" else set()
+    if (settings.embedding_quant if config.tie_word_embeddings else settings.quant) == "int4":
+        names.add(head_weight(config))
+    return names
+
+
+def layer_targets(model: Gemma, checkpoint_names, grids: dict[str, BlockGrid] | None = None) -> list[Target]:
     """The layers of the rewritten model that are made from checkpoint weights of other names: fused
-    linear layers (rows of q, k and v; of gate and up), quantized matrices, and an output
+    linear layers (rows of q, k and v; of gate and up), quantized matrices (on the grids of
+    calibrated weights, which `grids` holds by the time their weights arrive), and an output
     projection made from a tied embedding."""
+    grids = {} if grids is None else grids
+
+    def quantize(matrix: QuantizedMatrix, names: tuple[str, ...]):
+        def fill(w: torch.Tensor) -> None:
+            matrix.set(w, cat_grids([grids[n] for n in names]) if names[0] in grids else None)
+        return fill
+
     def sources(layer: str) -> tuple[str, ...]:
         prefix, _, leaf = layer.rpartition(".")
         if leaf in FUSED:
@@ -108,7 +135,8 @@ def layer_targets(model: Gemma, checkpoint_names) -> list[Target]:
     targets = []
     for path, module in model.named_modules():  # a matrix shared by two layers is listed once
         if isinstance(module, QuantizedMatrix):
-            targets.append(Target(sources(path.rpartition(".")[0]), module.set))
+            names = sources(path.rpartition(".")[0])
+            targets.append(Target(names, quantize(module, names)))
         elif isinstance(module, nn.Linear) and f"{path}.weight" not in checkpoint_names:
             targets.append(Target(sources(path), module.weight.copy_))
     return targets
@@ -306,8 +334,9 @@ def export_onnx(ckpt: Checkpoint, settings: ExportSettings, outdir: Path, overwr
         raise ConfigError(f"--kv-dtype {settings.kv_dtype} needs ONNX Runtime's GroupQueryAttention, which this model "
                           f"cannot use ({unsupported(ckpt.config)}); use --kv-dtype float32")
     with staged_folder(outdir, overwrite) as tmp:
-        with timed("load and quantize"):
-            model, plan = build_model(ckpt, settings, ops, report)
+        calib = recipe_calibration(ckpt, settings)
+        with timed(load_stage(calib)):
+            model, plan = build_model(ckpt, settings, ops, report, calib)
             special = special_tokens(ckpt)
             io = {**io_contract(model), "ops": ops}
             cache = cache_section(model.layers[0].attn.cache.k.dtype,
@@ -324,7 +353,8 @@ def export_onnx(ckpt: Checkpoint, settings: ExportSettings, outdir: Path, overwr
             files = finish_onnx(tmp)
             tokenizer = copy_tokenizer(ckpt, tmp)
             (tmp / GENAI_CONFIG).write_text(json.dumps(genai, indent=2) + "\n")
-            manifest = write_manifest(tmp, ckpt, settings, special, quantization={"layers": plan},
+            manifest = write_manifest(tmp, ckpt, settings, special,
+                                      quantization={"layers": plan, "recipe": recipe_record(settings, calib)},
                                       io={**io, "files": files}, cache=cache, tokenizer={"files": tokenizer},
                                       versions=versions("torch", "onnx", "onnxscript", "onnxruntime", "transformers"))
     result.manifest = manifest

@@ -20,6 +20,8 @@ twin in PyTorch (tests hold the graph to it).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -48,14 +50,56 @@ MS = "com.microsoft"
 
 
 def quantize_blocks(w: torch.Tensor, bits: int, block: int, clips: tuple[float, ...] = NEAREST,
-                    rows_at_once: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    rows_at_once: int = 64, grid: BlockGrid | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """w [rows, cols] -> (q uint8 [rows, blocks * block], scales float32 [rows, blocks], zero points
     uint8 [rows, blocks]), asymmetric blocks of `block` along cols on 0 .. 2^bits - 1, each on the
-    clipping of its range [min(w, 0), max(w, 0)] (clips) with the least squared error. Columns are
-    zero-padded to whole blocks. Rows go in small chunks, whose temporaries stay in the CPU's
-    cache through the search's passes (measured: 9x faster than 4096-row chunks)."""
-    parts = [_quantize_rows(w[i:i + rows_at_once].float(), bits, block, clips) for i in range(0, w.shape[0], rows_at_once)]
+    clipping of its range [min(w, 0), max(w, 0)] (clips) with the least squared error, or on the
+    grid given (a calibrated layer's, see block_grid). Columns are zero-padded to whole blocks.
+    Rows go in small chunks, whose temporaries stay in the CPU's cache through the search's passes
+    (measured: 9x faster than 4096-row chunks)."""
+    parts = []
+    for i in range(0, w.shape[0], rows_at_once):
+        rows = w[i:i + rows_at_once].float()
+        g = BlockGrid(*_grid_rows(rows, bits, block, clips), bits, block) if grid is None else grid.rows(i, i + rows_at_once)
+        parts.append((g.values(rows), g.scales, g.zero.to(torch.uint8)))
     return tuple(torch.cat(p) for p in zip(*parts))
+
+
+@dataclass
+class BlockGrid:
+    """Each block's grid, (q - zero) * scale for q in 0 .. 2^bits - 1."""
+
+    scales: torch.Tensor  # float32 [rows, blocks]
+    zero: torch.Tensor  # float32 [rows, blocks], whole numbers
+    bits: int
+    block: int
+
+    def values(self, w: torch.Tensor) -> torch.Tensor:
+        """w [rows, cols] rounded onto the grid: q uint8 [rows, blocks * block] (cols zero-padded)."""
+        rows, cols = w.shape
+        blocks = F.pad(w.float(), (0, -cols % self.block)).view(rows, -1, self.block)
+        safe = torch.where(self.scales == 0, 1.0, self.scales)
+        q = (torch.round(blocks / safe[..., None]) + self.zero[..., None]).clamp(0, (1 << self.bits) - 1)
+        return q.to(torch.uint8).view(rows, -1)
+
+    def round(self, w: torch.Tensor, col: int) -> torch.Tensor:
+        """Column col of a matrix, w [rows], rounded onto its block's grid and dequantized (gptq.Grid)."""
+        b = col // self.block
+        scale, zero = self.scales[:, b], self.zero[:, b]
+        q = (torch.round(w / torch.where(scale == 0, 1.0, scale)) + zero).clamp(0, (1 << self.bits) - 1)
+        return (q - zero) * scale
+
+    def rows(self, start: int, end: int) -> BlockGrid:
+        return BlockGrid(self.scales[start:end], self.zero[start:end], self.bits, self.block)
+
+
+def block_grid(w: torch.Tensor, bits: int, block: int, clips: tuple[float, ...] = NEAREST,
+               rows_at_once: int = 64) -> BlockGrid:
+    """The grid quantize_blocks rounds w [rows, cols] onto: per block, the clipping of its range with
+    the least squared error."""
+    parts = [_grid_rows(w[i:i + rows_at_once].float(), bits, block, clips) for i in range(0, w.shape[0], rows_at_once)]
+    scales, zero = (torch.cat(p) for p in zip(*parts))
+    return BlockGrid(scales, zero, bits, block)
 
 
 def _grid(lo: torch.Tensor, hi: torch.Tensor, high: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -65,7 +109,7 @@ def _grid(lo: torch.Tensor, hi: torch.Tensor, high: int) -> tuple[torch.Tensor, 
     return scales, safe, torch.round(-lo / safe).clamp(0, high)
 
 
-def _quantize_rows(w: torch.Tensor, bits: int, block: int, clips: tuple[float, ...]):
+def _grid_rows(w: torch.Tensor, bits: int, block: int, clips: tuple[float, ...]):
     rows, cols = w.shape
     blocks = F.pad(w, (0, -cols % block)).view(rows, -1, block)
     high = (1 << bits) - 1
@@ -81,9 +125,8 @@ def _quantize_rows(w: torch.Tensor, bits: int, block: int, clips: tuple[float, .
             err = x.sum(-1)
             better = err < best
             best, clip = torch.where(better, err, best), torch.where(better, c, clip)
-    scales, safe, zero = _grid(lo * clip, hi * clip, high)
-    q = (torch.round(blocks / safe[..., None]) + zero[..., None]).clamp(0, high)
-    return q.to(torch.uint8).view(rows, -1), scales, zero.to(torch.uint8)
+    scales, _, zero = _grid(lo * clip, hi * clip, high)
+    return scales, zero
 
 
 def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
@@ -126,9 +169,9 @@ class QuantizedMatrix(nn.Module):
         self.register_buffer("zero_points", torch.empty(rows, -(-blocks * bits // 8), dtype=torch.uint8))
 
     @torch.no_grad()
-    def set(self, w: torch.Tensor) -> None:
-        """Quantize w [rows, cols] into the buffers."""
-        q, scales, zero = quantize_blocks(w, self.bits, self.block, self.clips)
+    def set(self, w: torch.Tensor, grid: BlockGrid | None = None) -> None:
+        """Quantize w [rows, cols] into the buffers, on its own grid (block_grid) or the one given."""
+        q, scales, zero = quantize_blocks(w, self.bits, self.block, self.clips, grid=grid)
         if self.data.dim() == 2:  # unpadded rows
             q = q[:, :self.cols]
         self.data.copy_(pack(q, self.bits).view(self.data.shape))

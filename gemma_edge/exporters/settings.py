@@ -24,6 +24,9 @@ ONNX_OPS = ("auto", "contrib", "standard")
 # GroupQueryAttention) with the softmax in float32. bfloat16 has no such kernel in either runtime
 # (BFLOAT16_WHY), so it is refused by name rather than run slowly.
 KV_DTYPES = ("float32", "float16")
+# How 4-bit layers are rounded: to nearest on each group's best clipping (rtn), or by GPTQ on the
+# same grids, calibrated on a text (gptq, exporters/calibration.py).
+RECIPES = ("rtn", "gptq")
 # A .pte's memory plan holds every activation for the longest call it allows (ExecuTorch allocates
 # the plan whole, zero-filled, when it loads: Gemma 7B at 1024 tokens per call 0.88 GiB beside its
 # KV cache, at 256 0.22), so a .pte takes prompts in chunks of at most this many tokens (its stock
@@ -47,6 +50,9 @@ class ExportSettings:
     ops: str | None = None  # ONNX only: auto (default), contrib or standard operators
     kv_dtype: str = "float32"  # the KV cache's element type: float32 or float16
     max_tokens_per_call: int | None = None  # .pte only: longest call (a prefill chunk); None: PTE_TOKENS_PER_CALL
+    recipe: str = "rtn"  # how int4 layers are rounded: RECIPES
+    calibration: str | None = None  # the calibration text (--recipe gptq); None: calibration.default_text()
+    calibration_tokens: int = 16384  # --recipe gptq: tokens of the text calibrated on (in chunks of up to 512)
 
     def __post_init__(self) -> None:
         _one_of("format", self.format, FORMATS)
@@ -75,6 +81,15 @@ class ExportSettings:
             raise ConfigError(f"--kv-dtype bfloat16 is not supported for --format {self.format}: {BFLOAT16_WHY[self.format]}; "
                               "use --kv-dtype float16")
         _one_of("kv-dtype", self.kv_dtype, KV_DTYPES)
+        _one_of("recipe", self.recipe, RECIPES)
+        if self.recipe != "rtn" and "int4" not in (self.quant, self.embedding_quant):
+            raise ConfigError(f"--recipe {self.recipe} calibrates 4-bit weights (--quant int4, --embedding-quant int4); "
+                              f"with --quant {self.quant} --embedding-quant {self.embedding_quant} use --recipe rtn")
+        if self.calibration_tokens < 2:
+            raise ConfigError(f"--calibration-tokens must be at least 2, got {self.calibration_tokens}")
+        if self.calibration is not None and self.recipe == "rtn":
+            raise ConfigError("--calibration is the text a calibrated recipe learns from; add --recipe gptq, "
+                              "or leave --calibration out")
         if self.format == "onnx" and self.kv_dtype != "float32" and self.ops == "standard":
             raise ConfigError("--kv-dtype float16 needs ONNX Runtime's GroupQueryAttention (--ops auto or contrib): "
                               "the standard graph's float16 matmuls have no CPU kernel of their own")

@@ -31,8 +31,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gemma_edge.exporters.int4_offsets import (OffsetEmbedding, OffsetLinear, group_sums_matrix, offsets_and_scales,
-                                               replace_with_offset_layers)
+from gemma_edge.exporters.int4_offsets import (OffsetEmbedding, OffsetGrid, OffsetLinear, group_sums_matrix,
+                                               offsets_and_scales, replace_with_offset_layers)
 from gemma_edge.exporters.settings import ExportSettings
 from gemma_edge.exporters.streaming import Target
 from gemma_edge.model import Gemma
@@ -84,26 +84,19 @@ def replace_with_quantized_layers(model: Gemma, plan: dict[str, str], settings: 
     return replace_with_offset_layers(model, offsets + swapped, settings.group_size, pairs_swapped=swapped)
 
 
-def quantization_targets(model: Gemma, plan: dict[str, str], settings: ExportSettings, tied: bool) -> list[Target]:
+def quantization_targets(model: Gemma, plan: dict[str, str], settings: ExportSettings, tied: bool,
+                         grids: dict[str, OffsetGrid] | None = None) -> list[Target]:
     """On the allocated, not yet filled model (untied and rewritten, see untie_output_projection and
     replace_with_quantized_layers): one streaming Target per layer of plan, which quantizes the layer
     in place as soon as its weight has been read (fill_layers copies it in first), so that only one
-    layer is ever in float32. A tied output projection is quantized from the embedding's weight. A
-    quantized layer's float32 weight is never written (its pages are never touched) and is freed
-    when the quantized one replaces it."""
-    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, PerAxis, PerGroup
-
+    layer is ever in float32; a calibrated layer on the grid `grids` holds for its weight by then. A
+    tied output projection is quantized from the embedding's weight. A quantized layer's float32
+    weight is never written (its pages are never touched) and is freed when the quantized one
+    replaces it."""
     from gemma_edge.exporters.onnx_quant import CLIPS
 
-    group = settings.group_size
-    configs = {
-        INT4: Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group),
-                                                    weight_scale_dtype=torch.bfloat16),
-        INT8: Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0)),
-        # bf16 scales as the head's (XNNPACK's): the table's group scales are then the head's bytes too
-        TABLE_INT4: IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(group), scale_dtype=torch.bfloat16),
-        TABLE_INT8: IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0)),
-    }
+    grids = {} if grids is None else grids
+    configs = torchao_configs(settings.group_size)
     # The offsets of an int4 layer: 8-bit per row, as the int8 layers of its kind.
     offsets = {INT4: configs[INT8], TABLE_INT4: configs[TABLE_INT8]}
 
@@ -112,7 +105,8 @@ def quantization_targets(model: Gemma, plan: dict[str, str], settings: ExportSet
         if scheme == HEAD_OF_TABLE:  # after the table (the last targets of its source)
             return lambda weight: read_table_as_linear(module, model.embed_tokens)
         if scheme in offsets:
-            return lambda weight: quantize_with_offsets(module, weight, configs[scheme], offsets[scheme], CLIPS)
+            return lambda weight: quantize_with_offsets(module, weight, configs[scheme], offsets[scheme], CLIPS,
+                                                        grid=grids.get(f"{name}.weight"))
         return lambda weight: quantize_rows(module, weight, configs[scheme])
 
     targets = []
@@ -122,6 +116,33 @@ def quantization_targets(model: Gemma, plan: dict[str, str], settings: ExportSet
         source = "embed_tokens.weight" if name == "lm_head" and tied else f"{name}.weight"
         targets.append(Target((source,), quantize(name, scheme)))
     return targets
+
+
+def torchao_configs(group: int) -> dict:
+    """{scheme: torchao config} for each scheme of quantization_plan but the head reading the table."""
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, PerAxis, PerGroup
+
+    return {
+        INT4: Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group),
+                                                    weight_scale_dtype=torch.bfloat16),
+        INT8: Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0)),
+        # bf16 scales as the head's (XNNPACK's): the table's group scales are then the head's bytes too
+        TABLE_INT4: IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(group), scale_dtype=torch.bfloat16),
+        TABLE_INT8: IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0)),
+    }
+
+
+def int4_layer_grid(group: int):
+    """(name, float32 weight) -> the grid quantize_with_offsets puts an int4 layer's weight (or the
+    int4 table's) on, for GPTQ."""
+    from gemma_edge.exporters.onnx_quant import CLIPS
+
+    configs = torchao_configs(group)
+
+    def choose(name: str, weight: torch.Tensor) -> OffsetGrid:
+        table = name == "embed_tokens.weight"
+        return offset_grid(weight, group, CLIPS, configs[TABLE_INT4 if table else INT4], configs[TABLE_INT8 if table else INT8])
+    return choose
 
 
 def quantize_rows(module: nn.Module, weight: torch.Tensor, config, elements: int = 1 << 24) -> None:
@@ -149,23 +170,24 @@ def quantize_rows(module: nn.Module, weight: torch.Tensor, config, elements: int
 
 
 def quantize_with_offsets(module: OffsetLinear | OffsetEmbedding, weight: torch.Tensor, config, offsets_config,
-                          clips: tuple[float, ...], elements: int = 1 << 24) -> None:
-    """Fill an offset layer (int4_offsets.py) from its float weight [rows, cols]: each group's scale
-    and offset from the clipping of its range with the least squared error; the offsets quantized
-    (offsets_config: int8 per row) first, then the 4-bit values of the weight less the offsets as
-    the device adds them back, on the same symmetric grid and scale dtype torchao's config has
-    (torchao's IntxUnpackedToInt8Tensor, a block of rows at a time, as quantize_rows)."""
+                          clips: tuple[float, ...], elements: int = 1 << 24, grid: OffsetGrid | None = None) -> None:
+    """Fill an offset layer (int4_offsets.py) from its float weight [rows, cols], on its own grid
+    (offset_grid) or the one given (a calibrated layer's): the offsets quantized (offsets_config:
+    int8 per row) first, then the 4-bit values of the weight less the offsets as the device adds
+    them back, on the same symmetric grid and scale dtype torchao's config has (torchao's
+    IntxUnpackedToInt8Tensor, a block of rows at a time, as quantize_rows)."""
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig
     from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import IntxUnpackedToInt8Tensor
 
     dynamic = isinstance(config, Int8DynamicActivationIntxWeightConfig)
-    scale_dtype = (config.weight_scale_dtype if dynamic else config.scale_dtype) or torch.float32
+    scale_dtype = scale_dtype_of(config)
     group, rows = module.group_size, block_rows(weight, elements)
-    searched = [offsets_and_scales(block.float(), group, clips, scale_dtype) for block in weight.split(rows)]
-    quantize_rows(module.offsets, torch.cat([offset for _, offset in searched]), offsets_config)
+    if grid is None:
+        grid = offset_grid(weight, group, clips, config, offsets_config, elements)
+    quantize_rows(module.offsets, grid.raw_offset, offsets_config)
     added = module.offsets.weight.dequantize().split(rows)  # the offsets the device adds, [rows, groups]
     parts = []
-    for block, (scale, _), offset in zip(weight.split(rows), searched, added):
+    for block, scale, offset in zip(weight.split(rows), grid.scale.split(rows), added):
         rest = block.float() - offset.repeat_interleave(group, dim=1)
         # torchao rounds by rest * (1 / scale), the reciprocal in the scale's dtype, as it does when it
         # converts a scale to bfloat16 (_adjust_scale_dtype_in_intx_unpacked_tensor).
@@ -182,6 +204,26 @@ def quantize_with_offsets(module: OffsetLinear | OffsetEmbedding, weight: torch.
     module.weight = nn.Parameter(joined(parts), requires_grad=False)
     if isinstance(module, OffsetLinear):
         module.sums = group_sums_matrix(module.in_features, group)
+
+
+def offset_grid(weight: torch.Tensor, group: int, clips: tuple[float, ...], config, offsets_config,
+                elements: int = 1 << 24) -> OffsetGrid:
+    """The grid quantize_with_offsets rounds weight [rows, cols] onto: each group's scale and offset
+    from the clipping of its range with the least squared error (offsets_and_scales), the offsets
+    then rounded to int8 per row (offsets_config) as the device stores them."""
+    rows = block_rows(weight, elements)
+    searched = [offsets_and_scales(block.float(), group, clips, scale_dtype_of(config)) for block in weight.split(rows)]
+    scale, raw = (torch.cat(parts) for parts in zip(*searched))
+    holder = nn.Linear(raw.shape[1], raw.shape[0], bias=False, device="meta")
+    quantize_rows(holder, raw, offsets_config)
+    return OffsetGrid(scale, holder.weight.dequantize(), raw, group)
+
+
+def scale_dtype_of(config) -> torch.dtype:
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig
+
+    dynamic = isinstance(config, Int8DynamicActivationIntxWeightConfig)
+    return (config.weight_scale_dtype if dynamic else config.scale_dtype) or torch.float32
 
 
 def read_table_as_linear(head: nn.Linear | OffsetLinear, table: nn.Embedding | OffsetEmbedding) -> None:

@@ -1,0 +1,322 @@
+"""Calibrated 4-bit weights (--recipe gptq): the checkpoint's weight stream, with each decoder layer's
+4-bit linear weights rounded by GPTQ (gptq.py) on the exporter's own grid, one layer at a time, and
+then the 4-bit output projection (the tied table the head reads):
+
+    x = embed(calibration ids)                       # [chunks, tokens, hidden], float32
+    for each decoder layer, as the stream reaches it:
+        H of each linear's input = sum of x x^T      # one float32 forward over the chunks
+        W' = gptq(W, H, grid chosen by the exporter from W); yield W'
+        x = layer(x) with W'                         # what the next layer will see on the device
+    table' = gptq(table, H of final_norm(x), grid)   # yielded last, the table read again
+
+Only one layer's weights, its Hessians and the calibration activations are held (Gemma 7B: 0.9 GB
+of layer, 2.7 GB of Hessians, GPTQ's two 2.4 GB factors of down_proj's: memory.calibration_bytes).
+The exporter fills its quantized layers from the stream as before, each calibrated one on the grid
+GPTQ rounded it to (`grids`), so it stores exactly GPTQ's values.
+
+The calibration text: --calibration FILE (plain text, or JSON lines with "text" or the dolly
+fields instruction / context / response), else DEFAULT_TEXT_MODULES' documentation as installed
+with Python: never the Python reference manual (pydoc_data) that verify and the tests evaluate on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import itertools
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from gemma_edge.checkpoints import Checkpoint, iter_weights, weight_shapes
+from gemma_edge.config import GemmaConfig
+from gemma_edge.errors import ConfigError
+from gemma_edge.exporters.gptq import cat_grids, gptq, split_grid
+from gemma_edge.model import DecoderLayer, RMSNorm, rope_table, rotate_half_matrix
+
+# The length of each calibration chunk (each starts with <bos>, as the model's inputs do); the
+# tokens in all are a setting (ExportSettings.calibration_tokens, default 16384: measured on the
+# real 270M all-int4 ONNX, layers only, modeling_gemma.py x1.666 with 4096 tokens, x1.449 with
+# 16384; the manual x1.09-1.10 either way).
+CHUNK = 512
+# The standard library modules whose documentation is the default calibration text: English prose
+# about programs, with code in it, as most of what a Gemma is asked to do on a device. Not
+# pydoc_data (the reference manual verify evaluates on).
+DEFAULT_TEXT_MODULES = ("argparse", "asyncio", "collections", "contextlib", "csv", "dataclasses", "datetime",
+                        "decimal", "email.message", "enum", "fractions", "functools", "heapq", "http.client",
+                        "inspect", "itertools", "json", "logging", "pathlib", "pickle", "random", "re",
+                        "sqlite3", "statistics", "string", "subprocess", "tarfile", "textwrap", "threading",
+                        "typing", "unittest", "urllib.parse", "zipfile")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    ids: torch.Tensor  # int64 [chunks, tokens per chunk], each chunk <bos> first
+    source: str  # the file, the default text's name, or "random ids" (a checkpoint without a tokenizer)
+    sha256: str  # of the file's bytes (the default text: of its UTF-8)
+
+    def manifest(self) -> dict:
+        return {"text": self.source, "sha256": self.sha256, "chunks": self.ids.shape[0], "tokens_per_chunk": self.ids.shape[1]}
+
+
+def default_text() -> str:
+    """The docstrings of DEFAULT_TEXT_MODULES and of their public classes and functions, in order."""
+    import importlib
+
+    parts = []
+    for name in DEFAULT_TEXT_MODULES:
+        module = importlib.import_module(name)
+        parts.append(inspect.getdoc(module) or "")
+        for attr in sorted(vars(module)):
+            value = getattr(module, attr)
+            if not attr.startswith("_") and (inspect.isclass(value) or inspect.isfunction(value)) \
+                    and getattr(value, "__module__", None) == module.__name__:
+                parts.append(inspect.getdoc(value) or "")
+    return "\n\n".join(p for p in parts if p)
+
+
+def read_text(path: Path) -> str:
+    """A calibration file's text: JSON lines ("text", or dolly's instruction / context / response,
+    joined as the instruction prompt format lays them out) or plain text."""
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--calibration {path}: cannot read it as UTF-8 text ({e})") from None
+    if path.suffix not in (".jsonl", ".json"):
+        return raw
+    texts = []
+    for number, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--calibration {path}:{number}: not a JSON object ({e.msg}); give one object per line, "
+                              'with "text" or "instruction"/"context"/"response"') from None
+        if not isinstance(record, dict) or not ({"text", "instruction"} & record.keys()):
+            raise ConfigError(f'--calibration {path}:{number}: no "text" or "instruction" field')
+        if "text" in record:
+            texts.append(str(record["text"]))
+        else:
+            fields = [("Instruction", record.get("instruction")), ("Context", record.get("context")),
+                      ("Response", record.get("response"))]
+            texts.append("\n\n".join(f"### {k}:\n{v}" for k, v in fields if v))
+    return "\n\n".join(texts)
+
+
+def calibration(ckpt: Checkpoint, path: str | None, max_seq_len: int, tokens: int) -> Calibration:
+    """The calibration chunks for ckpt: its tokenizer's ids of the text (the file, else the default
+    text), cut into chunks of at most CHUNK (and max_seq_len) tokens, <bos> first, at most `tokens`
+    in all. Random ids for a checkpoint without a tokenizer (random weights)."""
+    from gemma_edge.exporters.manifest import special_tokens
+    from gemma_edge.runtime.tokenizer import Tokenizer
+
+    chunk = min(CHUNK, max_seq_len, tokens)
+    special = special_tokens(ckpt)
+    bos = special["bos_token_id"]
+    if path is None and not ckpt.tokenizer_files:
+        rng = random.Random(0)
+        ids = [[bos] + [rng.randrange(ckpt.config.vocab_size) for _ in range(chunk - 1)] for _ in range(tokens // chunk)]
+        return Calibration(torch.tensor(ids), "random ids", "")
+    if not ckpt.tokenizer_files:
+        raise ConfigError(f"--calibration needs the checkpoint's tokenizer, and {ckpt.source} has none")
+    text = read_text(Path(path)) if path is not None else default_text()
+    source = str(path) if path is not None else "Python's documentation of " + ", ".join(DEFAULT_TEXT_MODULES[:3]) + ", ..."
+    ids = Tokenizer(ckpt.hf_dir, special).encode(text)
+    step = chunk - 1
+    count = min(tokens // chunk, len(ids) // step)
+    if count == 0:
+        raise ConfigError(f"the calibration text has {len(ids)} tokens; calibration needs at least {step}: "
+                          "give a longer --calibration file")
+    # spread evenly over the text, so that a long text is sampled whole rather than its start
+    starts = [i * (len(ids) - step) // max(count - 1, 1) for i in range(count)]
+    rows = [[bos] + ids[s:s + step] for s in starts]
+    raw = Path(path).read_bytes() if path is not None else text.encode()
+    return Calibration(torch.tensor(rows), source, hashlib.sha256(raw).hexdigest())
+
+
+Choose = Callable[[str, torch.Tensor], object]  # (weight name, float32 weight) -> its grid (gptq.Grid)
+
+
+def calibrated_weights(weights: Iterable[tuple[str, torch.Tensor]], config: GemmaConfig, ids: torch.Tensor,
+                       names: set[str], choose: Choose, grids: dict[str, object],
+                       read_table: Callable[[], torch.Tensor] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """The weight stream (checkpoints.iter_weights' order: the embedding first, then layer by layer,
+    the final norm, an untied head) with the weights named in `names` rounded by GPTQ, in float32, on
+    choose's grid for each, which is recorded in `grids` before the weight is yielded. The output
+    projection (head_weight: a tied table, or lm_head.weight) is calibrated on the final norm's
+    outputs; a tied table is then yielded last, once they are known, read again with read_table
+    (else held from the start: Gemma 7B's, 1.5 GB in bf16)."""
+    stream = iter(weights)
+    name, table = next(stream)
+    if name != "embed_tokens.weight":
+        raise RuntimeError(f"calibration needs the embedding first in the weight stream, got {name}")
+    # [chunks, tokens, hidden]: as Gemma.hidden_states embeds (sqrt(hidden), float32)
+    x = F.embedding(ids, table).float() * torch.tensor(config.embedding_scale, dtype=torch.float32)
+    held = name in names and config.tie_word_embeddings
+    if not held:
+        yield name, table
+    if held and read_table is not None:
+        table = None
+    for index, group in itertools.groupby(stream, key=lambda item: _layer_index(item[0])):
+        tensors = dict(group)
+        if index is not None:
+            tensors, x = calibrate_layer(index, tensors, x, config, names, choose, grids)
+        elif "norm.weight" in tensors:
+            x = _final_norm(x, tensors["norm.weight"], config)
+            if "lm_head.weight" in names:
+                tensors["lm_head.weight"] = calibrate_head("lm_head.weight", tensors["lm_head.weight"], x, choose, grids)
+        yield from tensors.items()
+    if held:
+        yield name, calibrate_head(name, table if table is not None else read_table(), x, choose, grids)
+
+
+def calibrate_head(name: str, weight: torch.Tensor, x: torch.Tensor, choose: Choose, grids: dict[str, object],
+                   rows: int = 1 << 14) -> torch.Tensor:
+    """The output projection [vocab, hidden] rounded by GPTQ on its inputs x [chunks, tokens, hidden]
+    (the final norm's outputs), a block of rows at a time (rows are independent given the Hessian:
+    the 262k-row table is never copied whole in float32 beyond the result)."""
+    inputs = x.reshape(-1, x.shape[-1])
+    hessian = inputs.T @ inputs
+    out = torch.empty(weight.shape)
+    parts = []
+    for start in range(0, weight.shape[0], rows):
+        block = weight[start:start + rows].float()
+        grid = choose(name, block)
+        out[start:start + rows] = gptq(block, hessian, grid)
+        parts.append(grid)
+    grids[name] = cat_grids(parts)
+    return out
+
+
+def _final_norm(x: torch.Tensor, weight: torch.Tensor, config: GemmaConfig) -> torch.Tensor:
+    norm = RMSNorm(config.hidden_size, config.rms_norm_eps).requires_grad_(False)
+    norm.weight.copy_(weight)
+    with torch.no_grad():
+        return norm(x)
+
+
+def _layer_index(name: str) -> int | None:
+    return int(name.split(".")[1]) if name.startswith("layers.") else None
+
+
+@torch.no_grad()
+def calibrate_layer(index: int, tensors: dict[str, torch.Tensor], x: torch.Tensor, config: GemmaConfig, names: set[str],
+                    choose: Choose, grids: dict[str, object]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Decoder layer `index` from its weights (full names): its calibrated weights (the others as
+    they came) and its output on x [chunks, tokens, hidden] computed with them."""
+    prefix = f"layers.{index}."
+    layer = _build_layer(index, tensors, config, x.shape[1])
+    linears = {f"{prefix}{n}.weight": m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    linears = {n: m for n, m in linears.items() if n in names}
+    hessians = {n: torch.zeros(m.in_features, m.in_features) for n, m in linears.items()}
+
+    def accumulate(name):
+        def hook(module, args):
+            inputs = args[0].reshape(-1, args[0].shape[-1]).float()
+            hessians[name].addmm_(inputs.T, inputs)
+        return hook
+
+    handles = [m.register_forward_pre_hook(accumulate(n)) for n, m in linears.items()]
+    _run(layer, x, config)
+    for handle in handles:
+        handle.remove()
+    out = dict(tensors)
+    # Layers that read the same input (q, k, v; gate, up) share one Hessian: one GPTQ call over their rows.
+    for group in _same_input(hessians):
+        weights = [tensors[n].float() for n in group]
+        grid = cat_grids([choose(n, w) for n, w in zip(group, weights)])
+        hessian = [hessians.pop(n) for n in group][0]  # GPTQ works in it: no copy (down_proj's: 2.4 GB at 7B)
+        rounded = gptq(torch.cat(weights), hessian, grid)
+        del hessian
+        sizes = [w.shape[0] for w in weights]
+        for n, w, g in zip(group, rounded.split(sizes), split_grid(grid, sizes)):
+            grids[n] = g
+            out[n] = w.clone()  # its own storage, not a view of the joined rows
+            linears[n].weight.copy_(w)
+    return out, _run(layer, x, config)
+
+
+def _same_input(hessians: dict[str, torch.Tensor]) -> list[list[str]]:
+    groups: list[list[str]] = []
+    for name, h in hessians.items():
+        for group in groups:
+            if torch.equal(hessians[group[0]], h):
+                group.append(name)
+                break
+        else:
+            groups.append([name])
+    return groups
+
+
+def _build_layer(index: int, tensors: dict[str, torch.Tensor], config: GemmaConfig, tokens: int) -> DecoderLayer:
+    prefix = f"layers.{index}."
+    with torch.device("meta"):
+        layer = DecoderLayer(config, config.layer_types[index], tokens, torch.float32)
+    layer.to_empty(device="cpu").requires_grad_(False)
+    layer.attn.cache.reset()
+    for name, tensor in tensors.items():
+        layer.get_parameter(name[len(prefix):]).copy_(tensor)
+    return layer.eval()
+
+
+def _run(layer: DecoderLayer, x: torch.Tensor, config: GemmaConfig) -> torch.Tensor:
+    """The layer on each chunk of x [chunks, tokens, hidden] from position 0: [chunks, tokens, hidden]."""
+    tokens = x.shape[1]
+    positions = torch.arange(tokens)
+    cos, sin = rope_table(config, layer.layer_type, tokens)
+    mask = layer.attn.mask(positions, torch.float32)
+    rotate = rotate_half_matrix(config.head_dim)
+    out = []
+    for chunk in x:
+        layer.attn.cache.reset()
+        out.append(layer(chunk, positions, cos, sin, mask, rotate))
+    return torch.stack(out)
+
+
+def recipe_calibration(ckpt: Checkpoint, settings) -> Calibration | None:
+    """The calibration settings.recipe learns from: None for rtn, which learns nothing."""
+    return None if settings.recipe == "rtn" else calibration(ckpt, settings.calibration, settings.max_seq_len,
+                                                               settings.calibration_tokens)
+
+
+def load_stage(calib: Calibration | None) -> str:
+    """The name of an export's first stage, which calibrates too when there is a calibration."""
+    return "load and quantize" if calib is None else "load, calibrate and quantize"
+
+
+def calibrated_stream(ckpt: Checkpoint, settings, weights: Iterable[tuple[str, torch.Tensor]], names: set[str],
+                      choose: Choose, grids: dict[str, object],
+                      calib: Calibration | None = None) -> Iterable[tuple[str, torch.Tensor]]:
+    """weights as settings.recipe rounds them: unchanged for rtn; for gptq, the weights in names
+    calibrated (calibrated_weights) on calib (else the settings' text, see calibration())."""
+    if settings.recipe == "rtn":
+        return weights
+    calib = calib or recipe_calibration(ckpt, settings)
+    return calibrated_weights(weights, ckpt.config, calib.ids, names, choose, grids,
+                              read_table=lambda: next(iter(iter_weights(ckpt)))[1])  # the first weight, alone
+
+
+def recipe_record(settings, calib: Calibration | None) -> dict:
+    """The manifest's record of how the 4-bit layers were rounded."""
+    if settings.recipe == "rtn":
+        return {"name": "rtn"}
+    from gemma_edge.exporters.gptq import BLOCK, DAMPING
+
+    return {"name": settings.recipe, "damping": DAMPING, "block": BLOCK, "order": "act order (Hessian diagonal)",
+            "groups": "static (each group's grid chosen from the layer's weights first)", "calibration": calib.manifest()}
+
+
+def linear_weights(config: GemmaConfig) -> set[str]:
+    """The decoder layers' linear weights, by their plain names."""
+    return {n for n in weight_shapes(config) if n.startswith("layers.") and n.endswith("_proj.weight")}
+
+
+def head_weight(config: GemmaConfig) -> str:
+    """The output projection's weight in the plain model's names: the tied table, or lm_head's."""
+    return "embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
