@@ -124,18 +124,20 @@ def staged_folder(target: Path, overwrite: bool = False) -> Iterator[Path]:
     """
     target = Path(target).absolute()
     parent = target.parent
-    with _writing(parent):
-        check_output_folder(target, overwrite)
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = make_temp_dir(parent, f".{target.name}.partial-")
+    tmp = None
     try:
         with _writing(parent):
+            check_output_folder(target, overwrite)
+            parent.mkdir(parents=True, exist_ok=True)
+            with signals_deferred():  # a Ctrl-C between making the folder and holding its name would leave it
+                tmp = make_temp_dir(parent, f".{target.name}.partial-")
             yield tmp
             tmp.chmod(0o755)
             with signals_deferred():
                 _replace(tmp, target)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _replace(tmp: Path, target: Path) -> None:

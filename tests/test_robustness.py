@@ -141,6 +141,28 @@ def test_a_signal_while_writing_or_committing_loses_nothing(capsys, ckpt, earlie
         signal.signal(signal.SIGTERM, previous)
 
 
+def test_a_signal_as_the_partial_folder_is_made_leaves_nothing(tmp_path, monkeypatch):
+    """The instant after the temporary folder exists and before the export holds its name (where
+    the signal lands when sent just after "✓ resolve", under load): it is still removed."""
+    import gemma_edge.files as files
+    from gemma_edge.cli import _terminate
+
+    made = files.make_temp_dir
+
+    def made_then_terminated(*args):
+        folder = made(*args)
+        signal.raise_signal(signal.SIGTERM)
+        return folder
+    monkeypatch.setattr(files, "make_temp_dir", made_then_terminated)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        with pytest.raises(KeyboardInterrupt), files.staged_folder(tmp_path / "out"):
+            pytest.fail("the export went on after the signal")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert list(tmp_path.iterdir()) == []
+
+
 def export_process(ckpt: Path, out: Path, fmt: str = "onnx", stdout=subprocess.DEVNULL) -> subprocess.Popen:
     argv = [sys.executable, "-m", "gemma_edge.cli", "export", str(ckpt), "--format", fmt, "--quant", "fp32",
             "--max-seq-len", str(MAX_SEQ_LEN), "-o", str(out), "--overwrite"]
