@@ -10,7 +10,8 @@ then the 4-bit output projection (the tied table the head reads):
     table' = gptq(table, H of final_norm(x), grid)   # yielded last, the table read again
 
 Only one layer's weights, its Hessians and the calibration activations are held (Gemma 7B: 0.9 GB
-of layer, 2.7 GB of Hessians, GPTQ's two 2.4 GB factors of down_proj's: memory.calibration_bytes).
+of layer, 2.7 GB of Hessians, GPTQ's two 2.4 GB matrices of down_proj's), then the table's GPTQ'd
+rows in float32 beside the table read again (7B: 3.1 GB each at worst): memory.calibration_bytes.
 The exporter fills its quantized layers from the stream as before, each calibrated one on the grid
 GPTQ rounded it to (`grids`), so it stores exactly GPTQ's values.
 
@@ -188,7 +189,7 @@ def calibrate_head(name: str, weight: torch.Tensor, x: torch.Tensor, choose: Cho
     for start in range(0, weight.shape[0], rows):
         block = weight[start:start + rows].float()
         grid = choose(name, block)
-        out[start:start + rows] = gptq(block, hessian, grid)
+        out[start:start + rows] = gptq(block, hessian.clone(), grid)  # GPTQ overwrites its Hessian
         parts.append(grid)
     grids[name] = cat_grids(parts)
     return out

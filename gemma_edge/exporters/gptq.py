@@ -42,15 +42,16 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, damping: float
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0  # no error to weigh: rounding to nearest is the optimum
     order = torch.argsort(h.diagonal(), descending=True, stable=True)
-    w, h = w[:, order], h[order][:, order]
+    w = w[:, order]
+    # The upper Cholesky factor of H^-1 (row i: how column i's error moves the later columns), each
+    # step's result copied back into the caller's matrix (the caller still holds it, so a new one per
+    # step would make three): two [cols, cols] matrices at most (Gemma 7B's down_proj: 2.4 GB each).
+    for step in (lambda m: m[order], lambda m: m[:, order]):
+        h.copy_(step(h))
     h.diagonal().add_(damping * h.diagonal().mean())
-    # The upper Cholesky factor of H^-1: row i holds how column i's error moves the later columns.
-    # One step at a time, each result freeing the one before: two [cols, cols] matrices at most
-    # (Gemma 7B's down_proj: 24576 columns, 2.4 GB each).
-    h = torch.linalg.cholesky(h)
-    h = torch.cholesky_inverse(h)
-    inverse = torch.linalg.cholesky(h, upper=True)
-    del h
+    for step in (torch.linalg.cholesky, torch.cholesky_inverse, lambda m: torch.linalg.cholesky(m, upper=True)):
+        h.copy_(step(h))
+    inverse = h
     q = torch.empty_like(w)
     for start in range(0, cols, block):
         end = min(start + block, cols)

@@ -85,14 +85,21 @@ def expected_peak(config: GemmaConfig, settings: ExportSettings) -> int:
 
 
 def calibration_bytes(config: GemmaConfig, tokens: int) -> int:
-    """What --recipe gptq holds beside the model being filled (exporters/calibration.py), at its
-    widest moment, down_proj's GPTQ: one decoder layer in float32, the Hessians of its linear layers,
-    GPTQ's two [cols, cols] factors of the widest one, the calibration activations (in and out)."""
+    """What --recipe gptq holds beside the model being filled (exporters/calibration.py), at the wider
+    of its two moments: a decoder layer's (the layer in float32, the Hessians of its linear layers,
+    GPTQ's second [cols, cols] matrix beside the widest one, the calibration activations in and out)
+    and the output projection's (the tied table's GPTQ'd rows in float32, the table read again, float32 at worst as
+    random weights are, a block of rows' working copies, the final norm's outputs). The table's is
+    the wider at Gemma size: random:gemma-2b's ONNX all-int4 export measured 6.86 GiB at its peak,
+    expected_peak 6.89 (2026-12-04, before GPTQ's third matrix was removed from the layer's moment)."""
     h, heads, inter = config.hidden_size, config.num_attention_heads * config.head_dim, config.intermediate_size
     kv = config.num_key_value_heads * config.head_dim
+    activations = 2 * tokens * h
     layer = h * (heads + 2 * kv) + heads * h + 3 * h * inter
     hessians = 5 * h * h + heads * heads + inter * inter  # q, k, v, gate, up: hidden-wide inputs
-    return 4 * (layer + hessians + 2 * inter * inter + 2 * tokens * h)
+    rows = 1 << 14  # calibration.calibrate_head's block
+    table = 2 * config.vocab_size * h + 4 * rows * h  # (an untied int4 lm_head's moment is the same)
+    return 4 * (max(layer + hessians + inter * inter, table) + activations)
 
 
 def available_memory() -> int:
