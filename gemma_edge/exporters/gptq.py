@@ -93,3 +93,10 @@ def split_grid(grid, rows: list[int]) -> list:
         for part, piece in zip(parts, pieces):
             part[f.name] = piece
     return [type(grid)(**p) for p in parts]
+
+
+def take_grid(grids: dict, name: str):
+    """The grid GPTQ rounded weight `name` to, for the exporter that stores it, or None (not
+    calibrated). A decoder layer's is removed as it is taken (its one consumer; all of them held to
+    the end cost Gemma 7B ~1.9 GB); the table's stays (the embedding and a head may both read it)."""
+    return grids.pop(name, None) if name.startswith("layers.") else grids.get(name)

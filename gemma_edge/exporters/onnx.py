@@ -34,7 +34,7 @@ from gemma_edge.checkpoints import Checkpoint, iter_weights, weight_shapes
 from gemma_edge.errors import ConfigError
 from gemma_edge.exporters.calibration import (Calibration, calibrated_stream, head_weight, linear_weights, load_stage,
                                               recipe_calibration, recipe_record)
-from gemma_edge.exporters.gptq import cat_grids
+from gemma_edge.exporters.gptq import cat_grids, take_grid
 from gemma_edge.exporters.manifest import cache_section, copy_tokenizer, special_tokens, versions, write_manifest
 from gemma_edge.exporters.onnx_contrib import FUSED, resolve_ops, share_rope_halves, unsupported, use_ops
 from gemma_edge.exporters.onnx_quant import (BITS, CLIPS, BlockGrid, QuantizedMatrix, block_grid,
@@ -121,7 +121,8 @@ def layer_targets(model: Gemma, checkpoint_names, grids: dict[str, BlockGrid] | 
 
     def quantize(matrix: QuantizedMatrix, names: tuple[str, ...]):
         def fill(w: torch.Tensor) -> None:
-            matrix.set(w, cat_grids([grids[n] for n in names]) if names[0] in grids else None)
+            taken = [take_grid(grids, n) for n in names]
+            matrix.set(w, cat_grids(taken) if taken[0] is not None else None)
         return fill
 
     def sources(layer: str) -> tuple[str, ...]:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from gemma_edge.exporters.gptq import take_grid
 from gemma_edge.exporters.int4_offsets import (OffsetEmbedding, OffsetGrid, OffsetLinear, group_sums_matrix,
                                                offsets_and_scales, replace_with_offset_layers)
 from gemma_edge.exporters.settings import ExportSettings
@@ -106,7 +107,7 @@ def quantization_targets(model: Gemma, plan: dict[str, str], settings: ExportSet
             return lambda weight: read_table_as_linear(module, model.embed_tokens)
         if scheme in offsets:
             return lambda weight: quantize_with_offsets(module, weight, configs[scheme], offsets[scheme], CLIPS,
-                                                        grid=grids.get(f"{name}.weight"))
+                                                        grid=take_grid(grids, f"{name}.weight"))
         return lambda weight: quantize_rows(module, weight, configs[scheme])
 
     targets = []
