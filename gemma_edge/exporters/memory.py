@@ -88,10 +88,11 @@ def calibration_bytes(config: GemmaConfig, tokens: int) -> int:
     """What --recipe gptq holds beside the model being filled (exporters/calibration.py), at the wider
     of its two moments: a decoder layer's (the layer in float32, the Hessians of its linear layers,
     GPTQ's second [cols, cols] matrix beside the widest one, the calibration activations in and out)
-    and the output projection's (the tied table's GPTQ'd rows in float32, the table read again, float32 at worst as
-    random weights are, a block of rows' working copies, the final norm's outputs). The table's is
-    the wider at Gemma size: random:gemma-2b's ONNX all-int4 export measured 6.86 GiB at its peak,
-    expected_peak 6.89 (2026-12-04, before GPTQ's third matrix was removed from the layer's moment)."""
+    and the output projection's (the table's GPTQ'd rows in float32, the table read again, float32
+    at worst as random weights are, a block of rows' working copies, the final norm's outputs). The
+    table's is the wider at Gemma size: random:gemma-2b's ONNX all-int4 export measured 6.86 GiB at
+    its peak, expected_peak says 6.89 (2026-12-04; GPTQ then still made a third [cols, cols] matrix
+    and every layer's grid was held to the end)."""
     h, heads, inter = config.hidden_size, config.num_attention_heads * config.head_dim, config.intermediate_size
     kv = config.num_key_value_heads * config.head_dim
     activations = 2 * tokens * h
