@@ -69,7 +69,9 @@ def test_gptq_keeps_the_real_model_where_rounding_to_nearest_loses_it(fmt, recip
     for text in ("manual", "code"):
         if recipe == "int4":  # GPTQ takes off at least a third of what rounding to nearest lost, on both texts
             assert gptq[text]["ppl_ratio"] - 1 <= (2 / 3) * (rtn[text]["ppl_ratio"] - 1), (text, gptq[text], rtn[text])
-        else:  # int8 layers, the table alone calibrated: on code held to the issue's second-text bound, x1.20.
-            # Against rounding to nearest: ONNX x1.116 -> x1.102; the .pte loses, x1.121 (with the head's
-            # correction) -> x1.154-1.173 (without it; measured in two exports): an open point of issue 17.
-            assert gptq[text]["ppl_ratio"] <= (rtn[text]["ppl_ratio"] if fmt == "onnx" else 1.20), (text, gptq[text], rtn[text])
+        else:  # int8 layers, the table alone calibrated: no worse than rounding to nearest, except the .pte
+            # on code, held to the issue's second-text bound, x1.20: it loses there, x1.121 (with the head's
+            # correction) -> x1.154-1.173 (without it; measured in two exports), an open point of issue 17.
+            # (ONNX code x1.116 -> x1.102; manual ONNX x1.085 -> x1.011, .pte x1.048 -> x1.033.)
+            bound = 1.20 if (fmt, text) == ("pte", "code") else rtn[text]["ppl_ratio"]
+            assert gptq[text]["ppl_ratio"] <= bound, (text, gptq[text], rtn[text])
