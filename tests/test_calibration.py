@@ -67,6 +67,28 @@ def test_gptq_lowers_each_layers_output_error_below_round_to_nearest(fmt, tiny_w
     assert max(ratios.values()) < 0.85 and len(ratios) == {"onnx": 7, "pte": 6}[fmt]
 
 
+def test_gptq_factors_the_hessian_in_its_own_storage():
+    """gptq.factor: the column order (Hessian diagonal, largest first) and the upper Cholesky factor of
+    the damped, permuted Hessian's inverse, computed in the Hessian's own storage (Gemma 7B's
+    down_proj: no second 2.4 GB matrix), equal to the plain computation; a column no input reached
+    is given weight 1 (rounded to nearest)."""
+    from gemma_edge.exporters.gptq import DAMPING, factor
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 96, generator=gen) * torch.rand(96, generator=gen)
+    x[:, 5] = 0  # a dead column
+    h = (x.T @ x).double()
+    h[5, 5] = 1.0
+    order = torch.argsort(h.diagonal(), descending=True, stable=True)
+    p = h[order][:, order]
+    p.diagonal().add_(DAMPING * p.diagonal().mean())
+    expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(p)), upper=True)
+    given = (x.T @ x).clone()
+    f = factor(given)
+    assert f.inverse.data_ptr() == given.data_ptr() and torch.equal(f.order, order)
+    torch.testing.assert_close(f.inverse.double(), expected, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("fmt", list(GRIDS))
 def test_the_exporter_stores_exactly_what_gptq_rounded(fmt, tiny_with_tokenizers):
     """The exporter's quantized layers hold GPTQ's values: each calibrated weight (the 4-bit layers,
@@ -85,6 +107,36 @@ def test_the_exporter_stores_exactly_what_gptq_rounded(fmt, tiny_with_tokenizers
         torch.testing.assert_close(stored[name], rounded[name], atol=1e-6, rtol=1e-5)
     plain = dict(iter_weights(ckpt))
     assert all(not torch.allclose(rounded[n], plain[n].float(), atol=1e-3) for n in names)  # and they were rounded
+
+
+@pytest.mark.parametrize("fmt", list(GRIDS))
+def test_a_bf16_table_is_calibrated_in_place_on_gptqs_grid_points(fmt):
+    """calibrate_head writes GPTQ's rows back into the table it is given, in the table's dtype: a bf16
+    table's values then round back onto exactly the grid points GPTQ chose (in float32). A group
+    whose values lie far from zero against its range cannot be held so in bf16 when its grid has an
+    offset (.pte): the result then moves to float32, GPTQ's values exactly from there on. ONNX's grids reach
+    zero, so the same table stays in bf16."""
+    gen = torch.Generator().manual_seed(0)
+    table = (torch.randn(96, 64, generator=gen) * 0.02)
+    table[70, :32] = 1.0 + 0.01 * torch.randn(32, generator=gen)  # one narrow group around 1.0
+    table = table.bfloat16()
+    x = torch.randn(2, 48, 64, generator=gen)
+    expected = cal.calibrate_head("embed_tokens.weight", table.float(), x, GRIDS[fmt], {}, rows=32)
+    grids, given = {}, table.clone()
+    out = cal.calibrate_head("embed_tokens.weight", given, x, GRIDS[fmt], grids, rows=32)
+    grid = grids["embed_tokens.weight"]
+    snapped = torch.stack([grid.round(out[:, j].float(), j) for j in range(out.shape[1])], 1)
+    assert torch.equal(snapped, expected) and not torch.equal(expected, table.float())
+    if fmt == "onnx":
+        assert out.dtype == torch.bfloat16 and out.data_ptr() == given.data_ptr()  # in place: no float32 copy
+    else:
+        # from the narrow group's block of rows on, float32: GPTQ's values as they are (the blocks
+        # before it were held in bf16, which the check above rounds back onto the same points)
+        assert out.dtype == torch.float32 and torch.equal(out[64:], expected[64:])
+        # without the narrow group, the .pte's table stays in bf16 too
+        table[70, :32] = table[71, :32]
+        out = cal.calibrate_head("embed_tokens.weight", table.clone(), x, GRIDS[fmt], grids, rows=32)
+        assert out.dtype == torch.bfloat16
 
 
 def _stored_weights(fmt: str, ckpt, settings) -> dict[str, torch.Tensor]:

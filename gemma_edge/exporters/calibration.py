@@ -9,9 +9,12 @@ then the 4-bit output projection (the tied table the head reads):
         x = layer(x) with W'                         # what the next layer will see on the device
     table' = gptq(table, H of final_norm(x), grid)   # yielded last, the table read again
 
-Only one layer's weights, its Hessians and the calibration activations are held (Gemma 7B: 0.9 GB
-of layer, 2.7 GB of Hessians, GPTQ's two 2.4 GB matrices of down_proj's), then the table's GPTQ'd
-rows in float32 beside the table read again (7B: 3.1 GB each at worst): memory.calibration_bytes.
+Only one layer's weights (the layer computes with the stream's own tensors and GPTQ writes into
+them), its Hessians (each factored in its own storage, once for the weights that share it), two
+copies of the weight being rounded and the calibration activations are held (Gemma 7B: 1.1 GB of
+layer, 2.7 GB of Hessians, 0.3 GB for each copy of down_proj), then the table read again, its
+GPTQ'd rows written back into it (7B: 3.1 GB in float32 at worst): memory.calibration_bytes.
+Between layers, the freed working memory is handed back to the system (release_freed_memory).
 The exporter fills its quantized layers from the stream as before, each calibrated one on the grid
 GPTQ rounded it to (`grids`), so it stores exactly GPTQ's values.
 
@@ -37,7 +40,8 @@ import torch.nn.functional as F
 from gemma_edge.checkpoints import Checkpoint, iter_weights, weight_shapes
 from gemma_edge.config import GemmaConfig
 from gemma_edge.errors import ConfigError
-from gemma_edge.exporters.gptq import cat_grids, gptq, split_grid
+from gemma_edge.exporters.gptq import cat_grids, factor, gptq
+from gemma_edge.exporters.streaming import release_freed_memory
 from gemma_edge.model import DecoderLayer, RMSNorm, rope_table, rotate_half_matrix
 
 # The length of each calibration chunk (each starts with <bos>, as the model's inputs do); the
@@ -148,8 +152,9 @@ def calibrated_weights(weights: Iterable[tuple[str, torch.Tensor]], config: Gemm
                        names: set[str], choose: Choose, grids: dict[str, object],
                        read_table: Callable[[], torch.Tensor] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """The weight stream (checkpoints.iter_weights' order: the embedding first, then layer by layer,
-    the final norm, an untied head) with the weights named in `names` rounded by GPTQ, in float32, on
-    choose's grid for each, which is recorded in `grids` before the weight is yielded. The output
+    the final norm, an untied head) with the weights named in `names` rounded by GPTQ, on choose's
+    grid for each, which is recorded in `grids` before the weight is yielded: in float32 (a table in
+    its own dtype where that holds GPTQ's values, see calibrate_head). The output
     projection (head_weight: a tied table, or lm_head.weight) is calibrated on the final norm's
     outputs; a tied table is then yielded last, once they are known, read again with read_table
     (else held from the start: Gemma 7B's, 1.5 GB in bf16)."""
@@ -162,10 +167,11 @@ def calibrated_weights(weights: Iterable[tuple[str, torch.Tensor]], config: Gemm
     held = name in names and config.tie_word_embeddings
     if not held:
         yield name, table
-    if held and read_table is not None:
-        table = None
+    if not held or read_table is not None:
+        table = None  # not held through the layers (Gemma 7B's: 1.5 GB in bf16)
     for index, group in itertools.groupby(stream, key=lambda item: _layer_index(item[0])):
         tensors = dict(group)
+        release_freed_memory()  # the previous layer's working blocks (streaming.release_freed_memory)
         if index is not None:
             tensors, x = calibrate_layer(index, tensors, x, config, names, choose, grids)
         elif "norm.weight" in tensors:
@@ -174,25 +180,45 @@ def calibrated_weights(weights: Iterable[tuple[str, torch.Tensor]], config: Gemm
                 tensors["lm_head.weight"] = calibrate_head("lm_head.weight", tensors["lm_head.weight"], x, choose, grids)
         yield from tensors.items()
     if held:
+        release_freed_memory()
         yield name, calibrate_head(name, table if table is not None else read_table(), x, choose, grids)
 
 
 def calibrate_head(name: str, weight: torch.Tensor, x: torch.Tensor, choose: Choose, grids: dict[str, object],
-                   rows: int = 1 << 14) -> torch.Tensor:
+                   rows: int = 1 << 13) -> torch.Tensor:
     """The output projection [vocab, hidden] rounded by GPTQ on its inputs x [chunks, tokens, hidden]
-    (the final norm's outputs), a block of rows at a time (rows are independent given the Hessian:
-    the 262k-row table is never copied whole in float32 beyond the result)."""
+    (the final norm's outputs), a block of rows at a time (rows are independent given the Hessian),
+    each block written back into weight (the caller's own copy: it is overwritten) in weight's dtype,
+    so the 262k-row table is never held twice. A bf16 table keeps GPTQ's values in bf16 (Gemma 7B:
+    1.5 GB, where a float32 result beside the table took 4.6) as long as each is within a quarter of
+    its grid step of the value GPTQ chose (on_grid_in), so that the exporter's rounding onto the same
+    grid stores exactly GPTQ's values; if a block is not, the result moves to float32 whole."""
     inputs = x.reshape(-1, x.shape[-1])
-    hessian = inputs.T @ inputs
-    out = torch.empty(weight.shape)
+    f = factor(inputs.T @ inputs)  # one for every block of rows
+    out = weight
     parts = []
     for start in range(0, weight.shape[0], rows):
-        block = weight[start:start + rows].float()
+        block = out[start:start + rows].float()
         grid = choose(name, block)
-        out[start:start + rows] = gptq(block, hessian.clone(), grid)  # GPTQ overwrites its Hessian
+        rounded = gptq(block, f, grid)
+        if not on_grid_in(out.dtype, rounded, grid):
+            out = out.float()
+        out[start:start + rows] = rounded
         parts.append(grid)
     grids[name] = cat_grids(parts)
     return out
+
+
+def on_grid_in(dtype: torch.dtype, values: torch.Tensor, grid) -> bool:
+    """Whether values [rows, cols] on grid (float32) still round to the same grid points once held
+    in dtype: each moved by at most a quarter of its group's step (grid.steps). A grid reaching
+    zero (ONNX's blocks span [min(w, 0), max(w, 0)]: a value is at most 15 steps) always passes in
+    bf16, which moves a value by at most 2^-8 of it (0.06 of a step); a .pte group with an offset
+    can fail, if its values are far from zero against its range."""
+    if dtype == torch.float32:
+        return True
+    moved = (values.to(dtype).float() - values).abs_()
+    return bool((moved <= 0.25 * grid.steps(values.shape[1])).all())
 
 
 def _final_norm(x: torch.Tensor, weight: torch.Tensor, config: GemmaConfig) -> torch.Tensor:
@@ -228,18 +254,15 @@ def calibrate_layer(index: int, tensors: dict[str, torch.Tensor], x: torch.Tenso
     for handle in handles:
         handle.remove()
     out = dict(tensors)
-    # Layers that read the same input (q, k, v; gate, up) share one Hessian: one GPTQ call over their rows.
+    # Layers that read the same input (q, k, v; gate, up) share one Hessian, factored once.
     for group in _same_input(hessians):
-        weights = [tensors[n].float() for n in group]
-        grid = cat_grids([choose(n, w) for n, w in zip(group, weights)])
-        hessian = [hessians.pop(n) for n in group][0]  # GPTQ works in it: no copy (down_proj's: 2.4 GB at 7B)
-        rounded = gptq(torch.cat(weights), hessian, grid)
-        del hessian
-        sizes = [w.shape[0] for w in weights]
-        for n, w, g in zip(group, rounded.split(sizes), split_grid(grid, sizes)):
-            grids[n] = g
-            out[n] = w.clone()  # its own storage, not a view of the joined rows
-            linears[n].weight.copy_(w)
+        f = factor([hessians.pop(n) for n in group][0])  # in the Hessian's storage (down_proj's: 2.4 GB at 7B)
+        for n in group:
+            weight = linears[n].weight
+            grids[n] = choose(n, weight)
+            weight.copy_(gptq(weight, f, grids[n]))
+            out[n] = weight.detach()  # the layer's own storage: no copy
+        del f
     return out, _run(layer, x, config)
 
 
@@ -256,13 +279,20 @@ def _same_input(hessians: dict[str, torch.Tensor]) -> list[list[str]]:
 
 
 def _build_layer(index: int, tensors: dict[str, torch.Tensor], config: GemmaConfig, tokens: int) -> DecoderLayer:
+    """Decoder layer `index` in float32, its parameters the tensors given themselves where they are
+    float32 (not copies: calibrate_layer overwrites the linear weights with GPTQ's values), else
+    float32 copies of them."""
     prefix = f"layers.{index}."
     with torch.device("meta"):
         layer = DecoderLayer(config, config.layer_types[index], tokens, torch.float32)
     layer.to_empty(device="cpu").requires_grad_(False)
     layer.attn.cache.reset()
     for name, tensor in tensors.items():
-        layer.get_parameter(name[len(prefix):]).copy_(tensor)
+        module, _, leaf = name[len(prefix):].rpartition(".")
+        if layer.get_parameter(name[len(prefix):]).shape != tensor.shape:
+            raise RuntimeError(f"{name}: shape {tuple(tensor.shape)}, the layer's is "
+                               f"{tuple(layer.get_parameter(name[len(prefix):]).shape)}")
+        setattr(layer.get_submodule(module), leaf, torch.nn.Parameter(tensor.float(), requires_grad=False))
     return layer.eval()
 
 

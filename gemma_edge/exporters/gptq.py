@@ -9,7 +9,8 @@ The grid (each group's scale and zero point or offset) is chosen before any colu
 from the layer's own weights, by the exporter's own rule ("static groups"): the exporter then
 stores exactly the values GPTQ chose, and reproduces them when it rounds them again (tests hold
 the exported weights to this function's output). A grid is any object with
-`round(w [rows], col) -> [rows]`: w rounded to the grid of column `col` and dequantized.
+`round(w [rows], col) -> [rows]`: w rounded to the grid of column `col` and dequantized (and, for
+calibration.py, `steps(cols) -> [rows, cols]`: the grid's spacing at each column).
 
 Columns go in the order of their Hessian diagonal, largest first ("act order"), which the
 static grid makes free (a column's group does not depend on the order)."""
@@ -17,6 +18,7 @@ static grid makes free (a column's group does not depend on the order)."""
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -31,28 +33,44 @@ class Grid(Protocol):
     def round(self, w: torch.Tensor, col: int) -> torch.Tensor: ...
 
 
-def gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, damping: float = DAMPING,
-         block: int = BLOCK) -> torch.Tensor:
-    """weight [rows, cols], hessian [cols, cols] float32 (sum of x x^T; overwritten: it is the
-    working copy) -> the weight on the grid [rows, cols] float32, rounded by GPTQ. A column no
+@dataclass(frozen=True)
+class Factor:
+    """What GPTQ needs of a Hessian, for every weight that reads the same input: the column order
+    and the upper Cholesky factor of H^-1 in that order (row i: how column i's error moves the later
+    columns)."""
+
+    order: torch.Tensor  # int64 [cols]: columns by Hessian diagonal, largest first
+    inverse: torch.Tensor  # float32 [cols, cols], upper triangular
+
+
+def factor(hessian: torch.Tensor, damping: float = DAMPING) -> Factor:
+    """hessian [cols, cols] float32 (sum of x x^T) -> its Factor, made in the Hessian's own storage
+    (overwritten: no second [cols, cols] matrix, Gemma 7B's down_proj: 2.4 GB). A column no
     calibration input reached (zero diagonal) is rounded to nearest."""
-    w = weight.float().clone()
     h = hessian
-    cols = w.shape[1]
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0  # no error to weigh: rounding to nearest is the optimum
     order = torch.argsort(h.diagonal(), descending=True, stable=True)
-    w = w[:, order]
-    # The upper Cholesky factor of H^-1 (row i: how column i's error moves the later columns), each
-    # step's result copied back into the caller's matrix (the caller still holds it, so a new one per
-    # step would make three): two [cols, cols] matrices at most (Gemma 7B's down_proj: 2.4 GB each).
-    for step in (lambda m: m[order], lambda m: m[:, order]):
-        h.copy_(step(h))
+    permute_in_place(h, order)
     h.diagonal().add_(damping * h.diagonal().mean())
-    for step in (torch.linalg.cholesky, torch.cholesky_inverse, lambda m: torch.linalg.cholesky(m, upper=True)):
-        h.copy_(step(h))
-    inverse = h
-    q = torch.empty_like(w)
+    # LAPACK works on column-major matrices, which h.mT is (h is symmetric), and the lower factor it
+    # leaves there, read by rows, is the upper one.
+    lower = h.mT
+    torch.linalg.cholesky(lower, out=lower)
+    torch.cholesky_inverse(lower, out=lower)
+    torch.linalg.cholesky(lower, out=lower)
+    return Factor(order, h)
+
+
+def gptq(weight: torch.Tensor, hessian: torch.Tensor | Factor, grid: Grid, block: int = BLOCK) -> torch.Tensor:
+    """weight [rows, cols] -> the weight on the grid [rows, cols] float32, rounded by GPTQ with the
+    Hessian's factor (a raw Hessian is factored first, and overwritten). Two [rows, cols] float32
+    matrices at most: the weight in GPTQ's column order, each column replaced by its rounded value
+    once rounded, and the result in the weight's own order."""
+    f = hessian if isinstance(hessian, Factor) else factor(hessian)
+    order, inverse = f.order, f.inverse
+    w = weight.float()[:, order]  # a copy of its own (indexing copies)
+    cols = w.shape[1]
     for start in range(0, cols, block):
         end = min(start + block, cols)
         part, errors = w[:, start:end].clone(), torch.empty_like(w[:, start:end])
@@ -60,13 +78,21 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, damping: float
         for i in range(end - start):
             column = part[:, i]
             rounded = grid.round(column, int(order[start + i]))
-            q[:, start + i] = rounded
             errors[:, i] = (column - rounded) / local[i, i]
             part[:, i + 1:] -= errors[:, i:i + 1] * local[i, i + 1:]
+            column.copy_(rounded)  # done: from now on the column holds its rounded value
         w[:, end:] -= errors @ inverse[start:end, end:]
-    out = torch.empty_like(q)
-    out[:, order] = q
-    return out
+        w[:, start:end] = part
+    return w[:, torch.argsort(order)]
+
+
+def permute_in_place(h: torch.Tensor, order: torch.Tensor, rows: int = 512) -> None:
+    """h [cols, cols] symmetric -> h[order][:, order], in its own storage, a block of rows at a time
+    (no second [cols, cols] matrix): the columns of each block of rows, then (through the transpose,
+    since (H P^T)^T = P H) the columns of each block of the result's columns."""
+    for m in (h, h.mT):
+        for start in range(0, m.shape[0], rows):
+            m[start:start + rows] = m[start:start + rows][:, order]
 
 
 def cat_grids(grids: list) -> object:
@@ -81,18 +107,6 @@ def cat_grids(grids: list) -> object:
         values = [getattr(g, f.name) for g in grids]
         fields[f.name] = torch.cat(values) if isinstance(values[0], torch.Tensor) else values[0]
     return type(first)(**fields)
-
-
-def split_grid(grid, rows: list[int]) -> list:
-    """The inverse of cat_grids: one grid per block of rows, each tensor of its own (not a view of
-    the joined one: an exporter keeps them, and ExecuTorch's lowering frees weights by storage)."""
-    parts = [{} for _ in rows]
-    for f in dataclasses.fields(grid):
-        value = getattr(grid, f.name)
-        pieces = [p.clone() for p in value.split(rows)] if isinstance(value, torch.Tensor) else [value] * len(rows)
-        for part, piece in zip(parts, pieces):
-            part[f.name] = piece
-    return [type(grid)(**p) for p in parts]
 
 
 def take_grid(grids: dict, name: str):

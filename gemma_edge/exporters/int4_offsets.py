@@ -132,6 +132,10 @@ class OffsetGrid:
         s, m = self.scale[:, g].float(), self.offset[:, g]
         return torch.round((w - m) / s).clamp_(-8, 7) * s + m
 
+    def steps(self, cols: int) -> torch.Tensor:
+        """float32 [rows, cols]: the grid's spacing at each column (its group's scale)."""
+        return self.scale.float().repeat_interleave(self.group, 1)[:, :cols]
+
 
 def group_sums_matrix(in_features: int, group_size: int) -> torch.Tensor:
     """[groups, in_features]: row g is 1 over group g's columns, 0 elsewhere."""

@@ -86,21 +86,19 @@ def expected_peak(config: GemmaConfig, settings: ExportSettings) -> int:
 
 def calibration_bytes(config: GemmaConfig, tokens: int) -> int:
     """What --recipe gptq holds beside the model being filled (exporters/calibration.py), at the wider
-    of its two moments: a decoder layer's (the layer in float32, the Hessians of its linear layers,
-    GPTQ's second [cols, cols] matrix beside the widest one, the calibration activations in and out)
-    and the output projection's (the table's GPTQ'd rows in float32, the table read again, float32
-    at worst as random weights are, a block of rows' working copies, the final norm's outputs). The
-    table's is the wider at Gemma size: random:gemma-2b's ONNX all-int4 export measured 6.86 GiB at
-    its peak, expected_peak says 6.89 (2026-12-04; GPTQ then still made a third [cols, cols] matrix
-    and every layer's grid was held to the end)."""
+    of its two moments: a decoder layer's (its weights in float32, beside a bf16 checkpoint's own;
+    the Hessians of its linear layers; GPTQ's two copies of the widest weight; the calibration
+    activations in and out) and the output projection's (the table read again, float32 at worst as
+    random weights are, GPTQ's rows written back into it; a block of rows' working copies; the final
+    norm's outputs)."""
     h, heads, inter = config.hidden_size, config.num_attention_heads * config.head_dim, config.intermediate_size
     kv = config.num_key_value_heads * config.head_dim
     activations = 2 * tokens * h
     layer = h * (heads + 2 * kv) + heads * h + 3 * h * inter
     hessians = 5 * h * h + heads * heads + inter * inter  # q, k, v, gate, up: hidden-wide inputs
-    rows = 1 << 14  # calibration.calibrate_head's block
-    table = 2 * config.vocab_size * h + 4 * rows * h  # (an untied int4 lm_head's moment is the same)
-    return 4 * (max(layer + hessians + inter * inter, table) + activations)
+    rows = 1 << 13  # calibration.calibrate_head's block: in float32, GPTQ's two copies, on_grid_in's two
+    table = config.vocab_size * h + 5 * rows * h  # (an untied int4 lm_head's moment is the same)
+    return 4 * (max(layer * 3 // 2 + hessians + 2 * inter * h, table) + activations)
 
 
 def available_memory() -> int:
