@@ -7,9 +7,11 @@ the real 270M in test_real_calibration.py.)"""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
+from conftest import make_checkpoint
 
 from gemma_edge.checkpoints import iter_weights, resolve, weight_shapes
 from gemma_edge.errors import ConfigError
@@ -89,18 +91,29 @@ def test_gptq_factors_the_hessian_in_its_own_storage():
     torch.testing.assert_close(f.inverse.double(), expected, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("fmt", list(GRIDS))
-def test_the_exporter_stores_exactly_what_gptq_rounded(fmt, tiny_with_tokenizers):
+def test_the_exporter_stores_exactly_what_gptq_rounded(fmt, dtype, tiny_with_tokenizers, tmp_path):
     """The exporter's quantized layers hold GPTQ's values: each calibrated weight (the 4-bit layers,
     and the tied table the head reads), as the exported layer dequantizes it, equals the calibrated
-    stream's weight (to float rounding)."""
-    ckpt = resolve(tiny_with_tokenizers["tiny-gemma3"])
+    stream's weight (to float rounding). From a bf16 checkpoint the stream's table stays in bf16
+    (calibrate_head), and the exporter's rounding finds GPTQ's grid points from it."""
+    folder = tiny_with_tokenizers["tiny-gemma3"]
+    if dtype == "bfloat16":
+        folder = make_checkpoint("tiny-gemma3", tmp_path / "bf16", dtype=torch.bfloat16)
+        shutil.copy(tiny_with_tokenizers["tiny-gemma3"] / "tokenizer.json", folder)
+    ckpt = resolve(folder)
     settings = ExportSettings(format=fmt, quant="int4", max_seq_len=MAX_SEQ_LEN, recipe="gptq", calibration_tokens=TOKENS)
     calib = cal.calibration(ckpt, None, MAX_SEQ_LEN, TOKENS)
     names = {n for n in cal.linear_weights(ckpt.config)  # .pte: the layers at int4 (XNNPACK's 4-bit groups)
              if fmt == "onnx" or dict(weight_shapes(ckpt.config))[n][1] % 32 == 0} | {"embed_tokens.weight"}
-    rounded = {n: w for n, w in cal.calibrated_weights(iter_weights(ckpt), ckpt.config, calib.ids, names, GRIDS[fmt], {})
+    grids = {}
+    rounded = {n: w for n, w in cal.calibrated_weights(iter_weights(ckpt), ckpt.config, calib.ids, names, GRIDS[fmt], grids)
                if n in names}
+    table = rounded["embed_tokens.weight"]
+    assert table.dtype == getattr(torch, dtype)
+    grid = grids["embed_tokens.weight"]  # GPTQ's grid points, from the values as the stream holds them
+    rounded["embed_tokens.weight"] = torch.stack([grid.round(table[:, j].float(), j) for j in range(table.shape[1])], 1)
     stored = _stored_weights(fmt, ckpt, settings)
     assert set(stored) == names == set(rounded)
     for name in names:
