@@ -26,6 +26,11 @@ TOKENS = 2048  # 32 chunks of 64: what the tiny exports of test_onnx.py / test_e
 GRIDS = {"onnx": lambda name, w: block_grid(w, BITS["int4"], 32, CLIPS), "pte": int4_layer_grid(32)}
 
 
+def _on_grid(grid, w: torch.Tensor) -> torch.Tensor:
+    """w [rows, cols] rounded to nearest on grid, column by column, in float32."""
+    return torch.stack([grid.round(w[:, j].float(), j) for j in range(w.shape[1])], 1)
+
+
 def _layer_inputs(ckpt, layer: int = 0):
     """{linear weight name: (float32 weight, its inputs on the calibration text [tokens, in])} for
     one decoder layer of the float model, and the calibration."""
@@ -58,10 +63,10 @@ def test_gptq_lowers_each_layers_output_error_below_round_to_nearest(fmt, tiny_w
         if fmt == "pte" and w.shape[1] % 32:
             continue  # XNNPACK's 4-bit groups: the exporter keeps such a layer at int8 (never calibrated)
         grid = GRIDS[fmt](name, w)
-        nearest = torch.stack([grid.round(w[:, j], j) for j in range(w.shape[1])], dim=1)
+        nearest = _on_grid(grid, w)
         rounded = gptq(w, x.T @ x, grid)
         # both on the grid: GPTQ chose among the grid's values, it did not move off it
-        torch.testing.assert_close(torch.stack([grid.round(rounded[:, j], j) for j in range(w.shape[1])], 1), rounded)
+        torch.testing.assert_close(_on_grid(grid, rounded), rounded)
         error = lambda q: ((x @ (w - q).T) ** 2).sum().item()
         ratios[name.split(".", 2)[2]] = error(rounded) / error(nearest)
     print(fmt, {k: f"{v:.2f}" for k, v in ratios.items()})
@@ -110,10 +115,9 @@ def test_the_exporter_stores_exactly_what_gptq_rounded(fmt, dtype, tiny_with_tok
     grids = {}
     rounded = {n: w for n, w in cal.calibrated_weights(iter_weights(ckpt), ckpt.config, calib.ids, names, GRIDS[fmt], grids)
                if n in names}
-    table = rounded["embed_tokens.weight"]
-    assert table.dtype == getattr(torch, dtype)
-    grid = grids["embed_tokens.weight"]  # GPTQ's grid points, from the values as the stream holds them
-    rounded["embed_tokens.weight"] = torch.stack([grid.round(table[:, j].float(), j) for j in range(table.shape[1])], 1)
+    assert rounded["embed_tokens.weight"].dtype == getattr(torch, dtype)
+    if dtype == "bfloat16":  # GPTQ's grid points, from the bf16 values the stream holds
+        rounded["embed_tokens.weight"] = _on_grid(grids["embed_tokens.weight"], rounded["embed_tokens.weight"])
     stored = _stored_weights(fmt, ckpt, settings)
     assert set(stored) == names == set(rounded)
     for name in names:
@@ -138,7 +142,7 @@ def test_a_bf16_table_is_calibrated_in_place_on_gptqs_grid_points(fmt):
     grids, given = {}, table.clone()
     out = cal.calibrate_head("embed_tokens.weight", given, x, GRIDS[fmt], grids, rows=32)
     grid = grids["embed_tokens.weight"]
-    snapped = torch.stack([grid.round(out[:, j].float(), j) for j in range(out.shape[1])], 1)
+    snapped = _on_grid(grid, out)
     assert torch.equal(snapped, expected) and not torch.equal(expected, table.float())
     if fmt == "onnx":
         assert out.dtype == torch.bfloat16 and out.data_ptr() == given.data_ptr()  # in place: no float32 copy

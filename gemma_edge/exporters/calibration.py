@@ -288,10 +288,10 @@ def _build_layer(index: int, tensors: dict[str, torch.Tensor], config: GemmaConf
     layer.to_empty(device="cpu").requires_grad_(False)
     layer.attn.cache.reset()
     for name, tensor in tensors.items():
-        module, _, leaf = name[len(prefix):].rpartition(".")
-        if layer.get_parameter(name[len(prefix):]).shape != tensor.shape:
-            raise RuntimeError(f"{name}: shape {tuple(tensor.shape)}, the layer's is "
-                               f"{tuple(layer.get_parameter(name[len(prefix):]).shape)}")
+        local = name[len(prefix):]
+        if layer.get_parameter(local).shape != tensor.shape:
+            raise RuntimeError(f"{name}: shape {tuple(tensor.shape)}, the layer's is {tuple(layer.get_parameter(local).shape)}")
+        module, _, leaf = local.rpartition(".")
         setattr(layer.get_submodule(module), leaf, torch.nn.Parameter(tensor.float(), requires_grad=False))
     return layer.eval()
 
