@@ -17,9 +17,9 @@ import json
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 
@@ -27,6 +27,9 @@ from gemma_edge.config import GemmaConfig, check_model_type, variant
 from gemma_edge.errors import CheckpointError, MissingDependencyError, UnsupportedModelError
 from gemma_edge.files import exclusive, make_temp_dir, remove_dead_leftovers, sha256_file
 from gemma_edge.model import Gemma
+
+if TYPE_CHECKING:
+    from gemma_edge.adapters import Adapter, Merge
 
 BUILTIN = "gemma-3-270m"
 RANDOM_PREFIX = "random:"
@@ -42,6 +45,9 @@ class Checkpoint:
     config: GemmaConfig
     hf_dir: Path | None  # a Hugging Face folder (GGUF sources: the converted cache), None for random
     seed: int = 0  # random sources only
+    adapters: tuple[Adapter, ...] = ()  # PEFT LoRA adapters merged into the weights as they stream, in order
+    merge: Merge | None = None  # what the adapters do to each weight (adapters.plan)
+    base: GemmaConfig | None = None  # the weight files' own architecture, where the adapters change it (an untied head)
 
     @property
     def tokenizer_files(self) -> list[Path]:
@@ -55,8 +61,22 @@ def cache_dir() -> Path:
     return Path(os.environ.get("GEMMA_EDGE_CACHE") or Path.home() / ".cache" / "gemma_edge")
 
 
-def resolve(source: str | os.PathLike) -> Checkpoint:
-    """Find a source's architecture and weight files, without loading the weights."""
+def resolve(source: str | os.PathLike, adapters: Sequence[str | os.PathLike] = ()) -> Checkpoint:
+    """Find a source's architecture and weight files, without loading the weights; adapters: PEFT
+    LoRA adapter folders to merge into them, in order (checked against the source here)."""
+    ckpt = _resolve(source)
+    return with_adapters(ckpt, adapters) if adapters else ckpt
+
+
+def with_adapters(ckpt: Checkpoint, folders: Sequence[str | os.PathLike]) -> Checkpoint:
+    from gemma_edge.adapters import plan, read_adapter, untied_config
+
+    adapters = tuple(read_adapter(folder, ckpt.config) for folder in folders)
+    merge = plan(adapters, ckpt.config)
+    return replace(ckpt, config=untied_config(ckpt.config, merge), adapters=adapters, merge=merge, base=ckpt.config)
+
+
+def _resolve(source: str | os.PathLike) -> Checkpoint:
     text = str(source)
     if text.startswith(RANDOM_PREFIX):
         return Checkpoint(text, variant(text[len(RANDOM_PREFIX):]), None)
@@ -175,11 +195,23 @@ def iter_weights(ckpt: Checkpoint, dtype: torch.dtype = torch.float32) -> Iterat
     read from the memory-mapped safetensors (in the file's dtype), or drawn for a random source
     (Normal(0, 0.02) in `dtype`, norms zero: as Hugging Face initializes Gemma). Whoever takes a
     tensor decides when it is freed, so a 7B checkpoint need never be held whole. The safetensors
-    headers are checked (match_tensors) when this is called, not when the first tensor is read."""
-    shapes = list(weight_shapes(ckpt.config).items())
-    if ckpt.hf_dir is None:
-        return _random_weights(shapes, ckpt.seed, dtype)
-    return _read_weights([name for name, _ in shapes], match_tensors(ckpt.config, ckpt.hf_dir))
+    headers are checked (match_tensors) when this is called, not when the first tensor is read.
+    A checkpoint with adapters yields its weights merged with them (adapters.merged: float32 where
+    an adapter changed them)."""
+    base = ckpt.base or ckpt.config
+    shapes = list(weight_shapes(base).items())
+
+    def stream() -> Iterator[tuple[str, torch.Tensor]]:
+        if ckpt.hf_dir is None:
+            return _random_weights(shapes, ckpt.seed, dtype)
+        return _read_weights([name for name, _ in shapes], match_tensors(base, ckpt.hf_dir))
+
+    weights = stream()
+    if not ckpt.adapters:
+        return weights
+    from gemma_edge.adapters import merged
+
+    return merged(weights, ckpt.merge, lambda: next(stream())[1])  # the table comes first: read again, alone
 
 
 def weight_shapes(config: GemmaConfig) -> dict[str, tuple[int, ...]]:
@@ -376,5 +408,5 @@ def _save_plain(model: torch.nn.Module, folder: Path) -> None:
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
-__all__ = ["Checkpoint", "resolve", "load_model", "empty_model", "match_tensors", "weight_names", "read_hf_config",
+__all__ = ["Checkpoint", "resolve", "with_adapters", "load_model", "empty_model", "match_tensors", "weight_names", "read_hf_config",
            "BUILTIN", "cache_dir", "iter_weights", "weight_shapes"]

@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="text to prefill (default: %(default)r); random:<variant> models use random token ids")
     check.add_argument("--new-tokens", type=int, default=32, help="greedy tokens to generate and compare (default: %(default)s)")
     check.add_argument("--max-seq-len", type=int, default=256, help="KV cache length in tokens (default: %(default)s)")
+    check.add_argument("--adapter", action="append", default=[], metavar="DIR",
+                       help="a PEFT LoRA adapter folder to merge into MODEL first (repeat to stack them in order)")
     check.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
     check.set_defaults(func=_check)
 
@@ -160,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--calibration-tokens", type=int, default=16384, metavar="N",
                         help="--recipe gptq: tokens of the calibration text to calibrate on, in chunks of up to 512 "
                              "(default: %(default)s)")
+    export.add_argument("--adapter", action="append", default=[], metavar="DIR",
+                        help="a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) to merge into "
+                             "MODEL before quantization; repeat to stack adapters in order")
+    export.add_argument("--template", default=None, choices=TEMPLATES,
+                        help="the prompt format the model was fine-tuned on (instruction: dolly's Instruction / Context / "
+                             "Response): recorded in the manifest as the default of generate, chat and the Android app")
     export.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder to create")
     export.add_argument("--overwrite", action="store_true", help="replace OUTDIR if it exists (only once the new export is complete)")
     export.add_argument("--force", action="store_true",
@@ -173,9 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("outdir", metavar="OUTDIR", help="an export folder")
     generate.add_argument("prompt", metavar="PROMPT", help="the text to continue (<bos> is added)")
     _sampling_flags(generate, 128)
-    generate.add_argument("--template", default="plain", choices=TEMPLATES,
+    generate.add_argument("--template", default=None, choices=TEMPLATES,
                           help="plain: continue PROMPT as it is; gemma: PROMPT as a user turn of Gemma's chat format; "
-                               "instruction: as the Instruction of the dolly-style format (default: %(default)s)")
+                               "instruction: as the Instruction of the dolly-style format (default: the export's "
+                               "--template, else plain)")
     generate.add_argument("--truncate", choices=("left",), default=None,
                           help="cut a prompt longer than the cache from the left instead of failing")
     generate.add_argument("--verify-checksums", action="store_true",
@@ -188,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
                             description="An interactive, streamed conversation with OUTDIR. /reset forgets it, /quit leaves.")
     chat.add_argument("outdir", metavar="OUTDIR", help="an export folder")
     _sampling_flags(chat, 512)
-    chat.add_argument("--template", default="gemma", choices=TEMPLATES, help="prompt format (default: %(default)s)")
+    chat.add_argument("--template", default=None, choices=TEMPLATES,
+                      help="prompt format (default: the export's --template, else gemma)")
     chat.add_argument("--system", default=None, help="a system instruction (Gemma: prepended to the first user turn)")
     chat.add_argument("--verify-checksums", action="store_true",
                       help="check every file's SHA-256 against the manifest before loading (sizes are always checked)")
@@ -210,7 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "divergence; limits depend on the quantization. Exit 0 on pass, 1 on fail.")
     verify.add_argument("outdir", metavar="OUTDIR", help="an export folder")
     verify.add_argument("--reference", metavar="MODEL", help="the checkpoint to compare with (default: the manifest's source)")
-    verify.add_argument("--prompts", metavar="FILE", help="a text file to run (default: Python's reference manual)")
+    verify.add_argument("--adapter", action="append", default=None, metavar="DIR",
+                        help="the LoRA adapter folder(s) merged into the reference (default: those the manifest records, "
+                             "at the paths they had at export)")
+    verify.add_argument("--prompts", metavar="FILE",
+                        help="a text file to run, or JSON lines in the dolly layout (instruction, context, response): "
+                             "the text is the examples in the instruction format, and the report adds the perplexity "
+                             "of the responses under the export and the reference (default: Python's reference manual)")
     verify.add_argument("--prefill", type=int, default=128, help="tokens of the one-call prefill (default: %(default)s)")
     verify.add_argument("--decode", type=int, default=16, help="single-token decode steps after it (default: %(default)s)")
     verify.add_argument("--greedy", type=int, default=16, help="greedy tokens to compare (default: %(default)s)")

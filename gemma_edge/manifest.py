@@ -55,6 +55,12 @@ def named_files(manifest: dict[str, Any]) -> list[str]:
     return names
 
 
+def prompt_template(manifest: dict[str, Any], fallback: str) -> str:
+    """The prompt format generate, chat and the Android app use unless told otherwise: the one given
+    at export (--template: a fine-tune's format), else fallback."""
+    return (manifest.get("export") or {}).get("template") or fallback
+
+
 def program_files(manifest: dict[str, Any]) -> list[str]:
     """The files the runtime loads as the model: the program and its external weights."""
     io = manifest.get("io") or {}

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from gemma_edge.checkpoints import Checkpoint, resolve, weight_names
+from gemma_edge.checkpoints import Checkpoint, load_model, resolve, weight_names
 from gemma_edge.config import GemmaConfig
 from gemma_edge.model import Gemma
 
@@ -50,10 +50,14 @@ def hf_config_for(config: GemmaConfig) -> Any:
 
 
 def load_reference(source: str | Checkpoint, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """transformers' CausalLM for a Hugging Face folder or GGUF source, in eval mode, eager attention."""
+    """transformers' CausalLM for a Hugging Face folder or GGUF source, in eval mode, eager attention.
+    With adapters: transformers' model carrying the merged weights (checkpoints.iter_weights merges
+    them as PEFT's merge_and_unload() does: tests/test_adapters.py)."""
     from transformers import AutoModelForCausalLM
 
     ckpt = source if isinstance(source, Checkpoint) else resolve(source)
+    if ckpt.adapters:
+        return reference_from_model(load_model(ckpt, 1, dtype))  # a one-position cache: only the weights are used
     if ckpt.hf_dir is None:
         raise ValueError(f"{ckpt.source} has no checkpoint on disk; use reference_from_model()")
     model = AutoModelForCausalLM.from_pretrained(ckpt.hf_dir, dtype=dtype, attn_implementation="eager")

@@ -70,6 +70,22 @@ class Check:
 
 
 @dataclass
+class Responses:
+    """Teacher-forced perplexity of an evaluation set's responses (verify --prompts FILE.jsonl): each
+    example's prompt in the instruction format, its response and <eos> scored token by token."""
+
+    examples: int  # scored (those that fit the cache)
+    skipped: int  # longer than the cache
+    tokens: int  # response tokens scored, <eos> included
+    ppl: float  # the export's
+    ppl_reference: float
+
+    @property
+    def ppl_ratio(self) -> float:
+        return self.ppl / self.ppl_reference
+
+
+@dataclass
 class Report:
     quant: str
     checks: list[Check]
@@ -77,6 +93,7 @@ class Report:
     greedy_reference: list[int]
     checksums_ok: bool | None  # None: not checked
     limits: dict
+    responses: Responses | None = None  # reported, not judged: the checks above judge the same text
 
     @property
     def first_divergence(self) -> int | None:
@@ -109,7 +126,9 @@ class Report:
                 "ppl_ratio": self.ppl_ratio, "ppl_passed": self.ppl_passed,
                 "checks": [{**asdict(c), "ppl_ratio": c.ppl_ratio} for c in self.checks],
                 "greedy": {"ours": self.greedy_ours, "reference": self.greedy_reference,
-                           "first_divergence": self.first_divergence, "passed": self.greedy_passed}}
+                           "first_divergence": self.first_divergence, "passed": self.greedy_passed},
+                **({"responses": {**asdict(self.responses), "ppl_ratio": self.responses.ppl_ratio}}
+                   if self.responses is not None else {})}
 
 
 @dataclass
@@ -152,6 +171,33 @@ def golden_from_reference(reference, ids: Sequence[int], prefill: int, greedy_to
     with torch.no_grad():
         logits = reference(torch.tensor([list(ids[:-1])])).logits[0].float().numpy()
     return Golden(list(ids), prefill, logits, reference_greedy(reference, ids[:prefill], greedy_tokens))
+
+
+def response_perplexity(backend: Backend, reference, examples: Sequence[tuple[list[int], list[int]]]) -> Responses:
+    """examples: (prompt ids, response ids ending with <eos>); those that do not fit the export's
+    cache are skipped. Each is one teacher-forced pass through the export and the reference."""
+    import torch
+
+    ours, theirs, scored, skipped = [], [], 0, 0
+    for prompt, response in examples:
+        ids = prompt + response
+        if len(ids) - 1 > backend.max_seq_len:
+            skipped += 1
+            continue
+        backend.reset()
+        rows = slice(len(prompt) - 1, len(ids) - 1)  # the rows that predict the response
+        logits = np.asarray(backend.forward(ids[:-1], 0), np.float32)[rows]
+        with torch.no_grad():
+            ref = reference(torch.tensor([ids[:-1]])).logits[0, rows].float().numpy()
+        t = np.asarray(response)[:, None]
+        ours.append(np.take_along_axis(_log_softmax(logits), t, -1)[:, 0])
+        theirs.append(np.take_along_axis(_log_softmax(ref), t, -1)[:, 0])
+        scored += 1
+    if not scored:
+        raise GemmaEdgeError(f"none of the {skipped} examples fits the export's cache of {backend.max_seq_len} tokens; "
+                             "give shorter examples or export with a larger --max-seq-len")
+    ours_all, theirs_all = np.concatenate(ours), np.concatenate(theirs)
+    return Responses(scored, skipped, len(ours_all), float(np.exp(-ours_all.mean())), float(np.exp(-theirs_all.mean())))
 
 
 def verify(backend: Backend, golden: Golden, quant: str, checksums_ok: bool | None = None) -> Report:

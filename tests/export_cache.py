@@ -28,6 +28,8 @@ def content_key(ckpt: Checkpoint, settings: ExportSettings) -> str:
     else:
         for f in sorted(p for p in ckpt.hf_dir.iterdir() if p.is_file()):
             digest.update(f"{f.name}:{sha256_file(f)}".encode())
+    for adapter in ckpt.adapters:  # its weights and its config (alpha, patterns)
+        digest.update(f"{adapter.sha256}:{sha256_file(adapter.folder / 'adapter_config.json')}".encode())
     package = Path(gemma_edge.__file__).parent
     exporter = {"pte": "executorch.py", "onnx": "onnx.py"}[settings.format]
     for f in sorted(_imported_closure(package / "exporters" / exporter, package)):
@@ -70,7 +72,8 @@ def cached_export(ckpt: Checkpoint, settings: ExportSettings, export=None) -> Pa
     calls = "" if settings.max_tokens_per_call == default_calls else f"-t{settings.max_tokens_per_call}"
     recipe = "" if settings.recipe == "rtn" else f"-{settings.recipe}{settings.calibration_tokens}"
     calibration = "" if settings.calibration is None else f"-c{hashlib.sha256(settings.calibration.encode()).hexdigest()[:8]}"
-    label = (f"{name}-{fmt}{settings.quant}-g{settings.group_size}-e{settings.embedding_quant}-{settings.max_seq_len}"
+    adapters = "".join(f"-a{adapter.sha256[:8]}" for adapter in ckpt.adapters)
+    label = (f"{name}{adapters}-{fmt}{settings.quant}-g{settings.group_size}-e{settings.embedding_quant}-{settings.max_seq_len}"
              f"{ops}{kv}{calls}{recipe}{calibration}")
     root = cache_dir() / "test-exports"
     folder = root / f"{label}-{content_key(ckpt, settings)}"

@@ -193,7 +193,7 @@ def test_calibration_text_files_and_the_default(tmp_path, tiny_with_tokenizers):
                                for i in range(40)) + "\n")
     got = cal.calibration(ckpt, str(lines), MAX_SEQ_LEN, tokens=4 * MAX_SEQ_LEN)
     assert got.ids.shape == (4, MAX_SEQ_LEN) and got.source == str(lines) and got.sha256 != default.sha256
-    assert "### Instruction:\nSay 3." in cal.read_text(lines)
+    assert "Instruction:\nSay 3.\n\nResponse:\n3 3 " in cal.read_text(lines)  # the fine-tune's prompt format
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\nnot json\n')
     with pytest.raises(ConfigError, match=r"bad.jsonl:2: not a JSON object"):

@@ -13,12 +13,14 @@ def run(args: argparse.Namespace) -> int:
     from gemma_edge.commands.generate import sampling_options, stats_line
     from gemma_edge.errors import GemmaEdgeError
     from gemma_edge.commands.ui import progress
+    from gemma_edge.manifest import prompt_template
     from gemma_edge.runtime.generator import Generator
 
     options = sampling_options(args)  # checked before anything loads
     console = progress()
     with console.status(f"loading {args.outdir}"):
         gen = Generator.load(args.outdir, threads=args.threads, verify_checksums=args.verify_checksums)
+    args.template = args.template or prompt_template(gen.backend.manifest, "gemma")
     console.print(f"[bold]gemma-edge chat[/bold] with {args.outdir} ({args.template} template). {HELP}")
     messages: list[dict] = []
     if args.system:

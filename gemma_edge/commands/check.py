@@ -22,11 +22,12 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--new-tokens must be at least 1, got {args.new_tokens}")
     console = progress()
     with console.status(f"Resolving {args.model} (a GGUF is dequantized once, then cached)"):
-        ckpt = resolve(args.model)
+        ckpt = resolve(args.model, args.adapter)
     with console.status("Loading gemma-edge's model"):
         model = load_model(ckpt, args.max_seq_len)
     with console.status("Loading transformers' reference"):
-        reference = reference_from_model(model) if ckpt.hf_dir is None else load_reference(ckpt)
+        # transformers' Gemma on our weights where they are not a plain folder (random, or adapters merged)
+        reference = reference_from_model(model) if ckpt.hf_dir is None or ckpt.adapters else load_reference(ckpt)
     tokenizer = _tokenizer(ckpt.tokenizer_files)
     if tokenizer is not None:
         prompt = tokenizer.encode(args.prompt).ids

@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
                               embedding_quant=args.embedding_quant, max_seq_len=args.max_seq_len, ops=args.ops,
                               kv_dtype=args.kv_dtype, max_tokens_per_call=args.max_tokens_per_call,
                               recipe=args.recipe, calibration=args.calibration,
-                              calibration_tokens=args.calibration_tokens)
+                              calibration_tokens=args.calibration_tokens, template=args.template)
     console = progress()
     out = Path(args.output)
     check_output_folder(out, args.overwrite)  # before minutes of work, not after them
@@ -66,8 +66,8 @@ def run(args: argparse.Namespace) -> int:
 
     display = StageProgress(console)
     stage = display.stage
-    with stage(f"resolve {args.model}"):
-        ckpt = resolve(args.model)
+    with stage(f"resolve {args.model}" + "".join(f" + {Path(a).name}" for a in args.adapter)):
+        ckpt = resolve(args.model, args.adapter)
     check_max_seq_len(ckpt.config, settings.max_seq_len)
     need, have = check_memory(ckpt.config, settings, args.force)
     console.print(f"expected peak memory {need / GIB:.1f} GiB ({have / GIB:.1f} GiB available)")
@@ -84,14 +84,21 @@ def run(args: argparse.Namespace) -> int:
         table.add_row(name, f"{info['bytes'] / 2**20:,.1f} MiB", info["sha256"][:16])
     table.add_row("quantization", f"{settings.quant} / emb {settings.embedding_quant}",
                   f"group {settings.group_size}, {settings.recipe}" + (f" on {args.calibration}" if args.calibration else ""))
+    for adapter in result.manifest.get("adapters", []):
+        table.add_row("adapter", adapter["name"], f"rank {adapter['rank']}, alpha {adapter['alpha']:g}, "
+                      f"{adapter['merged_weights']} weights merged, sha256 {adapter['sha256'][:16]}")
+    if not ckpt.config.tie_word_embeddings and ckpt.base is not None and ckpt.base.tie_word_embeddings:
+        table.add_row("output projection", "untied", "the adapter trained a copy of the embedding (modules_to_save): "
+                      "the export stores both tables, as PEFT's merged model has them")
     if "ops" in result.manifest["io"]:
         table.add_row("operators", result.manifest["io"]["ops"], "")
     table.add_row("time", f"{sum(result.seconds.values()):.1f} s", ", ".join(f"{k} {v:.0f}s" for k, v in result.seconds.items()))
     out_console = results()
     out_console.print(table)
     app = "pte" if settings.format == "pte" else "onnx"
+    prompt = "The capital of France is" if settings.template in (None, "plain") else "Summarize what a KV cache is."
     out_console.print(f"next:\n  gemma-edge verify {out}                      # prove it computes what the reference does\n"
-                      f"  gemma-edge generate {out} \"The capital of France is\"\n"
+                      f"  gemma-edge generate {out} \"{prompt}\"\n"
                       f"  adb push {out} /sdcard/Android/data/dev.gemmaedge.demo/files/   # the Android demo ({app}; android_demo/README.md)",
                       soft_wrap=True, highlight=False)
     return 0

@@ -30,6 +30,7 @@ def stats_line(result) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from gemma_edge.commands.ui import progress
+    from gemma_edge.manifest import prompt_template
     from gemma_edge.runtime.backend import open_backend
     from gemma_edge.runtime.generator import Generator, check_request, open_export, prompt_ids
 
@@ -37,8 +38,9 @@ def run(args: argparse.Namespace) -> int:
     # the runtimes' own log lines): the flags, the folder's files, the prompt's length.
     options = sampling_options(args)
     manifest, tokenizer = open_export(args.outdir, verify_checksums=args.verify_checksums)
-    ids = prompt_ids(tokenizer, args.prompt if args.template == "plain" else [{"role": "user", "content": args.prompt}],
-                     None if args.template == "plain" else args.template)
+    template = args.template or prompt_template(manifest, "plain")
+    ids = prompt_ids(tokenizer, args.prompt if template == "plain" else [{"role": "user", "content": args.prompt}],
+                     None if template == "plain" else template)
     check_request(ids, int(manifest["max_seq_len"]), args.max_new_tokens, args.truncate)
     console = progress()
     with console.status(f"loading {args.outdir}"):

@@ -24,6 +24,11 @@ def run(args: argparse.Namespace) -> int:
         ("architecture", f"{c['model_type']}: {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, "
                          f"heads {c['num_attention_heads']} / kv {c['num_key_value_heads']}, head_dim {c['head_dim']}, vocab {c['vocab_size']}"),
         ("quantization", f"{e['quant']} (group {e['group_size']}), embedding {e['embedding_quant']}"),
+        *((f"adapter {i + 1}", f"{a['name']}: rank {a['rank']}, alpha {a['alpha']:g}{', rsLoRA' if a['use_rslora'] else ''}, "
+           f"on {', '.join(a['target_modules'])}"
+           + (f", saved {', '.join(a['modules_to_save'])}" if a["modules_to_save"] else "") + f", sha256 {a['sha256'][:16]}")
+          for i, a in enumerate(m.get("adapters") or [])),
+        ("prompt format", e.get("template") or "not given (generate: plain, chat: gemma)"),
         ("max_seq_len", str(m["max_seq_len"])),
         ("on the device", _device_memory(m)),
         ("special tokens", ", ".join(f"{k} {v}" for k, v in m["special_tokens"].items())),

@@ -17,7 +17,7 @@ SHAPE_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", 
 def run(args: argparse.Namespace) -> int:
     from gemma_edge.commands.ui import progress, write_json
     from gemma_edge.manifest import file_problems, read_manifest
-    from gemma_edge.verify import THRESHOLDS, Golden, limits_key, verify
+    from gemma_edge.verify import THRESHOLDS, Golden, limits_key, response_perplexity, verify
 
     folder = Path(args.outdir)
     manifest = read_manifest(folder)
@@ -42,12 +42,20 @@ def run(args: argparse.Namespace) -> int:
         if golden.logits.shape[1] != manifest["config"]["vocab_size"]:
             raise GemmaEdgeError(f"{args.golden} holds logits over {golden.logits.shape[1]} tokens, the export's vocabulary "
                                  f"has {manifest['config']['vocab_size']}: it was saved for another model")
+        reference = None
     else:
-        golden = _golden(args, folder, manifest, backend.max_seq_len, console)
+        golden, reference = _golden(args, folder, manifest, backend.max_seq_len, console)
         if args.save_golden:
             golden.save(args.save_golden)
     with console.status(f"running {len(golden.ids) - 1} tokens through the export, then {len(golden.greedy)} greedy"):
         report = verify(backend, golden, quant, checksums_ok=None if checksums is None else not checksums)
+    if _is_jsonl(args.prompts) and manifest.get("tokenizer", {}).get("files"):
+        if reference is None:
+            console.print("[yellow]the responses' perplexity needs the reference itself: not measured with --golden[/yellow]")
+        else:
+            examples = _examples(args.prompts, folder, manifest)
+            with console.status(f"scoring the responses of {len(examples)} examples in the export and the reference"):
+                report.responses = response_perplexity(backend, reference, examples)
     _print(report, folder, manifest)
     if args.json:
         target = {"target": "arm64", "cpu": args.cpu} if args.target == "arm64" else {"target": "host"}
@@ -86,7 +94,7 @@ def _arm64_python(args, folder: Path, manifest: dict, checksums: list[str] | Non
         golden = args.golden
         if not golden or args.reference:
             golden = args.save_golden or str(Path(tmp) / "golden.npz")
-            _golden(args, folder, manifest, int(manifest["max_seq_len"]), console).save(golden)
+            _golden(args, folder, manifest, int(manifest["max_seq_len"]), console)[0].save(golden)
         report = args.json or str(Path(tmp) / "report.json")
         console.print(f"[bold]emulated arm64 ({args.cpu}, QEMU user mode): slower than native by 30-400x[/bold]")
         code = run_arm64(["verify", str(folder), "--golden", golden, "--no-verify-checksums", "--json", report],
@@ -102,19 +110,28 @@ def _arm64_python(args, folder: Path, manifest: dict, checksums: list[str] | Non
 
 
 def _golden(args, folder: Path, manifest: dict, max_seq_len: int, console):
+    """The reference's side of the checks, and the reference (with the export's adapters merged)."""
     from gemma_edge.checkpoints import load_model, resolve
     from gemma_edge.reference import load_reference, reference_from_model
     from gemma_edge.verify import golden_from_reference
 
     source = args.reference or manifest["source"]
-    ckpt = resolve(source)
+    recorded = manifest.get("adapters") or []
+    adapters = args.adapter if args.adapter is not None else [_recorded_adapter(a) for a in recorded]
+    ckpt = resolve(source, adapters)
+    if args.adapter is None:
+        for adapter, entry in zip(ckpt.adapters, recorded):
+            if adapter.sha256 != entry["sha256"]:
+                raise ConfigError(f"the adapter {adapter.folder} has changed since the export (its weights' SHA-256 "
+                                  "differs from the manifest's): export again, or pass the adapter exported with --adapter")
     ours, theirs = ckpt.config.to_dict(), manifest["config"]
     shape = [k for k in SHAPE_FIELDS if ours.get(k) != theirs.get(k)]
     if shape:  # other fields (RoPE bases, soft-caps, ...) may differ: that is for the numbers to show
         raise ConfigError(f"the reference {source} has another shape than this export ({', '.join(shape)}); "
                           "pass the checkpoint it was exported from with --reference")
     dtype = reference_dtype(ckpt.config, console)
-    with console.status(f"loading the reference {source} ({str(dtype).removeprefix('torch.')})"):
+    merged = "".join(f" + {a.folder.name}" for a in ckpt.adapters)
+    with console.status(f"loading the reference {source}{merged} ({str(dtype).removeprefix('torch.')})"):
         reference = (reference_from_model(load_model(ckpt, max_seq_len, dtype)) if ckpt.hf_dir is None
                      else load_reference(ckpt, dtype))
     prefill = min(args.prefill, max_seq_len // 2)
@@ -122,7 +139,37 @@ def _golden(args, folder: Path, manifest: dict, max_seq_len: int, console):
     steps = max(1, min(args.greedy, max_seq_len - prefill))
     ids = _text_ids(args, folder, manifest, prefill + decode + 1)
     with console.status(f"running the reference on {len(ids)} tokens"):
-        return golden_from_reference(reference, ids, prefill, steps)
+        return golden_from_reference(reference, ids, prefill, steps), reference
+
+
+def _recorded_adapter(entry: dict) -> str:
+    """The folder of an adapter the manifest records, where it was at export."""
+    path = Path(entry["path"])
+    if not path.is_dir():
+        raise ConfigError(f"the export merged the adapter {entry['name']} from {path}, which is not there now: "
+                          "pass its folder with --adapter")
+    return str(path)
+
+
+def _is_jsonl(path: str | None) -> bool:
+    return path is not None and Path(path).suffix in (".jsonl", ".json")
+
+
+def _examples(path: str, folder: Path, manifest: dict) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, response ids + <eos>) of each dolly record with a response: the prompt in the
+    instruction format, as generate --template instruction lays it out."""
+    from gemma_edge.runtime.generator import prompt_ids
+    from gemma_edge.runtime.templates import dolly_prompt, dolly_records
+    from gemma_edge.runtime.tokenizer import Tokenizer
+
+    special = manifest["special_tokens"]
+    tokenizer = Tokenizer(folder, special)
+    records = [r for r in dolly_records(path, "--prompts") if "instruction" in r and r.get("response")]
+    if not records:
+        raise ConfigError(f"--prompts {path}: no record has both an instruction and a response to score")
+    eos = special["eos_token_ids"][0]
+    return [(prompt_ids(tokenizer, dolly_prompt(r), "instruction"), tokenizer.encode(str(r["response"])) + [eos])
+            for r in records]
 
 
 def reference_dtype(config, console):
@@ -150,7 +197,11 @@ def _text_ids(args, folder: Path, manifest: dict, n: int) -> list[int]:
         return [special["bos_token_id"]] + [rng.randrange(manifest["config"]["vocab_size"]) for _ in range(n - 1)]
     from gemma_edge.runtime.tokenizer import Tokenizer
 
-    if args.prompts:
+    if _is_jsonl(args.prompts):
+        from gemma_edge.runtime.templates import dolly_records, dolly_text
+
+        text = "\n\n".join(dolly_text(r) for r in dolly_records(args.prompts, "--prompts"))
+    elif args.prompts:
         text = Path(args.prompts).read_text()
     else:
         import pydoc_data.topics
@@ -172,7 +223,8 @@ def _print(report, folder: Path, manifest: dict) -> None:
     export = manifest["export"]
     table_quant = export.get("embedding_quant") or "none"
     recipe = export["quant"] + ("" if table_quant in ("none", export["quant"]) else f", embedding {table_quant}")
-    table = Table(title=f"{folder}: {manifest['format']} {recipe} vs the reference")
+    adapters = "".join(f" + {a['name']}" for a in manifest.get("adapters") or [])
+    table = Table(title=f"{folder}: {manifest['format']} {recipe} vs the reference{adapters and ' (base' + adapters + ')'}")
     for col in ("check", "rows", "max |diff|", "mean |diff|", "top-1", "KL", "ppl (ref)", "result"):
         table.add_column(col, justify="left" if col in ("check", "result") else "right")
     for c in report.checks:
@@ -184,6 +236,11 @@ def _print(report, folder: Path, manifest: dict) -> None:
     if "ppl_ratio" in report.limits:
         table.add_row(f"perplexity, all {sum(c.rows for c in report.checks)} rows", "", "", "", "", "",
                       f"x{report.ppl_ratio:.3f}", ok if report.ppl_passed else bad)
+    if report.responses is not None:
+        r = report.responses
+        skipped = f", {r.skipped} too long" if r.skipped else ""
+        table.add_row(f"responses ({r.examples} examples{skipped})", str(r.tokens), "", "", "", "",
+                      f"{r.ppl:.2f} ({r.ppl_reference:.2f}) x{r.ppl_ratio:.3f}", "")
     if report.checksums_ok is not None:
         table.add_row("file checksums", "", "", "", "", "", "", ok if report.checksums_ok else bad)
     out = results()

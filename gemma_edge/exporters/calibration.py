@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import itertools
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ import torch.nn.functional as F
 
 from gemma_edge.checkpoints import Checkpoint, iter_weights, weight_shapes
 from gemma_edge.config import GemmaConfig
-from gemma_edge.errors import ConfigError
+from gemma_edge.errors import ConfigError, GemmaEdgeError
 from gemma_edge.exporters.gptq import cat_grids, factor, gptq
 from gemma_edge.exporters.streaming import release_freed_memory
 from gemma_edge.model import DecoderLayer, RMSNorm, rope_table, rotate_half_matrix
@@ -87,31 +86,18 @@ def default_text() -> str:
 
 def read_text(path: Path) -> str:
     """A calibration file's text: JSON lines ("text", or dolly's instruction / context / response,
-    joined as the instruction prompt format lays them out) or plain text."""
+    laid out in the instruction prompt format a fine-tune on them expects) or plain text."""
+    from gemma_edge.runtime.templates import dolly_records, dolly_text
+
+    if path.suffix in (".jsonl", ".json"):
+        try:
+            return "\n\n".join(dolly_text(r) for r in dolly_records(path, "--calibration"))
+        except GemmaEdgeError as e:
+            raise ConfigError(str(e)) from None
     try:
-        raw = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"--calibration {path}: cannot read it as UTF-8 text ({e})") from None
-    if path.suffix not in (".jsonl", ".json"):
-        return raw
-    texts = []
-    for number, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"--calibration {path}:{number}: not a JSON object ({e.msg}); give one object per line, "
-                              'with "text" or "instruction"/"context"/"response"') from None
-        if not isinstance(record, dict) or not ({"text", "instruction"} & record.keys()):
-            raise ConfigError(f'--calibration {path}:{number}: no "text" or "instruction" field')
-        if "text" in record:
-            texts.append(str(record["text"]))
-        else:
-            fields = [("Instruction", record.get("instruction")), ("Context", record.get("context")),
-                      ("Response", record.get("response"))]
-            texts.append("\n\n".join(f"### {k}:\n{v}" for k, v in fields if v))
-    return "\n\n".join(texts)
 
 
 def calibration(ckpt: Checkpoint, path: str | None, max_seq_len: int, tokens: int) -> Calibration:

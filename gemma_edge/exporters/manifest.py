@@ -74,6 +74,7 @@ def write_manifest(folder: Path, ckpt: Checkpoint, settings: ExportSettings, spe
         "export": settings.to_dict(),
         "max_seq_len": settings.max_seq_len,
         "special_tokens": special,
+        **({"adapters": [a.describe() for a in ckpt.adapters]} if ckpt.adapters else {}),
         **sections,
         "files": files,
     }

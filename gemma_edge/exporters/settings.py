@@ -53,6 +53,7 @@ class ExportSettings:
     recipe: str = "rtn"  # how int4 layers are rounded: RECIPES
     calibration: str | None = None  # the calibration text (--recipe gptq); None: calibration.default_text()
     calibration_tokens: int = 16384  # --recipe gptq: tokens of the text calibrated on (in chunks of up to 512)
+    template: str | None = None  # the prompt format the model expects (runtime/templates.py): generate's, chat's and the app's default
 
     def __post_init__(self) -> None:
         _one_of("format", self.format, FORMATS)
@@ -85,6 +86,10 @@ class ExportSettings:
         if self.recipe != "rtn" and "int4" not in (self.quant, self.embedding_quant):
             raise ConfigError(f"--recipe {self.recipe} calibrates 4-bit weights (--quant int4, --embedding-quant int4); "
                               f"with --quant {self.quant} --embedding-quant {self.embedding_quant} use --recipe rtn")
+        if self.template is not None:
+            from gemma_edge.runtime.templates import TEMPLATES
+
+            _one_of("template", self.template, tuple(TEMPLATES))
         if self.calibration_tokens < 2:
             raise ConfigError(f"--calibration-tokens must be at least 2, got {self.calibration_tokens}")
         if self.calibration is not None and self.recipe == "rtn":

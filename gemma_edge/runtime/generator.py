@@ -30,7 +30,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from gemma_edge.errors import ConcurrentUseError, GemmaEdgeError
-from gemma_edge.manifest import check_files, read_manifest
+from gemma_edge.manifest import check_files, prompt_template, read_manifest
 from gemma_edge.runtime.backend import Backend, open_backend
 from gemma_edge.runtime.generation import GenerationResult, check_prompt, tokens
 from gemma_edge.runtime.sampling import Sampler, SamplingConfig
@@ -108,12 +108,14 @@ class Generator:
         """The completion as it is generated, in pieces of whole characters."""
         return self._run(prompt_ids(self.tokenizer, prompt), max_new_tokens, **options)
 
-    def chat(self, messages: Messages, max_new_tokens: int = 256, template_name: str = "gemma", **options) -> str:
-        """The model's reply to a conversation (Gemma's turns by default; see templates.py)."""
+    def chat(self, messages: Messages, max_new_tokens: int = 256, template_name: str | None = None, **options) -> str:
+        """The model's reply to a conversation, in template_name's format (default: the one the export
+        was given, else Gemma's turns; see templates.py)."""
         return "".join(self.chat_stream(messages, max_new_tokens, template_name, **options))
 
-    def chat_stream(self, messages: Messages, max_new_tokens: int = 256, template_name: str = "gemma",
+    def chat_stream(self, messages: Messages, max_new_tokens: int = 256, template_name: str | None = None,
                     **options) -> Iterator[str]:
+        template_name = template_name or prompt_template(self.backend.manifest, "gemma")
         return self._run(prompt_ids(self.tokenizer, messages, template_name), max_new_tokens, **options)
 
     def _run(self, ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,

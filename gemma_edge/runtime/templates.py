@@ -49,6 +49,46 @@ def instruction_response(messages: Messages) -> list[str]:
     return segments
 
 
+def dolly_records(path, what: str) -> list[dict]:
+    """The records of a JSON lines file in the dolly layout: {"instruction", "context" (optional),
+    "response"} per line (a "text" field instead is passed through as it is). what: the flag that
+    named the file, for errors."""
+    import json
+    from pathlib import Path
+
+    try:
+        raw = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise GemmaEdgeError(f"{what} {path}: cannot read it as UTF-8 text ({e})") from None
+    records = []
+    for number, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise GemmaEdgeError(f"{what} {path}:{number}: not a JSON object ({e.msg}); give one object per line, "
+                                 'with "text" or "instruction"/"context"/"response"') from None
+        if not isinstance(record, dict) or not ({"text", "instruction"} & record.keys()):
+            raise GemmaEdgeError(f'{what} {path}:{number}: no "text" or "instruction" field')
+        records.append(record)
+    if not records:
+        raise GemmaEdgeError(f"{what} {path}: no records; give one JSON object per line")
+    return records
+
+
+def dolly_prompt(record: dict) -> Messages:
+    """A dolly record's instruction and context as the user message of the instruction format."""
+    return [{"role": "user", "content": str(record["instruction"]), "context": record.get("context") or None}]
+
+
+def dolly_text(record: dict) -> str:
+    """A record as training saw it: the instruction format's prompt followed by the response."""
+    if "instruction" not in record:
+        return str(record["text"])
+    return "".join(instruction_response(dolly_prompt(record))) + str(record.get("response") or "")
+
+
 def plain(messages: Messages) -> list[str]:
     """The messages' contents one after the other: for base (not instruction-tuned) models."""
     return [m["content"] for m in _checked(messages)]

@@ -30,6 +30,7 @@ public final class ExportManifest {
   public final String program;  // model.pte or model.onnx, relative to the folder
   public final String data;  // the program's weights file (model.ptd, model.onnx.data), or null: in the program
   public final String tokenizer;  // tokenizer.json, relative to the folder
+  public final String template;  // the prompt format given at export (a fine-tune's: "instruction"), or null
 
   private ExportManifest(File folder, JSONObject json) throws JSONException {
     this.folder = folder;
@@ -42,7 +43,9 @@ public final class ExportManifest {
     if (!format.equals("pte") && !format.equals("onnx")) {
       throw new IllegalArgumentException(folder + ": unknown export format " + format + "; valid: pte, onnx");
     }
-    quant = json.getJSONObject("export").getString("quant");
+    JSONObject export = json.getJSONObject("export");
+    quant = export.getString("quant");
+    template = export.isNull("template") ? null : export.getString("template");  // absent before adapters: null
     JSONObject config = json.getJSONObject("config");
     modelType = config.getString("model_type");
     vocabSize = config.getInt("vocab_size");
@@ -133,9 +136,10 @@ public final class ExportManifest {
     return new String(bytes.toByteArray(), StandardCharsets.UTF_8);
   }
 
-  /** The prompt format a chat with this model uses: Gemma's turns (every Gemma family). */
+  /** The prompt format a chat with this model uses: the one given at export (gemma-edge export
+   * --template, as generate and chat take it), else Gemma's turns (every Gemma family). */
   public PromptFormat defaultFormat() {
-    return new GemmaFormat();
+    return template == null ? new GemmaFormat() : PromptFormat.forName(template);
   }
 
   public String summary() {

@@ -44,6 +44,15 @@ public class ExportManifestTest {
   }
 
   @Test
+  public void aFineTunesPromptFormatIsTheDefault() throws Exception {
+    JSONObject json = new JSONObject(fixture("pte"));
+    json.getJSONObject("export").put("template", "instruction");  // gemma-edge export --adapter ... --template instruction
+    assertEquals("instruction", ExportManifest.parse(new File("/sdcard/model"), json.toString()).defaultFormat().name());
+    json.getJSONObject("export").put("template", JSONObject.NULL);  // exported without --template
+    assertEquals("gemma", ExportManifest.parse(new File("/sdcard/model"), json.toString()).defaultFormat().name());
+  }
+
+  @Test
   public void readChecksTheFolderHoldsTheFilesItNames() throws Exception {
     File folder = tmp.newFolder("export");
     IOException none = assertThrows(IOException.class, () -> ExportManifest.read(folder));
