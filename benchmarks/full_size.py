@@ -8,7 +8,7 @@ each: a benchmark, never a CI test.
     .venv/bin/python benchmarks/full_size.py MODEL [MODEL ...] [--formats onnx pte] [--quants int4 int8]
         [--kv-dtype float32] [--out /tmp/full-size] [--max-seq-len 1024] [--reuse]
         [--bench-quants int4] [--prompt-tokens 64] [--new-tokens 32] [--runs 2] [--threads 2]
-        [--json FILE] [--markdown FILE]
+        [--json FILE] [--markdown FILE] [--adapter DIR ...]
 
 MODEL is random:<variant> or a folder (benchmarks/sharded_checkpoint.py writes a sharded bf16
 one, as Google ships them). --reuse keeps exports already made in --out (their figures are kept in
@@ -33,10 +33,12 @@ TIME_TARGET_MIN = {"gemma-7b": {"onnx": 30, "pte": 60}, "gemma-2b": {"onnx": 10,
 TIME_TARGET_MIN.update({v: TIME_TARGET_MIN["gemma-2b"] for v in ("gemma-2-2b", "gemma-3-1b")})
 
 
-def run_export(model: str, fmt: str, quant: str, out: Path, max_seq_len: int, kv_dtype: str = "float32") -> dict:
+def run_export(model: str, fmt: str, quant: str, out: Path, max_seq_len: int, kv_dtype: str = "float32",
+               adapters: list[str] = ()) -> dict:
     """One export in a child process: its wall time, peak RSS and exit status."""
     argv = [sys.executable, "-m", "gemma_edge.cli", "export", model, "--format", fmt, "--quant", quant,
             "--max-seq-len", str(max_seq_len), "--kv-dtype", kv_dtype, "-o", str(out), "--overwrite", "--force"]
+    argv += [arg for adapter in adapters for arg in ("--adapter", adapter)]
     log = out.parent / f"{out.name}.log"
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -50,6 +52,7 @@ def run_export(model: str, fmt: str, quant: str, out: Path, max_seq_len: int, kv
     stages = [line for line in lines if line.startswith("✓")]
     ok = process.returncode == 0
     return {"model": model, "variant": variant_of(model), "format": fmt, "quant": quant, "kv_dtype": kv_dtype,
+            "adapters": [Path(a).name for a in adapters],
             "folder": str(out), "ok": ok, "seconds": seconds,
             "peak_bytes": usage.ru_maxrss * 1024, "expected": expected, "stages": stages,
             "files_bytes": sum(p.stat().st_size for p in out.iterdir()) if ok else 0,
@@ -100,7 +103,8 @@ def table_rows(rows: list[dict]) -> list[list[str]]:
         b = r.get("bench")
         run = ([f"{b['load_s']:.1f}", f"{b['prefill']:.1f}", f"{b['decode']:.2f}", f"{b['of_ceiling']:.0%}",
                 f"{b['rss'] / 2**20:,.0f}", f"{b['budget'] / 2**20:,.0f}"] if b else [""] * 6)
-        out.append([v, r["format"], r["quant"], f"{r['seconds'] / 60:.1f}" if r["ok"] else "failed",
+        adapters = "".join(f" + {a}" for a in r.get("adapters") or [])
+        out.append([v + adapters, r["format"], r["quant"], f"{r['seconds'] / 60:.1f}" if r["ok"] else "failed",
                     str(TIME_TARGET_MIN.get(v, {}).get(r["format"], "")), f"{r['peak_bytes'] / GIB:.2f}",
                     f"{peak_target:g}" if peak_target else "", f"{expected_gib(r):.1f}",
                     f"{r['files_bytes'] / 2**20:,.0f}", *run])
@@ -138,6 +142,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
     parser.add_argument("--markdown", type=Path, help="also write the table as Markdown (for the README)")
+    parser.add_argument("--adapter", action="append", default=[], metavar="DIR",
+                        help="merge these LoRA adapters into every export (benchmarks/random_adapter.py writes one of a "
+                             "variant's full shapes)")
     parser.add_argument("--table", action="store_true",
                         help="export and bench nothing: the table of the runs recorded in --out (OUT/*.json), for MODELs")
     args = parser.parse_args()
@@ -152,13 +159,14 @@ def main() -> None:
         for fmt in args.formats:
             for quant in args.quants:
                 name = f"{Path(model.replace('random:', 'random-')).name}-{fmt}-{quant}" + (
-                    "" if args.kv_dtype == "float32" else f"-kv{args.kv_dtype}")
+                    "" if args.kv_dtype == "float32" else f"-kv{args.kv_dtype}") + "".join(f"-{Path(a).name}" for a in args.adapter)
                 out, record = args.out / name, args.out / f"{name}.json"
                 if args.reuse and record.is_file() and (out / "gemma_edge.json").is_file():
                     rows.append(json.loads(record.read_text()))
                     continue
                 console.print(f"exporting {model} as {fmt} {quant} -> {out} ...")
-                row = {**run_export(model, fmt, quant, out, args.max_seq_len, args.kv_dtype), "max_seq_len": args.max_seq_len}
+                row = {**run_export(model, fmt, quant, out, args.max_seq_len, args.kv_dtype, args.adapter),
+                       "max_seq_len": args.max_seq_len}
                 record.write_text(json.dumps(row, indent=2) + "\n")
                 rows.append(row)
                 console.print(f"  {'done' if row['ok'] else 'FAILED'} in {row['seconds'] / 60:.1f} min, "

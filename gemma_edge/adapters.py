@@ -50,6 +50,9 @@ VARIANTS = {
     "monteclora_config": "MonteCLoRA",
     "arrow_config": "Arrow routing between adapters",
 }
+# Initializations that also rewrite the base's weights (the principal components of W moved into the
+# adapter, or W replaced by its quantization residual): merged into the original base they are wrong.
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
 # Where a LoRA pair for module M is stored, and what its delta is: lora_A/lora_B for linear layers
 # (B @ A: [out, in]); lora_embedding_A/B for an embedding ((B @ A).T: [vocab, hidden]).
 _PAIR = re.compile(r"(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight|(?P<emodule>.+)\.(?P<epart>lora_embedding_A|lora_embedding_B)")
@@ -121,7 +124,7 @@ def read_adapter(folder: str | Path, base: GemmaConfig) -> Adapter:
     """An adapter folder, checked against the base it is to be merged into (the config of the
     checkpoint it was trained on): every tensor must be a LoRA pair of a module the base has, of
     that module's shape, or a whole module_to_save of its shape."""
-    from gemma_edge.checkpoints import _canonical, weight_names, weight_shapes
+    from gemma_edge.checkpoints import _IGNORED, _canonical, weight_names, weight_shapes
     from gemma_edge.files import sha256_file
 
     folder = Path(folder).expanduser()
@@ -151,11 +154,15 @@ def read_adapter(folder: str | Path, base: GemmaConfig) -> Adapter:
     pairs: dict[str, dict[str, str]] = {}
     saved: dict[str, str] = {}
     in_place: dict[str, str] = {}
+    original: dict[str, str] = {}  # module -> its name in the adapter (PEFT's rank/alpha patterns match that one)
     for key, shape in tensors.items():
         name = _canonical(key.removeprefix("base_model.model."))
+        if _IGNORED.match(name):
+            continue  # a multimodal Gemma 3's vision tower: not part of the text model exported
         match = _PAIR.fullmatch(name)
         if match:
             module = match["module"] or match["emodule"]
+            original[module] = re.sub(r"\.(lora_[AB]\.weight|lora_embedding_[AB])$", "", key.removeprefix("base_model.model."))
             part = (match["part"] or match["epart"]).removeprefix("lora_embedding_").removeprefix("lora_")
             if module not in modules:
                 raise AdapterError(f"{weights}: {key} adapts {module}, which the base ({base.model_type}, "
@@ -181,8 +188,8 @@ def read_adapter(folder: str | Path, base: GemmaConfig) -> Adapter:
             raise AdapterError(f"{weights}: {module} has lora_{'A' if 'A' not in parts else 'B'} missing; "
                                "the file is incomplete: save the adapter again")
         a, b = tensors[parts["A"]], tensors[parts["B"]]
-        module_r = rank_pattern.get(_pattern_key(rank_pattern, module), r)
-        module_alpha = alpha_pattern.get(_pattern_key(alpha_pattern, module), alpha)
+        module_r = rank_pattern.get(_pattern_key(rank_pattern, original[module]), r)
+        module_alpha = alpha_pattern.get(_pattern_key(alpha_pattern, original[module]), alpha)
         out, cols = shapes[ours]
         want_a, want_b = ([module_r, out], [cols, module_r]) if parts["embedding"] else ([module_r, cols], [out, module_r])
         if list(a) != want_a or list(b) != want_b:
@@ -221,6 +228,12 @@ def _read_config(folder: Path) -> dict:
     if kind != "LORA":
         raise AdapterError(f"{path}: a {raw.get('peft_type') or 'untyped'} adapter; gemma-edge merges LoRA adapters "
                            "(peft_type LORA, as trained by PEFT, unsloth or TRL), not other adapter types")
+    init = raw.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
+        raise AdapterError(f"{path}: init_lora_weights {init!r} changes the base's weights as well as the adapter's, so "
+                           "this adapter does not belong to the base you point at; save it converted to a plain LoRA "
+                           "(PEFT's save_pretrained(..., path_initial_model_for_weight_conversion=...)) or merge it with "
+                           "PEFT and export the merged folder")
     for option, what in VARIANTS.items():
         if raw.get(option):
             raise AdapterError(f"{path}: {option} is set: {what} is not merged by gemma-edge (it is not "

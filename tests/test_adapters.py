@@ -269,6 +269,7 @@ def _adapter_copy(fine_tunes, tmp_path, name="tiny-gemma", **config) -> Path:
 @pytest.mark.parametrize("change, message", [
     (dict(use_dora=True), r"use_dora is set: DoRA"),
     (dict(peft_type="LOHA"), r"a LOHA adapter; gemma-edge merges LoRA adapters"),
+    (dict(init_lora_weights="pissa"), r"init_lora_weights 'pissa' changes the base's weights"),
     (dict(target_modules=["c_attn", "q_proj"]), r"target_modules c_attn do not exist in this Gemma"),
     (dict(r=4), r"at rank 4 needs A \[4, \d+\] and B \[\d+, 4\]"),
 ])
