@@ -3,8 +3,10 @@ examples, exported with gemma-edge (base + adapter), and verified on held-out ex
 much the fine-tune moved the model on examples it never saw (the responses' perplexity under the
 base and under base + adapter) and how much of that each export keeps.
 
-    .venv/bin/python benchmarks/fine_tune.py [--out /tmp/fine-tune] [--recipes onnx:int8 onnx:int4 pte:int8]
-        [--epochs 3] [--rank 16]
+    .venv/bin/python benchmarks/fine_tune.py [--out /tmp/fine-tune] [--recipes onnx:int8 onnx:int8:int4 ...]
+        [--epochs 2] [--rank 16] [--lr 1e-4]
+
+A recipe is FORMAT:QUANT[:EMBEDDING_QUANT][:gptq] (gptq: --recipe gptq on its default calibration text).
 
 The examples are written from Python's own standard library (nothing downloaded): "Describe the
 Python function M.F." -> the first sentence of its docstring, in the dolly layout
@@ -49,7 +51,7 @@ def examples(modules: list[str], per_module: int = 6) -> list[dict]:
     return out
 
 
-def train(base: Path, records: list[dict], out: Path, epochs: int, rank: int) -> Path:
+def train(base: Path, records: list[dict], out: Path, epochs: int, rank: int, lr: float) -> Path:
     """A LoRA on every projection, trained on the responses (the prompt is not scored)."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -61,7 +63,7 @@ def train(base: Path, records: list[dict], out: Path, epochs: int, rank: int) ->
     peft = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=[
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     trained = [p for p in peft.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trained, lr=2e-4)
+    optimizer = torch.optim.AdamW(trained, lr=lr)
     for epoch in range(epochs):
         total = 0.0
         for prompt, response in encoded(tokenizer, records):
@@ -104,9 +106,12 @@ def cli(*args: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("/tmp/fine-tune"))
-    parser.add_argument("--recipes", nargs="+", default=["onnx:int8", "onnx:int4", "pte:int8"], help="format:quant")
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--recipes", nargs="*", default=["onnx:int8", "onnx:int8:int4", "onnx:int4", "onnx:int4:int4:gptq",
+                                                         "pte:int8"],
+                        help="FORMAT:QUANT[:EMBEDDING_QUANT][:gptq] (default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-4)
     args = parser.parse_args()
 
     from peft import PeftModel
@@ -115,6 +120,7 @@ def main() -> None:
 
     from gemma_edge.checkpoints import resolve
     from gemma_edge.commands import ui
+    from gemma_edge.manifest import program_files, read_manifest
 
     base = resolve("gemma-3-270m").hf_dir
     train_records, eval_records = examples(TRAIN_MODULES), examples(EVAL_MODULES)
@@ -124,7 +130,7 @@ def main() -> None:
     print(f"training a rank-{args.rank} LoRA on {len(train_records)} examples ({', '.join(TRAIN_MODULES)}), "
           f"{args.epochs} epochs; held out: {len(eval_records)} ({', '.join(EVAL_MODULES)})", flush=True)
     start = time.perf_counter()
-    adapter = train(base, train_records, args.out / "lora", args.epochs, args.rank)
+    adapter = train(base, train_records, args.out / "lora", args.epochs, args.rank, args.lr)
     train_s = time.perf_counter() - start
     tokenizer = AutoTokenizer.from_pretrained(base)
     plain = AutoModelForCausalLM.from_pretrained(base, attn_implementation="eager").eval()
@@ -134,22 +140,25 @@ def main() -> None:
 
     table = Table(title=f"Gemma 3 270M + LoRA r{args.rank} (trained {train_s / 60:.1f} min): held-out responses' "
                         f"perplexity {before:.2f} (base) -> {after:.2f} (fine-tuned, PEFT)")
-    for col in ("export", "MiB", "export time", "verify", "text ppl ratio", "responses ppl (reference)", "ratio"):
+    for col in ("export", "model MiB", "export time", "verify", "text ppl ratio", "responses ppl (reference)", "ratio"):
         table.add_column(col)
     for recipe in args.recipes:
-        fmt, quant = recipe.split(":")
-        folder = args.out / f"{fmt}-{quant}"
+        fmt, quant, *rest = recipe.split(":")
+        flags = (["--embedding-quant", rest[0]] if rest and rest[0] != "gptq" else []) + (
+            ["--recipe", "gptq"] if "gptq" in rest else [])
+        folder = args.out / recipe.replace(":", "-")
         start = time.perf_counter()
         cli("export", "gemma-3-270m", "--adapter", str(adapter), "--template", "instruction", "--format", fmt,
-            "--quant", quant, "-o", str(folder), "--overwrite")
+            "--quant", quant, *flags, "-o", str(folder), "--overwrite")
         seconds = time.perf_counter() - start
-        report = args.out / f"{fmt}-{quant}.json"
+        report = folder.with_suffix(".json")
         subprocess.run([sys.executable, "-m", "gemma_edge.cli", "verify", str(folder), "--prompts", str(held_out),
                         "--json", str(report)], stdout=subprocess.DEVNULL)
         data = json.loads(report.read_text())
         r = data["responses"]
-        size = sum(p.stat().st_size for p in folder.iterdir()) / 2**20
-        table.add_row(f"{fmt} {quant}", f"{size:,.0f}", f"{seconds / 60:.1f} min", "pass" if data["passed"] else "FAIL",
+        manifest = read_manifest(folder)
+        size = sum(manifest["files"][f]["bytes"] for f in program_files(manifest)) / 2**20  # the model's files
+        table.add_row(" ".join([fmt, quant, *rest]), f"{size:,.0f}", f"{seconds / 60:.1f} min", "pass" if data["passed"] else "FAIL",
                       f"x{data['ppl_ratio']:.3f}", f"{r['ppl']:.2f} ({r['ppl_reference']:.2f})", f"x{r['ppl_ratio']:.3f}")
     ui.results().print(table)
 

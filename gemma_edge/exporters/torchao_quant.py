@@ -28,6 +28,8 @@ A linear whose input width is not a multiple of the group size keeps 8-bit per-c
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 from torch import nn
 
@@ -155,19 +157,21 @@ def quantize_rows(module: nn.Module, weight: torch.Tensor, config, elements: int
     of the same kind."""
     from torchao.quantization import quantize_
 
-    parts = []
-    for block in weight.split(block_rows(weight, elements)):
-        block = block.float()  # a checkpoint's bf16 rows, in float32 one block at a time
-        holder = (nn.Embedding(*block.shape, device="meta") if isinstance(module, nn.Embedding)
-                  else nn.Linear(block.shape[1], block.shape[0], bias=False, device="meta"))
-        holder.weight = nn.Parameter(block, requires_grad=False)
-        quantize_(holder, config, filter_fn=lambda m, fqn: m is holder)
-        parts.append(holder.weight.detach())
-        # quantize_ leaves the holder in a reference cycle (it binds extra_repr to it), which only
-        # the garbage collector frees, whenever it next runs: without this, the holders' blocks
-        # outlived the join (about half the quantized model again, measured at Gemma 2B's width).
-        holder.weight = None
-    module.weight = nn.Parameter(joined(parts), requires_grad=False)
+    def blocks():
+        for block in weight.split(block_rows(weight, elements)):
+            block = block.float()  # a checkpoint's bf16 rows, in float32 one block at a time
+            holder = (nn.Embedding(*block.shape, device="meta") if isinstance(module, nn.Embedding)
+                      else nn.Linear(block.shape[1], block.shape[0], bias=False, device="meta"))
+            holder.weight = nn.Parameter(block, requires_grad=False)
+            quantize_(holder, config, filter_fn=lambda m, fqn: m is holder)
+            part = holder.weight.detach()
+            # quantize_ leaves the holder in a reference cycle (it binds extra_repr to it), which only
+            # the garbage collector frees, whenever it next runs: without this, the holders' blocks
+            # outlived the join (about half the quantized model again, measured at Gemma 2B's width).
+            holder.weight = None
+            yield part
+
+    module.weight = nn.Parameter(joined(blocks(), weight.shape[0]), requires_grad=False)
 
 
 def quantize_with_offsets(module: OffsetLinear | OffsetEmbedding, weight: torch.Tensor, config, offsets_config,
@@ -187,22 +191,22 @@ def quantize_with_offsets(module: OffsetLinear | OffsetEmbedding, weight: torch.
         grid = offset_grid(weight, group, clips, config, offsets_config, elements)
     quantize_rows(module.offsets, grid.raw_offset, offsets_config)
     added = module.offsets.weight.dequantize().split(rows)  # the offsets the device adds, [rows, groups]
-    parts = []
-    for block, scale, offset in zip(weight.split(rows), grid.scale.split(rows), added):
-        rest = block.float() - offset.repeat_interleave(group, dim=1)
-        # torchao rounds by rest * (1 / scale), the reciprocal in the scale's dtype, as it does when it
-        # converts a scale to bfloat16 (_adjust_scale_dtype_in_intx_unpacked_tensor).
-        parts.append(IntxUnpackedToInt8Tensor.from_hp(
-            rest, (1, group), config.weight_dtype, intx_choose_qparams_algorithm=None,
-            activation_quantization="int8_asym_per_token" if dynamic else None,
-            custom_scale=scale, custom_zero_point=torch.zeros_like(scale, dtype=torch.int8)))
-    if isinstance(module, OffsetEmbedding):
-        # A table's rows come out in its scales' dtype (OffsetEmbedding then adds the float32
-        # offsets): the embedding kernel ExecuTorch's quant fusion picks for a float32 output
-        # (embedding_4bit.out) reads its scales as float32, and bf16 ones came out as 1e30; with
-        # a bf16 output it reads them as they are.
-        parts = [with_attributes(part, dtype=scale_dtype) for part in parts]
-    module.weight = nn.Parameter(joined(parts), requires_grad=False)
+    def blocks():
+        for block, scale, offset in zip(weight.split(rows), grid.scale.split(rows), added):
+            rest = block.float() - offset.repeat_interleave(group, dim=1)
+            # torchao rounds by rest * (1 / scale), the reciprocal in the scale's dtype, as it does when it
+            # converts a scale to bfloat16 (_adjust_scale_dtype_in_intx_unpacked_tensor).
+            part = IntxUnpackedToInt8Tensor.from_hp(
+                rest, (1, group), config.weight_dtype, intx_choose_qparams_algorithm=None,
+                activation_quantization="int8_asym_per_token" if dynamic else None,
+                custom_scale=scale, custom_zero_point=torch.zeros_like(scale, dtype=torch.int8))
+            # A table's rows come out in its scales' dtype (OffsetEmbedding then adds the float32
+            # offsets): the embedding kernel ExecuTorch's quant fusion picks for a float32 output
+            # (embedding_4bit.out) reads its scales as float32, and bf16 ones came out as 1e30; with
+            # a bf16 output it reads them as they are.
+            yield with_attributes(part, dtype=scale_dtype) if isinstance(module, OffsetEmbedding) else part
+
+    module.weight = nn.Parameter(joined(blocks(), weight.shape[0]), requires_grad=False)
     if isinstance(module, OffsetLinear):
         module.sums = group_sums_matrix(module.in_features, group)
 
@@ -259,11 +263,20 @@ def block_rows(weight: torch.Tensor, elements: int) -> int:
     return max(1, elements // weight.shape[1])
 
 
-def joined(parts: list[torch.Tensor]) -> torch.Tensor:
-    """Blocks of rows of one torchao quantized tensor kind, as one tensor of that kind."""
-    first = parts[0]
-    if len(parts) == 1:
-        return first
-    kind = type(first)
-    data = [torch.cat([getattr(p, name) for p in parts]) for name in kind.tensor_data_names]
-    return kind(*data, *[getattr(first, name) for name in kind.tensor_attribute_names])
+def joined(blocks: Iterable[torch.Tensor], rows: int) -> torch.Tensor:
+    """Blocks of rows of one torchao quantized tensor kind, as one tensor of that kind of `rows`
+    rows: each block is copied into the result's storage as it comes, then dropped, so the whole is
+    never held twice (Gemma 7B's int4 table: 0.75 GB of int8 values, beside its float32 source)."""
+    data, done = None, 0
+    for block in blocks:
+        if data is None:
+            kind = type(block)
+            attributes = [getattr(block, name) for name in kind.tensor_attribute_names]
+            data = [torch.empty((rows, *getattr(block, name).shape[1:]), dtype=getattr(block, name).dtype)
+                    for name in kind.tensor_data_names]
+        n = block.qdata.shape[0]
+        for out, name in zip(data, kind.tensor_data_names):
+            out[done:done + n] = getattr(block, name)
+        done += n
+    assert done == rows, f"joined {done} rows of {rows}"
+    return kind(*data, *attributes)
