@@ -145,7 +145,8 @@ def test_stacked_adapters_merge_in_order(fine_tunes, tmp_path):
          alpha_pattern={"layers.0.self_attn.q_proj": 32}),
     dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"], ensure_weight_tying=True),  # one table, kept tied
     dict(target_modules=["q_proj"], modules_to_save=["lm_head"]),  # the head trained: untied
-], ids=["embedding-lora", "rank-alpha-patterns", "tied-modules-to-save", "head-saved"])
+    dict(target_modules=["o_proj"], fan_in_fan_out=True),  # for nn.Linear PEFT sets it back to False, and so do we
+], ids=["embedding-lora", "rank-alpha-patterns", "tied-modules-to-save", "head-saved", "fan-in-fan-out"])
 def test_other_lora_layouts_merge_as_peft_does(tiny_checkpoints, tmp_path, case):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -158,6 +159,9 @@ def test_other_lora_layouts_merge_as_peft_does(tiny_checkpoints, tmp_path, case)
             if p.requires_grad:
                 p.normal_(0.0, 0.05)
     peft.save_pretrained(tmp_path / "adapter")
+    if case.get("fan_in_fan_out"):  # PEFT saved it as False already; as a GPT-2-minded config would have it
+        config = tmp_path / "adapter" / "adapter_config.json"
+        config.write_text(json.dumps({**json.loads(config.read_text()), "fan_in_fan_out": True}))
     ckpt = resolve(base, [tmp_path / "adapter"])
     theirs = peft_merged(base, tmp_path / "adapter").state_dict()
     ours = _ours(ckpt)
@@ -218,6 +222,20 @@ def test_an_exported_fine_tune_computes_what_peft_does(fine_tunes, adapter_expor
         got = gen.chat([{"role": "user", "content": record["instruction"], "context": record["context"] or None}],
                        max_new_tokens=8)
         assert gen.last.token_ids == want[:len(gen.last.token_ids)] and got.startswith(record["response"]), (got, record)
+
+
+def test_the_command_line_takes_the_adapter_and_the_fine_tunes_format(fine_tunes, adapter_export, capsys):
+    """check --adapter compares the merged model with transformers; generate answers in the prompt
+    format the export recorded, without being told."""
+    from gemma_edge.cli import main
+
+    base, adapter = fine_tunes["tiny-gemma"]
+    prompt = "Instruction:\nSay hello.\n\nResponse:\n"  # where the fine-tune is sure: no near-tie for greedy to flip on
+    assert main(["check", str(base), "--adapter", str(adapter), "--max-seq-len", "64", "--new-tokens", "4",
+                 "--prompt", prompt]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(adapter_export("tiny-gemma", "onnx", "fp32")), DOLLY[1]["instruction"], "--json", "-n", "6"]) == 0
+    assert json.loads(capsys.readouterr().out)["text"].startswith(DOLLY[1]["response"])
 
 
 def test_verify_compares_an_adapter_export_with_base_plus_adapter(fine_tunes, adapter_export, tmp_path):
