@@ -155,7 +155,7 @@ def read_adapter(folder: str | Path, base: GemmaConfig) -> Adapter:
     saved: dict[str, str] = {}
     in_place: dict[str, str] = {}
     original: dict[str, str] = {}  # module -> its name in the adapter (PEFT's rank/alpha patterns match that one)
-    for key, shape in tensors.items():
+    for key in tensors:
         name = _canonical(key.removeprefix("base_model.model."))
         if _IGNORED.match(name):
             continue  # a multimodal Gemma 3's vision tower: not part of the text model exported

@@ -49,17 +49,21 @@ def hf_config_for(config: GemmaConfig) -> Any:
     return cls(**kw)
 
 
+def carries_our_weights(ckpt: Checkpoint) -> bool:
+    """Whether ckpt's reference is transformers' model carrying the weights iter_weights yields (random
+    ones, or with adapters merged: as PEFT's merge_and_unload() does, tests/test_adapters.py) rather
+    than the one transformers loads from the folder itself."""
+    return ckpt.hf_dir is None or bool(ckpt.adapters)
+
+
 def load_reference(source: str | Checkpoint, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """transformers' CausalLM for a Hugging Face folder or GGUF source, in eval mode, eager attention.
-    With adapters: transformers' model carrying the merged weights (checkpoints.iter_weights merges
-    them as PEFT's merge_and_unload() does: tests/test_adapters.py)."""
+    """transformers' CausalLM for a source, in eval mode, eager attention: loaded by transformers from
+    a Hugging Face folder or GGUF source, else carrying our weights (carries_our_weights)."""
     from transformers import AutoModelForCausalLM
 
     ckpt = source if isinstance(source, Checkpoint) else resolve(source)
-    if ckpt.adapters:
+    if carries_our_weights(ckpt):
         return reference_from_model(load_model(ckpt, 1, dtype))  # a one-position cache: only the weights are used
-    if ckpt.hf_dir is None:
-        raise ValueError(f"{ckpt.source} has no checkpoint on disk; use reference_from_model()")
     model = AutoModelForCausalLM.from_pretrained(ckpt.hf_dir, dtype=dtype, attn_implementation="eager")
     return model.eval()
 
@@ -84,4 +88,4 @@ def reference_from_model(model: Gemma) -> torch.nn.Module:
     return ref.eval()
 
 
-__all__ = ["hf_config_for", "load_reference", "reference_from_model"]
+__all__ = ["hf_config_for", "carries_our_weights", "load_reference", "reference_from_model"]

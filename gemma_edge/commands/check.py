@@ -14,7 +14,7 @@ def run(args: argparse.Namespace) -> int:
 
     from gemma_edge.checkpoints import load_model, resolve
     from gemma_edge.parity import check_against_reference
-    from gemma_edge.reference import load_reference, reference_from_model
+    from gemma_edge.reference import carries_our_weights, load_reference, reference_from_model
     from gemma_edge.commands.ui import progress, results, write_json
     from gemma_edge.runtime.eager import EagerBackend
 
@@ -26,8 +26,7 @@ def run(args: argparse.Namespace) -> int:
     with console.status("Loading gemma-edge's model"):
         model = load_model(ckpt, args.max_seq_len)
     with console.status("Loading transformers' reference"):
-        # transformers' Gemma on our weights where they are not a plain folder (random, or adapters merged)
-        reference = reference_from_model(model) if ckpt.hf_dir is None or ckpt.adapters else load_reference(ckpt)
+        reference = reference_from_model(model) if carries_our_weights(ckpt) else load_reference(ckpt)
     tokenizer = _tokenizer(ckpt.tokenizer_files)
     if tokenizer is not None:
         prompt = tokenizer.encode(args.prompt).ids

@@ -111,8 +111,8 @@ def _arm64_python(args, folder: Path, manifest: dict, checksums: list[str] | Non
 
 def _golden(args, folder: Path, manifest: dict, max_seq_len: int, console):
     """The reference's side of the checks, and the reference (with the export's adapters merged)."""
-    from gemma_edge.checkpoints import load_model, resolve
-    from gemma_edge.reference import load_reference, reference_from_model
+    from gemma_edge.checkpoints import resolve
+    from gemma_edge.reference import load_reference
     from gemma_edge.verify import golden_from_reference
 
     source = args.reference or manifest["source"]
@@ -132,8 +132,7 @@ def _golden(args, folder: Path, manifest: dict, max_seq_len: int, console):
     dtype = reference_dtype(ckpt.config, console)
     merged = "".join(f" + {a.folder.name}" for a in ckpt.adapters)
     with console.status(f"loading the reference {source}{merged} ({str(dtype).removeprefix('torch.')})"):
-        reference = (reference_from_model(load_model(ckpt, max_seq_len, dtype)) if ckpt.hf_dir is None
-                     else load_reference(ckpt, dtype))
+        reference = load_reference(ckpt, dtype)
     prefill = min(args.prefill, max_seq_len // 2)
     decode = max(0, min(args.decode, max_seq_len - prefill - 1))
     steps = max(1, min(args.greedy, max_seq_len - prefill))
