@@ -20,7 +20,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -51,7 +51,8 @@ class ExportBench:
         return (max(values) - min(values)) / max(statistics.median(values), 1e-12)
 
     def as_dict(self) -> dict:
-        return {**asdict(self), **{f"median_{k}": self.median(k) for k in ("ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s")}}
+        keys = ("ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s")
+        return {**asdict(self), **{f"median_{k}": self.median(k) for k in keys}, **{f"spread_{k}": self.spread(k) for k in keys}}
 
 
 def weights_read_per_token(manifest: dict) -> int:
@@ -94,25 +95,53 @@ def _peak_rss() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def serve(conn, load: Callable[[], object], run: Callable[[object, list[int], int], dict]) -> None:
+    """The protocol of a measured process: load() once and report its time, then answer each request
+    (prompt ids, new tokens) with run(loaded, prompt, new_tokens) (a Stats.as_dict()) and the peak
+    resident memory so far, until None. Errors are sent back, to be said as one line by the parent.
+    Anything measured beside our exports (benchmarks/peers.py: llama.cpp, ONNX Runtime GenAI) serves
+    the same way."""
+    try:
+        start = time.perf_counter()
+        loaded = load()
+        conn.send({"load_s": time.perf_counter() - start})
+        while (request := conn.recv()) is not None:
+            prompt, new_tokens = request
+            conn.send({"stats": run(loaded, prompt, new_tokens), "peak_rss_bytes": _peak_rss()})
+    except Exception as e:
+        conn.send({"error": f"{type(e).__name__}: {e}"})
+
+
 def _worker(folder: str, threads: int | None, conn) -> None:
-    """One export in its own process: load, report, then one run per request until None."""
+    """One export in its own process (the runtime's log lines kept out of the parent's terminal)."""
     import contextlib
     import io
 
     from gemma_edge.runtime.backend import open_backend
     from gemma_edge.runtime.generation import greedy
 
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            start = time.perf_counter()
-            backend = open_backend(folder, threads=threads)
-            conn.send({"load_s": time.perf_counter() - start})
-        while (request := conn.recv()) is not None:
-            prompt, new_tokens = request
-            result = greedy(backend, prompt, new_tokens)
-            conn.send({"stats": result.stats.as_dict(), "peak_rss_bytes": _peak_rss()})
-    except Exception as e:  # sent back, to be said as one line by the parent
-        conn.send({"error": f"{type(e).__name__}: {e}"})
+    with contextlib.redirect_stderr(io.StringIO()):
+        serve(conn, lambda: open_backend(folder, threads=threads),
+              lambda backend, prompt, new_tokens: greedy(backend, prompt, new_tokens).stats.as_dict())
+
+
+@dataclass
+class Subject:
+    """One thing to measure: its result row, its vocabulary (for the prompt) and context, and the
+    function run in its own process as worker(source, threads, conn), which serve()s."""
+    result: ExportBench
+    vocab_size: int
+    max_tokens: int
+    worker: Callable = _worker
+    source: str = ""
+
+
+def export_subject(folder: Path) -> Subject:
+    """Our export folder, as bench measures it."""
+    m = read_manifest(folder)
+    result = ExportBench(str(folder), m["format"], f"{m['export']['quant']}/{m['export']['embedding_quant']}",
+                         sum(f["bytes"] for f in m["files"].values()), cache_bytes(m), weights_read_per_token(m))
+    return Subject(result, int(m["config"]["vocab_size"]), int(m["max_seq_len"]), _worker, str(folder))
 
 
 def bench_prompt(vocab_size: int, n: int) -> list[int]:
@@ -121,43 +150,41 @@ def bench_prompt(vocab_size: int, n: int) -> list[int]:
 
 
 def bench(folders: list[Path], prompt_tokens: int = 128, new_tokens: int = 128, threads: int | None = None,
-          runs: int = 5, progress: Callable[[str], None] = lambda message: None) -> tuple[list[ExportBench], float]:
-    """Measure every export (see the module's docstring); returns them and the bandwidth in bytes/s."""
+          runs: int = 5, progress: Callable[[str], None] = lambda message: None,
+          others: Sequence[Subject] = ()) -> tuple[list[ExportBench], float]:
+    """Measure every export, then `others` (see the module's docstring); returns their results in that
+    order and the bandwidth in bytes/s."""
     if runs < 1 or prompt_tokens < 1 or new_tokens < 2:
         raise GemmaEdgeError("--runs and --prompt-tokens must be at least 1, --new-tokens at least 2 (decode speed)")
-    exports = []
-    for folder in folders:
-        m = read_manifest(folder)
-        if prompt_tokens + new_tokens > int(m["max_seq_len"]):
-            raise GemmaEdgeError(f"{folder}: --prompt-tokens + --new-tokens ({prompt_tokens + new_tokens}) exceed its "
-                                 f"max_seq_len {m['max_seq_len']}")
-        exports.append((m, ExportBench(str(folder), m["format"], f"{m['export']['quant']}/{m['export']['embedding_quant']}",
-                                       sum(f["bytes"] for f in m["files"].values()), cache_bytes(m),
-                                       weights_read_per_token(m))))
+    subjects = [export_subject(folder) for folder in folders] + list(others)
+    for s in subjects:
+        if prompt_tokens + new_tokens > s.max_tokens:
+            raise GemmaEdgeError(f"{s.result.folder}: --prompt-tokens + --new-tokens ({prompt_tokens + new_tokens}) exceed its "
+                                 f"max_seq_len {s.max_tokens}")
     context = multiprocessing.get_context("spawn")  # a clean process: nothing of this one's memory
     workers = []
     try:
-        for m, result in exports:
-            progress(f"loading {result.folder}")
+        for s in subjects:
+            progress(f"loading {s.result.folder}")
             parent, child = context.Pipe()
-            process = context.Process(target=_worker, args=(result.folder, threads, child), daemon=True)
+            process = context.Process(target=s.worker, args=(s.source, threads, child), daemon=True)
             process.start()
             workers.append((parent, process))
-            result.load_s = _answer(parent, result.folder)["load_s"]
+            s.result.load_s = _answer(parent, s.result.folder)["load_s"]
         for run in range(runs + 1):  # run 0 warms up
-            for (m, result), (conn, _) in zip(exports, workers):
-                progress(f"run {run}/{runs} ({'warm-up' if run == 0 else 'measured'}): {result.folder}")
-                conn.send((bench_prompt(m["config"]["vocab_size"], prompt_tokens), new_tokens))
-                answer = _answer(conn, result.folder)
-                result.peak_rss_bytes = answer["peak_rss_bytes"]
+            for s, (conn, _) in zip(subjects, workers):
+                progress(f"run {run}/{runs} ({'warm-up' if run == 0 else 'measured'}): {s.result.folder}")
+                conn.send((bench_prompt(s.vocab_size, prompt_tokens), new_tokens))
+                answer = _answer(conn, s.result.folder)
+                s.result.peak_rss_bytes = answer["peak_rss_bytes"]
                 if run:
-                    result.runs.append({**answer["stats"], "finished_at": time.time()})
+                    s.result.runs.append({**answer["stats"], "finished_at": time.time()})
     finally:
         for conn, process in workers:
             _close(conn, process)
     progress("measuring the memory read bandwidth")
     bandwidth = memory_bandwidth(threads or len(os.sched_getaffinity(0)))
-    return [r for _, r in exports], bandwidth
+    return [s.result for s in subjects], bandwidth
 
 
 def _answer(conn, folder: str) -> dict:

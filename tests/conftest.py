@@ -139,3 +139,17 @@ def tiny_exports(tiny_with_tokenizers):
                              ExportSettings(format=fmt, quant=quant, max_seq_len=TINY_MAX_SEQ_LEN, **settings))
 
     return export
+
+
+# What gemma-edge itself writes to stderr, line by line (results go to stdout): a stage done, the
+# memory an export expects, generate's statistics, an error. Anything else there is a library's.
+OUR_STDERR = [r"✓ .+ \(\d+\.\d s\)", r"expected peak memory [\d.]+ GiB \([\d.]+ GiB available\)",
+              r"\d+ prompt tokens \(\d+ cached\), \d+ generated, first token \d+ ms, prefill [\d.]+ tok/s, "
+              r"decode [\d.]+ tok/s, finish: \w+", r"gemma-edge: .+"]
+
+
+def not_ours(stderr: str) -> list[str]:
+    """The lines of a gemma-edge run's stderr that are not gemma-edge's own."""
+    import re
+
+    return [line for line in stderr.splitlines() if line.strip() and not any(re.fullmatch(p, line) for p in OUR_STDERR)]

@@ -97,3 +97,20 @@ def test_version_names_the_libraries(capsys):
     out = capsys.readouterr().out
     assert exit.value.code == 0 and out.startswith("gemma-edge 0.1.0 (torch 2.13.0")
     assert all(f"{name} " in out for name in ("executorch", "onnxruntime", "transformers"))
+
+
+@pytest.mark.slow
+def test_our_lines_only_unless_verbose(tiny_exports):
+    """generate and verify of a .pte (torch, torchao and ExecuTorch loaded: the noisiest libraries)
+    print our lines only; --verbose shows what the filter hides (so the check can fail). Exports
+    through the command line are checked in test_executorch.py and test_onnx.py."""
+    from conftest import not_ours
+
+    folder = str(tiny_exports("tiny-gemma3", "pte", "int4"))
+    generated = run("generate", folder, "the cat", "-n", "4")
+    assert generated.returncode == 0 and "finish: length" in generated.stderr
+    assert not_ours(generated.stderr) == []
+    verified = run("verify", folder, "--prefill", "16", "--decode", "4", "--greedy", "4")
+    assert verified.returncode == 0 and not_ours(verified.stderr) == [], verified.stderr
+    verbose = run("--verbose", "verify", folder, "--prefill", "16", "--decode", "4", "--greedy", "4")
+    assert verbose.returncode == 0 and any("torchao" in line or "torch/" in line for line in not_ours(verbose.stderr)), verbose.stderr

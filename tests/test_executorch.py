@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import not_ours
 from gemma_edge.checkpoints import load_model, resolve
 from gemma_edge.errors import ConfigError, GemmaEdgeError
 from gemma_edge.exporters.settings import ExportSettings
@@ -65,6 +66,7 @@ def exports(tiny_exports, tiny_checkpoints, tmp_path_factory) -> dict[tuple[str,
                                     capture_output=True, text=True, timeout=1800)
             assert result.returncode == 0, result.stderr
             assert "model.pte" in result.stdout and "trace and lower" in result.stderr
+            assert not_ours(result.stderr) == []  # our lines only: the libraries' are filtered
         else:
             folder = tiny_exports(name, "pte", **_recipe(quant))
         out[(name, quant)] = folder

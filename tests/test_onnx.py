@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import not_ours
 from gemma_edge.checkpoints import load_model, resolve
 from gemma_edge.errors import ConfigError
 from gemma_edge.exporters.onnx import build_model, export_onnx
@@ -69,6 +70,7 @@ def exports(tiny_exports, tiny_checkpoints, tmp_path_factory) -> dict[tuple[str,
                                     capture_output=True, text=True, timeout=900)
             assert result.returncode == 0, result.stderr
             assert "model.onnx" in result.stdout and "quantize" in result.stderr
+            assert not_ours(result.stderr) == []  # our lines only: the libraries' are filtered
         elif ops == "auto":
             folder = tiny_exports(name, "onnx", **RECIPES[quant])
         else:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import byte_fallback_tokenizer
+from conftest import byte_fallback_tokenizer, not_ours
 from gemma_edge.errors import GemmaEdgeError
 from gemma_edge.runtime import Generator, SamplingConfig
 from gemma_edge.runtime.sampling import Sampler, probabilities
@@ -334,6 +334,7 @@ def test_generate_prints_text_or_one_json_object(fp32_exports):
     expected = gen.generate("the cat", 12)
     text = run("generate", folder, "the cat", "-n", "12")
     assert text.returncode == 0 and text.stdout == expected + "\n" and "decode" in text.stderr
+    assert not_ours(text.stderr) == []  # our lines only: the libraries' are filtered
     out = run("generate", folder, "the cat", "-n", "12", "--json")
     data = json.loads(out.stdout)  # exactly one object: json.loads refuses anything after it
     assert data["text"] == expected and data["token_ids"] == gen.last.token_ids and data["finish_reason"] == "length"

@@ -22,5 +22,6 @@ def write_json(path, data: dict) -> None:
 
 
 def progress() -> Console:
-    """stderr, for spinners and stage messages that must not mix with results."""
-    return Console(stderr=True)
+    """stderr, for spinners and stage messages that must not mix with results; when piped into a log
+    or another program, each message stays one line (rich would wrap it at 80 columns)."""
+    return Console(stderr=True, soft_wrap=not sys.stderr.isatty())

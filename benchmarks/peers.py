@@ -1,0 +1,410 @@
+"""gemma-edge side by side with its peers on the real Gemma 3 270M and this machine: llama.cpp
+(llama-cpp-python, at Q4_0, Q8_0 and Q4_K_M as shipped) and ONNX Runtime GenAI's own model builder
+(int4), beside our exports. One table, one plot, and benchmarks/RESULTS.md with the date, machine
+and command; `--readme` also puts the table into the README's "Where it stands".
+
+    .venv/bin/python benchmarks/peers.py --out /tmp/peers [--threads 2] [--runs 5]
+        [--prompt-tokens 128] [--new-tokens 128] [--ours OUTDIR ...] [--readme]
+
+What it does, once per --out (kept for the next run):
+- installs the peers into $GEMMA_EDGE_CACHE/peers (pip --target, apart from .venv): llama-cpp-python
+  compiles llama.cpp for this CPU (about 4 minutes on 2 cores), onnxruntime-genai is a wheel;
+- exports our four recipes (ONNX and .pte, all-int4 and the phone recipe: int8 layers, int4 table)
+  with `gemma-edge export`, unless --ours names export folders;
+- llama.cpp: the GGUF as shipped (Q4_K_M: it is the source, so its weights *are* the fp32
+  reference's: its quality row measures llama.cpp's arithmetic only), and Q4_0 / Q8_0 made from it
+  by llama.cpp's own quantizer (llama_model_quantize with requantization: the Q4_K_M weights widened
+  are exactly the reference's weights, so this is quantizing the reference);
+- ONNX Runtime GenAI: `onnxruntime_genai.models.builder -p int4 -e cpu` on the Hugging Face folder
+  our loader wrote from the GGUF (benchmarks/genai_builder.py adapts Gemma 3's RoPE settings to
+  transformers 5 for it);
+- quality: perplexity ratio, top-1 agreement and mean KL against the fp32 reference on the two real
+  texts of benchmarks/quality.py (512 tokens each, one prefill, as verify computes them);
+- speed: `gemma-edge bench`'s protocol for every row, each in its own process, taking turns run by
+  run (the peers through their own generation loops, greedy: llama.cpp's `generate` with temp 0,
+  GenAI's Generator); the same token ids, the same 1024-position cache. A peer's prefill rate is
+  prompt tokens / time to the first token (ours: prompt tokens / prefill time; one greedy draw apart).
+
+Asserts nothing; prints, and writes --out/peers.json, --out/peers.png and benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PEER_PACKAGES = ("llama-cpp-python==0.3.36", "diskcache==5.6.3", "onnxruntime-genai==0.18.0")  # + .venv's numpy, jinja2, onnxruntime
+CONTEXT = 1024  # every row's cache: our exports' default --max-seq-len
+OURS = {  # folder name: gemma-edge export arguments
+    "ours-onnx-int4": ["--format", "onnx", "--quant", "int4"],
+    "ours-onnx-phone": ["--format", "onnx", "--quant", "int8", "--embedding-quant", "int4"],
+    "ours-pte-int4": ["--format", "pte", "--quant", "int4"],
+    "ours-pte-phone": ["--format", "pte", "--quant", "int8", "--embedding-quant", "int4"],
+}
+LLAMA_TYPES = {"Q4_0": 2, "Q8_0": 7}  # llama_ftype: LLAMA_FTYPE_MOSTLY_Q4_0, _Q8_0
+MIB = 2**20
+
+
+def say(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def install_peers(site: Path) -> None:
+    """llama-cpp-python and onnxruntime-genai into `site` (once), without touching .venv's packages:
+    --no-deps, since both need only numpy and onnxruntime, which .venv has."""
+    if all((site / name).is_dir() for name in ("llama_cpp", "diskcache", "onnxruntime_genai")):
+        return
+    say(f"installing {', '.join(PEER_PACKAGES)} into {site} (llama.cpp compiles: minutes, once)")
+    log = site.with_suffix(".log")
+    site.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count()), "CMAKE_ARGS": llama_cmake_args()}
+    with open(log, "w") as out:
+        done = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(site), *PEER_PACKAGES],
+                              stdout=out, stderr=subprocess.STDOUT, env=env)
+    if done.returncode:
+        raise SystemExit(f"installing the peers failed (cmake and a C++ compiler are needed for llama.cpp): see {log}")
+
+
+def llama_cmake_args() -> str:
+    """llama.cpp for this CPU's vector extensions, without AMX: a native build (-march=native) uses
+    AMX tiles where the CPU has them, and where the OS or hypervisor does not enable them (these
+    machines) its first matrix product dies at `ldtilecfg` (SIGSEGV). Phones have no AMX; neither
+    ONNX Runtime nor XNNPACK uses it here."""
+    flags = set(" ".join(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split())
+    wanted = {"avx512f": "GGML_AVX512", "avx512vbmi": "GGML_AVX512_VBMI", "avx512_vnni": "GGML_AVX512_VNNI",
+              "avx512_bf16": "GGML_AVX512_BF16", "avx_vnni": "GGML_AVX_VNNI"}
+    return " ".join(["-DGGML_NATIVE=OFF", *(f"-D{option}=ON" for flag, option in wanted.items() if flag in flags)])
+
+
+def run_logged(cmd: list[str], log: Path, env: dict | None = None) -> None:
+    with open(log, "w") as out:
+        done = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(cmd[:4])} ... failed: see {log}")
+
+
+def export_ours(out: Path) -> list[Path]:
+    folders = []
+    for name, args in OURS.items():
+        folder = out / name
+        if not (folder / "gemma_edge.json").exists():
+            say(f"exporting {name} (gemma-edge export gemma-3-270m {' '.join(args)})")
+            run_logged([str(Path(sys.executable).with_name("gemma-edge")), "export", "gemma-3-270m", *args, "-o", str(folder)],
+                       out / f"{name}.log")
+        folders.append(folder)
+    return folders
+
+
+def llama_models(gguf: Path, out: Path) -> dict[str, Path]:
+    """{type: GGUF}: as shipped, and requantized by llama.cpp's own quantizer."""
+    import llama_cpp
+
+    from gemma_edge.runtime.backend import native_log_captured
+
+    models = {"Q4_K_M": gguf}
+    for name, ftype in LLAMA_TYPES.items():
+        path = out / f"llama-{name}.gguf"
+        if not path.exists():
+            say(f"llama.cpp: quantizing to {name}")
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype, params.allow_requantize, params.nthread = ftype, True, os.cpu_count()
+            partial = path.with_suffix(".partial")
+            with native_log_captured() as log:  # a line per tensor
+                failed = llama_cpp.llama_model_quantize(str(gguf).encode(), str(partial).encode(), params)
+            if failed:
+                raise SystemExit(f"llama.cpp could not quantize {gguf} to {name}: " + "\n".join(log[-5:]))
+            partial.rename(path)
+        models[name] = path
+    return models
+
+
+def genai_model(hf_dir: Path, out: Path, site: Path) -> Path:
+    """ONNX Runtime GenAI's builder (int4, CPU) on a copy of our Hugging Face folder that names its
+    architecture (transformers needs no `architectures` to load it, the builder does)."""
+    folder = out / "genai-int4"
+    if (folder / "genai_config.json").exists():
+        return folder
+    source = out / "hf-gemma-3-270m"
+    source.mkdir(parents=True, exist_ok=True)
+    for f in hf_dir.iterdir():
+        if f.name != "config.json" and not (source / f.name).exists():
+            (source / f.name).symlink_to(f.resolve())
+    config = json.loads((hf_dir / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "architectures": ["Gemma3ForCausalLM"]}, indent=1))
+    say("ONNX Runtime GenAI: building int4 with its model builder")
+    run_logged([sys.executable, str(HERE / "genai_builder.py"), "-i", str(source), "-o", str(folder), "-p", "int4",
+                "-e", "cpu", "-c", str(out / "genai-cache")], out / "genai-int4.log",
+               env={**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])})
+    return folder
+
+
+# --- the peers, measured by gemma-edge bench's protocol (gemma_edge.bench.serve) ---
+
+def _stream_stats(prompt_tokens: int, start: float, stream, new_tokens: int) -> dict:
+    """Stats.as_dict() of a token stream started at `start`: first token, then the decode rate."""
+    times = []
+    for _ in stream:
+        times.append(time.perf_counter())
+        if len(times) == new_tokens:
+            break
+    ttft = times[0] - start
+    return {"prompt_tokens": prompt_tokens, "cached_tokens": 0, "generated_tokens": len(times), "ttft_s": ttft,
+            "prefill_tokens_per_s": prompt_tokens / ttft, "decode_tokens_per_s": (len(times) - 1) / (times[-1] - times[0])}
+
+
+def llama_worker(path: str, threads: int | None, conn) -> None:
+    from llama_cpp import Llama
+
+    from gemma_edge.bench import serve
+    from gemma_edge.runtime.backend import native_log_captured
+
+    def run(llm, prompt, new_tokens):
+        llm.reset()  # else generate() reuses the cached prompt
+        start = time.perf_counter()
+        stream = llm.generate(prompt, temp=0.0, reset=True)  # temp 0: llama.cpp's greedy sampler
+        try:
+            return _stream_stats(len(prompt), start, stream, new_tokens)
+        finally:
+            stream.close()
+
+    def load():
+        with native_log_captured():  # llama.cpp says how it lays out the cache even when not verbose
+            return Llama(model_path=path, n_ctx=CONTEXT, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+
+    serve(conn, load, run)
+
+
+def genai_config(folder: str, threads: int | None):
+    import onnxruntime_genai as og
+
+    config = og.Config(folder)
+    if threads:
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    return config
+
+
+def genai_worker(folder: str, threads: int | None, conn) -> None:
+    import onnxruntime_genai as og
+
+    from gemma_edge.bench import serve
+
+    def run(model, prompt, new_tokens):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=CONTEXT, do_sample=False)
+        generator = og.Generator(model, params)
+        start = time.perf_counter()
+        generator.append_tokens(prompt)
+
+        def stream():
+            while True:
+                generator.generate_next_token()
+                yield generator.get_next_tokens()[0]
+
+        return _stream_stats(len(prompt), start, stream(), new_tokens)
+
+    serve(conn, lambda: og.Model(genai_config(folder, threads)), run)
+
+
+def peer_subjects(llama: dict[str, Path], genai: Path, config: dict):
+    from gemma_edge.bench import ExportBench, Subject
+
+    layers, kv_heads, head_dim = config["num_hidden_layers"], config["num_key_value_heads"], config["head_dim"]
+    kv = lambda dtype_bytes: 2 * layers * kv_heads * head_dim * CONTEXT * dtype_bytes  # noqa: E731
+    subjects = []
+    for name, path in llama.items():
+        size = path.stat().st_size  # the tied table is stored once: the head reads it
+        subjects.append(Subject(ExportBench(str(path), "llama.cpp", name, size, kv(2), size), config["vocab_size"], CONTEXT,
+                                llama_worker, str(path)))
+    size = sum(f.stat().st_size for f in genai.iterdir() if f.name.startswith("model.onnx"))
+    subjects.append(Subject(ExportBench(str(genai), "ORT GenAI", "int4", size, kv(4), size - rope_tables_bytes(genai)),
+                            config["vocab_size"], CONTEXT, genai_worker, str(genai)))
+    return subjects
+
+
+def rope_tables_bytes(genai: Path) -> int:
+    """Bytes of the GenAI model's RoPE cos/sin tables (32768 positions each, of which a decode step
+    reads one row): not weights a step reads. Its tied table is stored once (GatherBlockQuantized
+    reads lm_head's 4-bit rows), so the rest is."""
+    import onnx
+
+    model = onnx.load(str(genai / "model.onnx"), load_external_data=False)
+    size = lambda t: int(next((e.value for e in t.external_data if e.key == "length"), len(t.raw_data)))  # noqa: E731
+    return sum(size(t) for t in model.graph.initializer if "cos_cache" in t.name or "sin_cache" in t.name)
+
+
+# --- quality: the logits of each row on the texts, against fp32 ---
+
+def llama_logits(path: Path, ids: list[int], threads: int | None):
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=CONTEXT, n_batch=512, n_threads=threads, n_threads_batch=threads,
+                logits_all=True, verbose=False)
+    llm.eval(ids)
+    logits = np.array(llm.scores[: len(ids)])
+    llm.close()
+    return logits
+
+
+def genai_logits(folder: Path, ids: list[int], threads: int | None):
+    import numpy as np
+    import onnxruntime_genai as og
+
+    model = og.Model(genai_config(str(folder), threads))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=CONTEXT, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(ids)
+    return np.array(generator.get_output("logits"))[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="folder for the models (kept for later runs), peers.json, peers.png")
+    parser.add_argument("--ours", type=Path, nargs="+", help="our export folders (default: export the four recipes into --out)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--results", type=Path, default=HERE / "RESULTS.md", help="the Markdown report to write")
+    parser.add_argument("--readme", action="store_true", help="also put the table into README.md's 'Where it stands'")
+    args = parser.parse_args()
+    command = "benchmarks/peers.py " + " ".join(sys.argv[1:])
+    logging.disable(logging.WARNING)  # the libraries' warnings (torchao's, torch's) are not results
+    warnings.simplefilter("ignore")
+
+    from gemma_edge.checkpoints import cache_dir, resolve
+
+    site = cache_dir() / "peers" / "site"
+    install_peers(site)
+    sys.path.insert(0, str(site))  # spawned workers inherit it
+    args.out.mkdir(parents=True, exist_ok=True)
+    ckpt = resolve("gemma-3-270m")
+    gguf = Path(json.loads((ckpt.hf_dir / "gemma_edge_source.json").read_text())["gguf"])
+    ours = args.ours or export_ours(args.out)
+    llama = llama_models(gguf, args.out)
+    genai = genai_model(ckpt.hf_dir, args.out, site)
+
+    rows = quality_rows(ckpt, ours, llama, genai, args.threads)
+    say(f"speed: {len(rows)} rows taking turns, {args.runs} runs each after a warm-up")
+    from gemma_edge.bench import bench
+
+    config = json.loads((ckpt.hf_dir / "config.json").read_text())
+    measured, bandwidth = bench(ours, args.prompt_tokens, args.new_tokens, args.threads, args.runs, progress=say,
+                                others=peer_subjects(llama, genai, config))
+    report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), "command": command,
+              "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "threads": args.threads, "runs": args.runs,
+              "bandwidth_bytes_per_s": bandwidth, "exports": [{**e.as_dict(), **q} for e, q in zip(measured, rows)]}
+    write_outputs(report, args)
+
+
+def quality_rows(ckpt, ours: list[Path], llama: dict[str, Path], genai: Path, threads: int | None) -> list[dict]:
+    """Per row (ours, then llama.cpp's, then GenAI's: bench's order), {text: (ratio, top-1, KL)} and a name."""
+    from quality import quality, texts  # benchmarks/quality.py: the same texts and measure as our QUALITY.md
+    from tokenizers import Tokenizer
+
+    from gemma_edge.checkpoints import load_model
+    from gemma_edge.manifest import program_files, read_manifest
+    from gemma_edge.runtime.backend import native_log_captured, open_backend
+    from gemma_edge.runtime.eager import EagerBackend
+
+    ids = texts(Tokenizer.from_file(str(ckpt.hf_dir / "tokenizer.json")))
+    say("quality: the fp32 reference")
+    reference = EagerBackend(load_model(ckpt, CONTEXT))
+    fp32 = {name: reference.forward(t, 0) for name, t in ids.items()}
+    del reference
+    rows = []
+
+    def add(name: str, model_bytes: int, logits_of) -> None:
+        say(f"quality: {name}")
+        with native_log_captured():  # ExecuTorch's and llama.cpp's log lines
+            rows.append({"name": name, "model_bytes": model_bytes,
+                         "quality": {text: quality(logits_of(t), fp32[text], t) for text, t in ids.items()}})
+
+    for folder in ours:
+        with native_log_captured():
+            backend = open_backend(folder, threads=threads)
+        manifest = read_manifest(folder)
+        add(folder.name, sum(manifest["files"][f]["bytes"] for f in program_files(manifest)), lambda t: backend.forward(t, 0))
+        del backend
+    for name, path in llama.items():
+        add(f"llama.cpp {name}", path.stat().st_size, lambda t: llama_logits(path, t, threads))
+    add("ORT GenAI int4", sum(f.stat().st_size for f in genai.iterdir() if f.name.startswith("model.onnx")),
+        lambda t: genai_logits(genai, t, threads))
+    return rows
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+    return f"{platform.machine()}, {cpu}, {len(os.sched_getaffinity(0))} cores available, Python {platform.python_version()}"
+
+
+def markdown(report: dict) -> str:
+    texts = list(report["exports"][0]["quality"])
+    ceiling = report["bandwidth_bytes_per_s"]
+    lines = [f"| row | model MiB | {' | '.join(f'{t}: ppl ratio / top-1' for t in texts)} | prefill tok/s | decode tok/s "
+             "| of ceiling | first token ms | peak RSS MiB |",
+             "|---|---|" + "---|" * len(texts) + "---|---|---|---|---|"]
+    for e in report["exports"]:
+        q = " | ".join(f"x{e['quality'][t][0]:.3f} / {e['quality'][t][1]:.1%}" for t in texts)
+        decode = e["median_decode_tokens_per_s"]
+        lines.append(f"| {e['name']} | {e['model_bytes'] / MIB:,.0f} | {q} | {e['median_prefill_tokens_per_s']:,.0f} | "
+                     f"{decode:.1f} | {decode / (ceiling / max(e['weights_read_per_token'], 1)):.0%} | "
+                     f"{e['median_ttft_s'] * 1000:.0f} | {e['peak_rss_bytes'] / MIB:,.0f} |")
+    return "\n".join(lines)
+
+
+def write_outputs(report: dict, args) -> None:
+    from rich.table import Table
+
+    from gemma_edge.commands.bench import plot
+    from gemma_edge.commands.ui import results
+    from gemma_edge.files import write_atomic
+
+    table = Table(title=f"real Gemma 3 270M, {report['prompt_tokens']}-token prompt, {report['new_tokens']} greedy tokens, "
+                        f"median of {report['runs']} runs, {report['threads']} threads")
+    texts = list(report["exports"][0]["quality"])
+    for col in ("row", "MiB", *(f"{t} ppl / top-1" for t in texts), "prefill tok/s", "decode tok/s", "peak RSS MiB"):
+        table.add_column(col, justify="left" if col == "row" else "right")
+    for e in report["exports"]:
+        table.add_row(e["name"], f"{e['model_bytes'] / MIB:,.0f}",
+                      *(f"x{e['quality'][t][0]:.3f} / {e['quality'][t][1]:.1%}" for t in texts),
+                      f"{e['median_prefill_tokens_per_s']:,.0f} ±{e['spread_prefill_tokens_per_s']:.0%}",
+                      f"{e['median_decode_tokens_per_s']:.1f} ±{e['spread_decode_tokens_per_s']:.0%}",
+                      f"{e['peak_rss_bytes'] / MIB:,.0f}")
+    results().print(table)
+    write_atomic(args.out / "peers.json", json.dumps(report, indent=1).encode())
+    plot({**report, "exports": [{**e, "folder": e["name"]} for e in report["exports"]]}, args.out / "peers.png")
+    body = markdown(report)
+    text = (f"# gemma-edge and its peers, side by side\n\nWritten by `{report['command']}` on {report['date']}\n"
+            f"({report['machine']}; memory read bandwidth {report['bandwidth_bytes_per_s'] / 2**30:.1f} GiB/s).\n\n"
+            f"Real Gemma 3 270M. Quality: against the fp32 reference on 512 tokens of each text (perplexity ratio, "
+            f"top-1 agreement). Speed: a {report['prompt_tokens']}-token prompt, {report['new_tokens']} greedy tokens, "
+            f"median of {report['runs']} runs taken in turns, {report['threads']} threads; \"of ceiling\": decode as a "
+            f"fraction of bandwidth / bytes of weights read per token. llama.cpp Q4_K_M is the source GGUF itself (its "
+            f"weights are the reference's). How each row is made: benchmarks/peers.py's docstring.\n\n{body}\n")
+    write_atomic(args.results, text.encode())
+    say(f"wrote {args.results}, {args.out / 'peers.json'}, {args.out / 'peers.png'}")
+    if args.readme:
+        readme = HERE.parent / "README.md"
+        start, end = "<!-- peers.py table -->", "<!-- /peers.py table -->"
+        current = readme.read_text()
+        if start not in current or end not in current:
+            raise SystemExit(f"README.md has no {start} ... {end} section to replace")
+        head, rest = current.split(start, 1)
+        stamp = f"\n`{report['command']}`, {report['date']} ({report['machine']}):\n\n"
+        write_atomic(readme, (head + start + stamp + body + "\n" + end + rest.split(end, 1)[1]).encode())
+        say("updated README.md's table")
+
+
+if __name__ == "__main__":
+    main()
