@@ -9,8 +9,8 @@ and command; `--readme` also puts the table into the README's "Where it stands".
 What it does, once per --out (kept for the next run):
 - installs the peers into $GEMMA_EDGE_CACHE/peers (pip --target, apart from .venv): llama-cpp-python
   compiles llama.cpp for this CPU (about 4 minutes on 2 cores), onnxruntime-genai is a wheel;
-- exports our four recipes (ONNX and .pte, all-int4 and the phone recipe: int8 layers, int4 table)
-  with `gemma-edge export`, unless --ours names export folders;
+- exports our recipes with `gemma-edge export` (ONNX and .pte, all-int4 calibrated by GPTQ and the
+  phone recipe: int8 layers, int4 table; ONNX all-int4 rounded to nearest too), unless --ours names folders;
 - llama.cpp: the GGUF as shipped (Q4_K_M: it is the source, so its weights *are* the fp32
   reference's: its quality row measures llama.cpp's arithmetic only), and Q4_0 / Q8_0 made from it
   by llama.cpp's own quantizer (llama_model_quantize with requantization: the Q4_K_M weights widened
@@ -44,11 +44,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 PEER_PACKAGES = ("llama-cpp-python==0.3.36", "diskcache==5.6.3", "onnxruntime-genai==0.18.0")  # + .venv's numpy, jinja2, onnxruntime
 CONTEXT = 1024  # every row's cache: our exports' default --max-seq-len
-OURS = {  # folder name: gemma-edge export arguments
+OURS = {  # folder name: gemma-edge export arguments (the best recipe of each, benchmarks/QUALITY.md; int4 also as plain)
     "ours-onnx-int4": ["--format", "onnx", "--quant", "int4"],
-    "ours-onnx-phone": ["--format", "onnx", "--quant", "int8", "--embedding-quant", "int4"],
-    "ours-pte-int4": ["--format", "pte", "--quant", "int4"],
-    "ours-pte-phone": ["--format", "pte", "--quant", "int8", "--embedding-quant", "int4"],
+    "ours-onnx-int4-gptq": ["--format", "onnx", "--quant", "int4", "--recipe", "gptq"],
+    "ours-onnx-phone-gptq": ["--format", "onnx", "--quant", "int8", "--embedding-quant", "int4", "--recipe", "gptq"],
+    "ours-pte-int4-gptq": ["--format", "pte", "--quant", "int4", "--recipe", "gptq"],
+    "ours-pte-phone": ["--format", "pte", "--quant", "int8", "--embedding-quant", "int4"],  # make demo's
 }
 LLAMA_TYPES = {"Q4_0": 2, "Q8_0": 7}  # llama_ftype: LLAMA_FTYPE_MOSTLY_Q4_0, _Q8_0
 MIB = 2**20

@@ -66,7 +66,7 @@ def plot(report: dict, path: Path) -> None:
 
     exports = report["exports"]
     names = [Path(e["folder"]).name for e in exports]
-    fig, axes = plt.subplots(1, 3, figsize=(4 + 1.6 * len(exports) * 3, 4.5))
+    fig, axes = plt.subplots(3, 1, figsize=(max(6.0, 2 + 1.1 * len(exports)), 11))  # one panel above the other
     for ax, key, title in ((axes[0], "decode_tokens_per_s", "decode tok/s"), (axes[1], "prefill_tokens_per_s", "prefill tok/s")):
         medians = [e[f"median_{key}"] for e in exports]
         lows = [m - min(r[key] for r in e["runs"]) for m, e in zip(medians, exports)]
@@ -79,7 +79,7 @@ def plot(report: dict, path: Path) -> None:
     axes[2].legend()
     for ax in axes:
         ax.tick_params(axis="x", rotation=20)
-    fig.suptitle(f"gemma-edge bench, {report['prompt_tokens']}-token prompt, {report['new_tokens']} tokens, "
+    fig.suptitle(f"gemma-edge bench, {report['prompt_tokens']}-token prompt, {report['new_tokens']} tokens,\n"
                  f"{report['date']}, bandwidth {report['bandwidth_bytes_per_s'] / 2**30:.1f} GiB/s")
     fig.tight_layout()
     import io
