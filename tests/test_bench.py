@@ -41,3 +41,33 @@ def test_bench_measures_exports_side_by_side(tiny_exports, tiny_with_tokenizers,
     assert second["kv_cache_bytes"] == eager < first["kv_cache_bytes"]  # the .pte's sliding layers keep a ring
     # a decode step of the ONNX export reads its whole program (the tied table is stored once, as the head)
     assert first["weights_read_per_token"] == read_manifest(onnx)["files"]["model.onnx"]["bytes"]
+
+
+def _counting_worker(source: str, threads, conn) -> None:
+    """A runtime that is not ours (benchmarks/peers.py's llama.cpp and GenAI rows serve the same way):
+    its stats say which prompt it got and how many runs it has answered."""
+    from gemma_edge.bench import serve
+
+    runs = []
+
+    def run(loaded, prompt, new_tokens):
+        runs.append(prompt)
+        return {"prompt_tokens": len(prompt), "cached_tokens": 0, "generated_tokens": new_tokens, "ttft_s": 0.01,
+                "prefill_tokens_per_s": len(prompt) / 0.01, "decode_tokens_per_s": float(len(runs)), "first_id": prompt[1]}
+
+    serve(conn, lambda: source, run)
+
+
+def test_bench_measures_other_runtimes_beside_ours(tiny_exports):
+    from gemma_edge.bench import ExportBench, Subject, bench, bench_prompt
+
+    onnx = tiny_exports("tiny-gemma3", "onnx", "fp32")
+    other = Subject(ExportBench("other", "peer", "q4", 100, 0, 100), 1005, 64, _counting_worker, "other")
+    measured, _ = bench([onnx], prompt_tokens=8, new_tokens=4, threads=1, runs=2, others=[other])
+    ours, peer = measured
+    assert ours.folder == str(onnx) and peer is other.result
+    # the same prompt as ours, one warm-up then two measured runs taken in turn with our export's
+    assert [r["decode_tokens_per_s"] for r in peer.runs] == [2.0, 3.0]
+    assert all(r["first_id"] == bench_prompt(1005, 8)[1] for r in peer.runs)
+    assert ours.runs[0]["finished_at"] < peer.runs[0]["finished_at"] < ours.runs[1]["finished_at"] < peer.runs[1]["finished_at"]
+    assert peer.load_s >= 0 and peer.peak_rss_bytes > 0 and peer.median("decode_tokens_per_s") == 2.5
