@@ -13,18 +13,21 @@ exporter that quantizes each layer as it arrives and never holds the full-precis
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
 
 from gemma_edge.config import GemmaConfig, check_model_type, variant
 from gemma_edge.errors import CheckpointError, MissingDependencyError, UnsupportedModelError
+from gemma_edge.exporters.streaming import Progress
 from gemma_edge.files import exclusive, make_temp_dir, remove_dead_leftovers, sha256_file
 from gemma_edge.model import Gemma
 
@@ -61,10 +64,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("GEMMA_EDGE_CACHE") or Path.home() / ".cache" / "gemma_edge")
 
 
-def resolve(source: str | os.PathLike, adapters: Sequence[str | os.PathLike] = ()) -> Checkpoint:
+def resolve(source: str | os.PathLike, adapters: Sequence[str | os.PathLike] = (),
+            report: Callable[[Progress], None] | None = None) -> Checkpoint:
     """Find a source's architecture and weight files, without loading the weights; adapters: PEFT
-    LoRA adapter folders to merge into them, in order (checked against the source here)."""
-    ckpt = _resolve(source)
+    LoRA adapter folders to merge into them, in order (checked against the source here). A GGUF is
+    converted once (dequantized into the cache, minutes); report: called after each of its tensors."""
+    ckpt = _resolve(source, report)
     return with_adapters(ckpt, adapters) if adapters else ckpt
 
 
@@ -76,17 +81,17 @@ def with_adapters(ckpt: Checkpoint, folders: Sequence[str | os.PathLike]) -> Che
     return replace(ckpt, config=untied_config(ckpt.config, merge), adapters=adapters, merge=merge, base=ckpt.config)
 
 
-def _resolve(source: str | os.PathLike) -> Checkpoint:
+def _resolve(source: str | os.PathLike, report: Callable[[Progress], None] | None = None) -> Checkpoint:
     text = str(source)
     if text.startswith(RANDOM_PREFIX):
         return Checkpoint(text, variant(text[len(RANDOM_PREFIX):]), None)
     if text == BUILTIN:
-        return _from_gguf(_builtin_gguf(), text)
+        return _from_gguf(_builtin_gguf(), text, report)
     path = Path(text).expanduser()
     if path.is_dir():
         return Checkpoint(text, read_hf_config(path), path)
     if path.is_file() and path.suffix == ".gguf":
-        return _from_gguf(path, text)
+        return _from_gguf(path, text, report)
     if path.exists():
         raise CheckpointError(f"{text}: not a Hugging Face folder or a .gguf file")
     raise CheckpointError(
@@ -353,7 +358,7 @@ def gguf_architecture(path: Path) -> str:
         raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
 
 
-def _from_gguf(path: Path, source: str) -> Checkpoint:
+def _from_gguf(path: Path, source: str, report: Callable[[Progress], None] | None = None) -> Checkpoint:
     folder = cache_dir() / "gguf" / sha256_file(path)[:16]
     if not (folder / "config.json").is_file():
         arch = gguf_architecture(path)
@@ -364,11 +369,11 @@ def _from_gguf(path: Path, source: str) -> Checkpoint:
                 f"{path}: GGUF architecture {arch!r} is not supported; valid: {', '.join(GGUF_ARCHITECTURES)}{hint}")
         with exclusive(folder.with_name(f".{folder.name}.lock")):  # a second process waits for the first's conversion
             if not (folder / "config.json").is_file():
-                _convert_gguf(path, folder)
+                _convert_gguf(path, folder, report)
     return Checkpoint(source, read_hf_config(folder), folder)
 
 
-def _convert_gguf(path: Path, folder: Path) -> None:
+def _convert_gguf(path: Path, folder: Path, report: Callable[[Progress], None] | None = None) -> None:
     """Dequantize to float32 safetensors + tokenizer, written to a temporary folder then renamed."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -376,12 +381,20 @@ def _convert_gguf(path: Path, folder: Path) -> None:
     remove_dead_leftovers(folder.parent, ".convert-")  # a conversion killed with SIGKILL
     tmp = make_temp_dir(folder.parent, ".convert-")
     tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared like any other
+    def phase(name: str) -> None:  # a step without steps of its own to count
+        if report is not None:
+            report(Progress(0, 1, 0.0, name))
+
     try:
         try:
-            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+            phase("the GGUF's header and vocabulary")  # read before any tensor: most of the first minute
+            with gguf_tensors_reported(report):
+                model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+            phase("the tokenizer, from the GGUF's vocabulary")
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         except Exception as e:
             raise CheckpointError(f"{path}: transformers cannot read this GGUF ({type(e).__name__}: {e})") from None
+        phase("writing float32 safetensors")
         _save_plain(model, tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "gemma_edge_source.json").write_text(json.dumps({"gguf": str(path)}))
@@ -392,6 +405,32 @@ def _convert_gguf(path: Path, folder: Path) -> None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def gguf_tensors_reported(report: Callable[[Progress], None] | None) -> Iterator[None]:
+    """transformers dequantizes a GGUF's tensors in one loop, wrapped in tqdm (its own progress bar,
+    which our command line hides): inside the block that loop reports through `report` instead,
+    tensor by tensor. If transformers stops reading them that way, the conversion just goes unreported."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = getattr(gguf_utils, "tqdm", None)
+    if report is None or bar is None:
+        yield
+        return
+
+    def reporting(items, *args, **kwargs):
+        items = list(items)
+        start = time.perf_counter()
+        for done, item in enumerate(items, 1):
+            yield item
+            report(Progress(done, len(items), time.perf_counter() - start, f"GGUF tensor {getattr(item, 'name', done)}"))
+
+    gguf_utils.tqdm = reporting
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
 
 
 def _save_plain(model: torch.nn.Module, folder: Path) -> None:

@@ -219,3 +219,20 @@ def test_full_size_gemma_2b_runs_in_bf16():
     assert logits.shape == (1, 4, 256_000) and step.shape == (1, 1, 256_000)
     assert torch.isfinite(logits).all() and torch.isfinite(step).all()
     assert _peak_rss_gib() < 22
+
+
+def test_gguf_conversion_reports_each_tensor():
+    """The first use of a GGUF dequantizes it (minutes): export's progress bar follows it tensor by
+    tensor through transformers' own loop, which must still be the one our wrapper reports."""
+    import inspect
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    from gemma_edge.checkpoints import gguf_tensors_reported
+
+    bar, seen = gguf_utils.tqdm, []
+    with gguf_tensors_reported(seen.append):
+        assert list(gguf_utils.tqdm(["a", "b", "c"], desc="Converting")) == ["a", "b", "c"]
+    assert [(p.done, p.total) for p in seen] == [(1, 3), (2, 3), (3, 3)] and seen[-1].eta == 0
+    assert gguf_utils.tqdm is bar  # restored
+    assert "tqdm(reader.tensors" in inspect.getsource(gguf_utils.load_gguf_checkpoint)

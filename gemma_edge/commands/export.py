@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     display = StageProgress(console)
     stage = display.stage
     with stage(f"resolve {args.model}" + "".join(f" + {Path(a).name}" for a in args.adapter)):
-        ckpt = resolve(args.model, args.adapter)
+        ckpt = resolve(args.model, args.adapter, report=display.report)
     check_max_seq_len(ckpt.config, settings.max_seq_len)
     need, have = check_memory(ckpt.config, settings, args.force)
     console.print(f"expected peak memory {need / GIB:.1f} GiB ({have / GIB:.1f} GiB available)")
