@@ -68,7 +68,8 @@ def resolve(source: str | os.PathLike, adapters: Sequence[str | os.PathLike] = (
             report: Callable[[Progress], None] | None = None) -> Checkpoint:
     """Find a source's architecture and weight files, without loading the weights; adapters: PEFT
     LoRA adapter folders to merge into them, in order (checked against the source here). A GGUF is
-    converted once (dequantized into the cache, minutes); report: called after each of its tensors."""
+    converted once (dequantized into the cache, a minute or more); report: told of its steps and
+    of each tensor as it goes (the command line's progress bar)."""
     ckpt = _resolve(source, report)
     return with_adapters(ckpt, adapters) if adapters else ckpt
 
@@ -381,6 +382,7 @@ def _convert_gguf(path: Path, folder: Path, report: Callable[[Progress], None] |
     remove_dead_leftovers(folder.parent, ".convert-")  # a conversion killed with SIGKILL
     tmp = make_temp_dir(folder.parent, ".convert-")
     tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared like any other
+
     def phase(name: str) -> None:  # a step without steps of its own to count
         if report is not None:
             report(Progress(0, 1, 0.0, name))
