@@ -349,19 +349,25 @@ def machine() -> str:
     return f"{platform.machine()}, {cpu}, {len(os.sched_getaffinity(0))} cores available, Python {platform.python_version()}"
 
 
-def markdown(report: dict) -> str:
+def table(report: dict) -> tuple[list[str], list[list[str]]]:
+    """The results' columns and one row of cells per export: the terminal's table and the Markdown's."""
     texts = list(report["exports"][0]["quality"])
-    ceiling = report["bandwidth_bytes_per_s"]
-    lines = [f"| row | model MiB | {' | '.join(f'{t}: ppl ratio / top-1' for t in texts)} | prefill tok/s | decode tok/s "
-             "| of ceiling | first token ms | peak RSS MiB |",
-             "|---|---|" + "---|" * len(texts) + "---|---|---|---|---|"]
+    header = ["row", "model MiB", *(f"{t}: ppl ratio / top-1" for t in texts), "prefill tok/s", "decode tok/s",
+              "of ceiling", "first token ms", "peak RSS MiB"]
+    rows = []
     for e in report["exports"]:
-        q = " | ".join(f"x{e['quality'][t][0]:.3f} / {e['quality'][t][1]:.1%}" for t in texts)
-        decode = e["median_decode_tokens_per_s"]
-        lines.append(f"| {e['name']} | {e['model_bytes'] / MIB:,.0f} | {q} | {e['median_prefill_tokens_per_s']:,.0f} | "
-                     f"{decode:.1f} | {decode / (ceiling / max(e['weights_read_per_token'], 1)):.0%} | "
-                     f"{e['median_ttft_s'] * 1000:.0f} | {e['peak_rss_bytes'] / MIB:,.0f} |")
-    return "\n".join(lines)
+        decode, ceiling = e["median_decode_tokens_per_s"], report["bandwidth_bytes_per_s"] / max(e["weights_read_per_token"], 1)
+        rows.append([e["name"], f"{e['model_bytes'] / MIB:,.0f}",
+                     *(f"x{e['quality'][t][0]:.3f} / {e['quality'][t][1]:.1%}" for t in texts),
+                     f"{e['median_prefill_tokens_per_s']:,.0f} ±{e['spread_prefill_tokens_per_s']:.0%}",
+                     f"{decode:.1f} ±{e['spread_decode_tokens_per_s']:.0%}", f"{decode / ceiling:.0%}",
+                     f"{e['median_ttft_s'] * 1000:.0f}", f"{e['peak_rss_bytes'] / MIB:,.0f}"])
+    return header, rows
+
+
+def markdown(report: dict) -> str:
+    header, rows = table(report)
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in [header, ["---"] * len(header), *rows])
 
 
 def write_outputs(report: dict, args) -> None:
@@ -371,18 +377,14 @@ def write_outputs(report: dict, args) -> None:
     from gemma_edge.commands.ui import results
     from gemma_edge.files import write_atomic
 
-    table = Table(title=f"real Gemma 3 270M, {report['prompt_tokens']}-token prompt, {report['new_tokens']} greedy tokens, "
-                        f"median of {report['runs']} runs, {report['threads']} threads")
-    texts = list(report["exports"][0]["quality"])
-    for col in ("row", "MiB", *(f"{t} ppl / top-1" for t in texts), "prefill tok/s", "decode tok/s", "peak RSS MiB"):
-        table.add_column(col, justify="left" if col == "row" else "right")
-    for e in report["exports"]:
-        table.add_row(e["name"], f"{e['model_bytes'] / MIB:,.0f}",
-                      *(f"x{e['quality'][t][0]:.3f} / {e['quality'][t][1]:.1%}" for t in texts),
-                      f"{e['median_prefill_tokens_per_s']:,.0f} ±{e['spread_prefill_tokens_per_s']:.0%}",
-                      f"{e['median_decode_tokens_per_s']:.1f} ±{e['spread_decode_tokens_per_s']:.0%}",
-                      f"{e['peak_rss_bytes'] / MIB:,.0f}")
-    results().print(table)
+    header, rows = table(report)
+    shown = Table(title=f"real Gemma 3 270M, {report['prompt_tokens']}-token prompt, {report['new_tokens']} greedy tokens, "
+                        f"median of {report['runs']} runs (± spread), {report['threads']} threads")
+    for col in header:
+        shown.add_column(col, justify="left" if col == "row" else "right")
+    for cells in rows:
+        shown.add_row(*cells)
+    results().print(shown)
     write_atomic(args.out / "peers.json", json.dumps(report, indent=1).encode())
     plot({**report, "exports": [{**e, "folder": e["name"]} for e in report["exports"]]}, args.out / "peers.png")
     body = markdown(report)

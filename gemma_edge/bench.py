@@ -132,8 +132,8 @@ class Subject:
     result: ExportBench
     vocab_size: int
     max_tokens: int
-    worker: Callable = _worker
-    source: str = ""
+    worker: Callable  # bench's own for an export folder (_worker); benchmarks/peers.py's for the peers
+    source: str  # what the worker loads
 
 
 def export_subject(folder: Path) -> Subject:
