@@ -27,9 +27,9 @@ import torch
 
 from gemma_edge.config import GemmaConfig, check_model_type, variant
 from gemma_edge.errors import CheckpointError, MissingDependencyError, UnsupportedModelError
-from gemma_edge.exporters.streaming import Progress
 from gemma_edge.files import exclusive, make_temp_dir, remove_dead_leftovers, sha256_file
 from gemma_edge.model import Gemma
+from gemma_edge.progress import Progress
 
 if TYPE_CHECKING:
     from gemma_edge.adapters import Adapter, Merge

@@ -35,7 +35,7 @@ class StageProgress:
         self.console.print(f"[green]✓[/green] {name} ({time.perf_counter() - start:.1f} s)")
 
     def report(self, p) -> None:
-        """streaming.Progress: the tensor being read, the share of the weights done, the time left."""
+        """progress.Progress: the tensor being read, the share of the weights done, the time left."""
         if self.task is not None:
             left = f"{p.eta:.0f} s left" if p.eta is not None else ""
             self.bar.update(self.task, total=p.total, completed=p.done, left=f"{p.name}  {left}")

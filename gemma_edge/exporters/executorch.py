@@ -40,13 +40,14 @@ from gemma_edge.exporters.manifest import cache_section, copy_tokenizer, special
 from gemma_edge.exporters.rewrites import replace_gelu_with_explicit_tanh_form, replace_rmsnorm_mean_with_linear
 from gemma_edge.exporters.settings import ExportSettings
 from gemma_edge.exporters.stages import ExportResult, Stage, no_stage
-from gemma_edge.exporters.streaming import Progress, fill_layers
+from gemma_edge.exporters.streaming import fill_layers
 from gemma_edge.exporters.torchao_quant import (HEAD_OF_TABLE, INT4, TABLE_INT4, int4_layer_grid, quantization_plan,
                                                 quantization_targets, replace_with_quantized_layers,
                                                 untie_output_projection)
 from gemma_edge.exporters.tracing import export_model
 from gemma_edge.files import staged_folder
 from gemma_edge.model import Gemma
+from gemma_edge.progress import Progress
 
 PTE_FILE = "model.pte"
 DATA_TAG = "model"  # the weights' file: model.ptd

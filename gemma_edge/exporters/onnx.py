@@ -42,9 +42,10 @@ from gemma_edge.exporters.onnx_quant import (BITS, CLIPS, BlockGrid, QuantizedMa
 from gemma_edge.exporters.rewrites import TensorKVCache, pass_caches_as_tensors
 from gemma_edge.exporters.settings import ExportSettings
 from gemma_edge.exporters.stages import ExportResult, Stage, no_stage
-from gemma_edge.exporters.streaming import Progress, Target, fill_layers
+from gemma_edge.exporters.streaming import Target, fill_layers
 from gemma_edge.files import staged_folder
 from gemma_edge.model import Gemma
+from gemma_edge.progress import Progress
 
 ONNX_FILE = "model.onnx"
 GENAI_CONFIG = "genai_config.json"

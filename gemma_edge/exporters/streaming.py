@@ -24,6 +24,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from gemma_edge.progress import Progress
+
 
 M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 
@@ -62,20 +64,6 @@ class Target:
     sources: tuple[str, ...]
     fill: Callable[[torch.Tensor], None]
     arrived: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-@dataclass
-class Progress:
-    """What fill_layers reports after each tensor: elements done of total, seconds so far."""
-
-    done: int
-    total: int
-    seconds: float
-    name: str
-
-    @property
-    def eta(self) -> float | None:
-        return self.seconds * (self.total - self.done) / self.done if self.done else None
 
 
 def fill_layers(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], targets: list[Target],
