@@ -46,7 +46,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         x = x[0]
-        cos, sin, mask = self.cos[input_pos], self.sin[input_pos], self.attn[0].mask(input_pos)
+        cos, sin, mask = self.cos[input_pos], self.sin[input_pos], self.attn[0].mask(input_pos, x.dtype)
         for attn in self.attn:
             x = x + attn(x, input_pos, cos, sin, mask, self.rotate)
         return x
