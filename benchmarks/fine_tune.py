@@ -6,7 +6,8 @@ base and under base + adapter) and how much of that each export keeps.
     .venv/bin/python benchmarks/fine_tune.py [--out /tmp/fine-tune] [--recipes onnx:int8 onnx:int8:int4 ...]
         [--epochs 2] [--rank 16] [--lr 1e-4]
 
-A recipe is FORMAT:QUANT[:EMBEDDING_QUANT][:gptq] (gptq: --recipe gptq on its default calibration text).
+A recipe is FORMAT:QUANT[:EMBEDDING_QUANT][:gptq] (gptq: --recipe gptq on its default calibration text;
+without it, --recipe rtn).
 
 The examples are written from Python's own standard library (nothing downloaded): "Describe the
 Python function M.F." -> the first sentence of its docstring, in the dolly layout
@@ -145,7 +146,7 @@ def main() -> None:
     for recipe in args.recipes:
         fmt, quant, *rest = recipe.split(":")
         flags = (["--embedding-quant", rest[0]] if rest and rest[0] != "gptq" else []) + (
-            ["--recipe", "gptq"] if "gptq" in rest else [])
+            ["--recipe", "gptq" if "gptq" in rest else "rtn"])
         folder = args.out / recipe.replace(":", "-")
         start = time.perf_counter()
         cli("export", "gemma-3-270m", "--adapter", str(adapter), "--template", "instruction", "--format", fmt,

@@ -45,11 +45,11 @@ HERE = Path(__file__).resolve().parent
 PEER_PACKAGES = ("llama-cpp-python==0.3.36", "diskcache==5.6.3", "onnxruntime-genai==0.18.0")  # + .venv's numpy, jinja2, onnxruntime
 CONTEXT = 1024  # every row's cache: our exports' default --max-seq-len
 OURS = {  # folder name: gemma-edge export arguments (the best recipe of each, benchmarks/QUALITY.md; int4 also as plain)
-    "ours-onnx-int4": ["--format", "onnx", "--quant", "int4"],
+    "ours-onnx-int4": ["--format", "onnx", "--quant", "int4", "--recipe", "rtn"],
     "ours-onnx-int4-gptq": ["--format", "onnx", "--quant", "int4", "--recipe", "gptq"],
     "ours-onnx-phone-gptq": ["--format", "onnx", "--quant", "int8", "--embedding-quant", "int4", "--recipe", "gptq"],
     "ours-pte-int4-gptq": ["--format", "pte", "--quant", "int4", "--recipe", "gptq"],
-    "ours-pte-phone": ["--format", "pte", "--quant", "int8", "--embedding-quant", "int4"],  # make demo's
+    "ours-pte-phone": ["--format", "pte", "--quant", "int8", "--embedding-quant", "int4", "--recipe", "rtn"],  # make demo's
 }
 LLAMA_TYPES = {"Q4_0": 2, "Q8_0": 7}  # llama_ftype: LLAMA_FTYPE_MOSTLY_Q4_0, _Q8_0
 MIB = 2**20

@@ -129,12 +129,14 @@ TINY_MAX_SEQ_LEN = 64
 @pytest.fixture(scope="session")
 def tiny_exports(tiny_with_tokenizers):
     """export(name, format, quant, **settings) -> the folder of that tiny checkpoint's export (max_seq_len 64),
-    made once per exporter code and reused across runs (tests/export_cache.py)."""
+    made once per exporter code and reused across runs (tests/export_cache.py). Rounded to nearest
+    unless settings name a recipe: the tests of calibration (test_calibration.py) ask for it."""
     from export_cache import cached_export
     from gemma_edge.checkpoints import resolve
     from gemma_edge.exporters.settings import ExportSettings
 
     def export(name: str, fmt: str, quant: str = "int4", **settings) -> Path:
+        settings.setdefault("recipe", "rtn")
         return cached_export(resolve(tiny_with_tokenizers[name]),
                              ExportSettings(format=fmt, quant=quant, max_seq_len=TINY_MAX_SEQ_LEN, **settings))
 
@@ -143,7 +145,7 @@ def tiny_exports(tiny_with_tokenizers):
 
 # What gemma-edge itself writes to stderr, line by line (results go to stdout): a stage done, the
 # memory an export expects, generate's statistics, an error. Anything else there is a library's.
-OUR_STDERR = [r"✓ .+ \(\d+\.\d s\)", r"expected peak memory [\d.]+ GiB \([\d.]+ GiB available\)",
+OUR_STDERR = [r"✓ .+ \(\d+\.\d s\)", r"expected peak memory [\d.]+ GiB \([\d.]+ GiB available\)", r"--recipe auto: .+",
               r"\d+ prompt tokens \(\d+ cached\), \d+ generated, first token \d+ ms, prefill [\d.]+ tok/s, "
               r"decode [\d.]+ tok/s, finish: \w+", r"gemma-edge: .+"]
 

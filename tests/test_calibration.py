@@ -205,13 +205,42 @@ def test_calibration_text_files_and_the_default(tmp_path, tiny_with_tokenizers):
 
 
 def test_recipes_are_checked():
-    with pytest.raises(ConfigError, match="unknown recipe 'awq'; valid: rtn, gptq"):
+    with pytest.raises(ConfigError, match="unknown recipe 'awq'; valid: auto, rtn, gptq"):
         ExportSettings(format="onnx", recipe="awq")
     with pytest.raises(ConfigError, match="--recipe gptq calibrates 4-bit weights"):
         ExportSettings(format="pte", quant="int8", recipe="gptq")  # int8 throughout: nothing to calibrate
     ExportSettings(format="pte", quant="int8", embedding_quant="int4", recipe="gptq")  # the int4 table
-    with pytest.raises(ConfigError, match="add --recipe gptq"):
-        ExportSettings(format="pte", calibration="text.txt")
+    with pytest.raises(ConfigError, match="--recipe rtn learns nothing; use --recipe gptq"):
+        ExportSettings(format="pte", recipe="rtn", calibration="text.txt")
+    with pytest.raises(ConfigError, match="no 4-bit weights to calibrate"):
+        ExportSettings(format="onnx", quant="int8", calibration="text.txt")
+
+
+def test_auto_takes_the_best_measured_recipe_where_calibration_costs_minutes():
+    """--recipe auto (the default), resolved for a model (benchmarks/QUALITY.md's rows): GPTQ for 4-bit
+    layers and ONNX's 4-bit table, rounding to nearest for a .pte's 4-bit table under int8 layers,
+    nothing to calibrate without 4-bit weights; a calibration text always calibrates; from Gemma 3 1B
+    up, rounding to nearest unless asked (calibration takes tens of minutes there)."""
+    from gemma_edge.config import variant
+    from gemma_edge.exporters.settings import best_recipe
+
+    small, one_b, large = variant("gemma-3-270m"), variant("gemma-3-1b"), variant("gemma-2b")
+
+    def pick(config, **settings) -> str:
+        return ExportSettings(**settings).for_model(config).recipe
+
+    assert ExportSettings(format="onnx").recipe == "auto"  # until the model is known
+    assert pick(small, format="onnx") == pick(small, format="pte") == "gptq"
+    assert pick(small, format="onnx", quant="int8", embedding_quant="int4") == "gptq"
+    assert pick(small, format="pte", quant="int8", embedding_quant="int4") == "rtn"
+    assert pick(small, format="pte", quant="int8", embedding_quant="int4", calibration="t.txt") == "gptq"
+    assert pick(small, format="onnx", quant="int8") == pick(small, format="pte", quant="fp32") == "rtn"
+    for config in (one_b, large):
+        assert pick(config, format="onnx") == pick(config, format="pte") == "rtn"
+        assert pick(config, format="onnx", calibration="t.txt") == pick(config, format="pte", recipe="gptq") == "gptq"
+    assert pick(small, format="onnx", recipe="rtn") == "rtn"  # asked for: kept
+    why = best_recipe(ExportSettings(format="onnx"), large)[1]
+    assert "at 2.0 B weights in its layers" in why and "--recipe gptq calibrates" in why
 
 
 def test_the_manifest_records_the_recipe_and_its_text(tiny_exports):

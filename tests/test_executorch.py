@@ -45,12 +45,12 @@ GEMMA_EDGE = str(Path(sys.executable).with_name("gemma-edge"))
 CASES = [("tiny-gemma", "int8"), ("tiny-gemma-mha", "int4"), ("tiny-gemma2", "int4"),
          ("tiny-gemma3", "fp32"), ("tiny-gemma3", "int8"), ("tiny-gemma3", "int4"), ("tiny-gemma3", "phone"),
          ("tiny-gemma3", "gptq")]
-RECIPES = {"phone": {"quant": "int8", "embedding_quant": "int4"},
-           "gptq": {"quant": "int4", "recipe": "gptq", "calibration_tokens": 2048}}  # else {"quant": name}
+RECIPES = {"phone": {"quant": "int8", "embedding_quant": "int4", "recipe": "rtn"},
+           "gptq": {"quant": "int4", "recipe": "gptq", "calibration_tokens": 2048}}  # else {"quant": name}, rtn
 
 
 def _recipe(quant: str) -> dict:
-    return RECIPES.get(quant, {"quant": quant})
+    return RECIPES.get(quant, {"quant": quant, "recipe": "rtn"})
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +149,7 @@ def test_every_quantized_layer_alone_computes_what_eager_computes(name, quant, t
 
     from gemma_edge.exporters.executorch import program_bytes
 
-    model, plan = build_model(resolve(tiny_checkpoints[name]), ExportSettings(format="pte", quant=quant, max_seq_len=MAX_SEQ_LEN))
+    model, plan = build_model(resolve(tiny_checkpoints[name]), ExportSettings(format="pte", quant=quant, max_seq_len=MAX_SEQ_LEN, recipe="rtn"))
     inputs: dict[str, torch.Tensor] = {}
 
     def keep_input(layer: str):
@@ -332,7 +332,7 @@ def test_lowering_shares_weights_with_the_backend_and_frees_them_after(tiny_chec
     assert shared.graph_module is not program.graph_module and program.state_dict
     assert all(shared.state_dict[k] is v and copied.state_dict[k] is not v for k, v in program.state_dict.items())
 
-    model, _ = build_model(resolve(tiny_checkpoints["tiny-gemma3"]), ExportSettings(format="pte", quant="int4", max_seq_len=MAX_SEQ_LEN))
+    model, _ = build_model(resolve(tiny_checkpoints["tiny-gemma3"]), ExportSettings(format="pte", quant="int4", max_seq_len=MAX_SEQ_LEN, recipe="rtn"))
     gate, table = model.layers[0].mlp.gate_proj.weight, model.embed_tokens.weight
     before = {"gate": gate.qdata.untyped_storage().nbytes(), "table": table.qdata.untyped_storage().nbytes()}
     zeros = model.layers[0].attn.cache.k
@@ -381,7 +381,7 @@ def test_each_partition_s_weights_are_freed_once_it_is_packed(tiny_checkpoints, 
         steps.clear()
         monkeypatch.setattr(pte, "RELEASE_BYTES", release_bytes)  # 0: the tiny weights are under the full-size threshold
         monkeypatch.setattr(pte, "idle_steps_skipped", contextlib.nullcontext if every_step else shortcuts)
-        model, _ = build_model(resolve(tiny_checkpoints["tiny-gemma"]), ExportSettings(format="pte", quant=quant, max_seq_len=MAX_SEQ_LEN))
+        model, _ = build_model(resolve(tiny_checkpoints["tiny-gemma"]), ExportSettings(format="pte", quant=quant, max_seq_len=MAX_SEQ_LEN, recipe="rtn"))
         part = (lambda w: w.qdata) if quant == "int4" else (lambda w: w)
         linears = [part(m.weight) for name, m in model.named_modules() if name.endswith("_proj")]
         table = part(model.embed_tokens.weight)

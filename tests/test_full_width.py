@@ -60,7 +60,8 @@ def checkpoint(tmp_path_factory) -> Path:
 
 def _export_in_a_fresh_process(ckpt, settings, folder: Path) -> dict:
     result = subprocess.run([sys.executable, "-c", EXPORT, "export", str(ckpt.hf_dir), "--format", settings.format,
-                             "--quant", settings.quant, "--max-seq-len", str(settings.max_seq_len), "-o", str(folder)],
+                             "--quant", settings.quant, "--recipe", settings.recipe, "--max-seq-len", str(settings.max_seq_len),
+                             "-o", str(folder)],
                             capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stderr
     measured = json.loads(result.stdout.strip().splitlines()[-1])
@@ -74,7 +75,7 @@ def exports(checkpoint) -> dict[str, tuple[Path, dict]]:
     """{format: (export folder, what its process measured)}, cached like the other exports."""
     out = {}
     for fmt in ("onnx", "pte"):
-        settings = ExportSettings(format=fmt, quant="int4", max_seq_len=MAX_SEQ_LEN)
+        settings = ExportSettings(format=fmt, quant="int4", max_seq_len=MAX_SEQ_LEN, recipe="rtn")
         folder = cached_export(resolve(checkpoint), settings, export=_export_in_a_fresh_process)
         out[fmt] = folder, json.loads(sidecar(folder).read_text())
     return out
@@ -101,7 +102,7 @@ def test_the_export_stays_within_the_memory_it_says_it_needs(fmt, exports, check
     the .pte with its head's correction (it reads the table again and runs the model once): 1.22."""
     _, measured = exports[fmt]
     config = resolve(checkpoint).config
-    settings = ExportSettings(format=fmt, quant="int4", max_seq_len=MAX_SEQ_LEN)
+    settings = ExportSettings(format=fmt, quant="int4", max_seq_len=MAX_SEQ_LEN, recipe="rtn")
     bound = memory.expected_peak(config, settings)
     float32 = 4 * config.num_parameters()
     print(f"{fmt}: peak {measured['peak_bytes'] / 2**30:.2f} GiB, {measured['printed']}; the model in float32 "
@@ -125,7 +126,7 @@ def test_the_full_width_pte_computes_what_its_eager_quantized_model_computes(exp
     folder, _ = exports["pte"]
     ids = _ids()
     got = _rows(ExecuTorchBackend(folder), ids, last_only=True)
-    model, _ = build_model(resolve(checkpoint), ExportSettings(format="pte", quant="int4", max_seq_len=MAX_SEQ_LEN))
+    model, _ = build_model(resolve(checkpoint), ExportSettings(format="pte", quant="int4", max_seq_len=MAX_SEQ_LEN, recipe="rtn"))
     quantized = _rows(EagerBackend(model), ids, last_only=True)
     fp32 = _rows(EagerBackend(load_model(checkpoint, MAX_SEQ_LEN)), ids, last_only=True)
     export_error, quant_error = np.abs(got - quantized).mean(), np.abs(fp32 - quantized).mean()

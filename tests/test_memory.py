@@ -44,7 +44,7 @@ BUILD = textwrap.dedent("""
         return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 
     def build(config):
-        settings = ExportSettings(format=sys.argv[1], quant="int4", max_seq_len=64)
+        settings = ExportSettings(format=sys.argv[1], quant="int4", max_seq_len=64, recipe="rtn")
         ckpt = Checkpoint("random:mid", config, None)
         return build_onnx(ckpt, settings, FUSED) if sys.argv[1] == "onnx" else build_pte(ckpt, settings)
 
@@ -100,7 +100,7 @@ def test_force_and_the_estimate(tiny_checkpoints, monkeypatch):
         memory.check_memory(config, settings, force=False)
     # The estimate orders what it should: fp32 over int8 and int4, 7B over 2B, ONNX int8 over int4
     # (a .pte's int4 is held as int8 values with group scales until XNNPACK packs it: no smaller).
-    peak = {(v, f, q): memory.expected_peak(variant(v), ExportSettings(format=f, quant=q))
+    peak = {(v, f, q): memory.expected_peak(variant(v), ExportSettings(format=f, quant=q, recipe="rtn"))
             for v in ("gemma-2b", "gemma-7b") for f in ("onnx", "pte") for q in ("int4", "int8", "fp32")}
     for v in ("gemma-2b", "gemma-7b"):
         assert peak[(v, "onnx", "int4")] < peak[(v, "onnx", "int8")]
@@ -116,6 +116,11 @@ def test_force_and_the_estimate(tiny_checkpoints, monkeypatch):
     assert all(memory.expected_peak(variant("gemma-7b"), ExportSettings(format=f, recipe="gptq")) / 2**30 < 16
                for f in ("onnx", "pte"))
     assert memory.expected_peak(variant("gemma-2b"), ExportSettings(format="onnx", recipe="gptq")) / 2**30 > 4.08
+    # Refused for its calibration's memory, an export names rounding to nearest, which fits.
+    rtn = memory.expected_peak(variant("gemma-7b"), ExportSettings(format="onnx", recipe="rtn"))
+    monkeypatch.setattr(memory, "available_memory", lambda: rtn)
+    with pytest.raises(Exception, match=rf"--recipe rtn needs about {rtn / 2**30:.1f} GiB"):
+        memory.check_memory(variant("gemma-7b"), ExportSettings(format="onnx", recipe="gptq"), force=False)
     # int4 weights: 2B about 1.5 GiB and 7B about 4.7 GiB in ONNX (the measured files, README).
     assert 1.3 < memory.weight_bytes(variant("gemma-2b"), ExportSettings(format="onnx")) / 2**30 < 1.6
 

@@ -49,8 +49,8 @@ CASES += [("tiny-gemma3", quant, "standard") for quant in ("fp32", "int4")]
 CASES += [("tiny-gemma3", "int8+e4", "auto")]  # int8 layers, int4 table: the x1.09 recipe (test_real_onnx.py)
 CASES += [("tiny-gemma3", "int4+gptq", "auto")]  # int4 layers and the table rounded by GPTQ
 # The quantization of a case: --quant, and --embedding-quant where it differs from its default.
-RECIPES = {"fp32": {"quant": "fp32"}, "int8": {"quant": "int8"}, "int4": {"quant": "int4"},
-           "int8+e4": {"quant": "int8", "embedding_quant": "int4"},
+RECIPES = {"fp32": {"quant": "fp32"}, "int8": {"quant": "int8"}, "int4": {"quant": "int4", "recipe": "rtn"},
+           "int8+e4": {"quant": "int8", "embedding_quant": "int4", "recipe": "rtn"},
            "int4+gptq": {"quant": "int4", "recipe": "gptq", "calibration_tokens": 2048}}
 CONTRIB = {"tiny-gemma2", "tiny-gemma3"}  # what auto resolves to contrib for
 
@@ -64,12 +64,15 @@ def exports(tiny_exports, tiny_checkpoints, tmp_path_factory) -> dict[tuple[str,
     out = {}
     for name, quant, ops in CASES:
         folder = root / f"{name}-{quant}-{ops}"
-        if (name, quant) == ("tiny-gemma", "int4"):  # one through the command line
+        if (name, quant) == ("tiny-gemma", "int4"):  # one through the command line, its recipe auto's choice
             result = subprocess.run([GEMMA_EDGE, "export", str(tiny_checkpoints[name]), "--format", "onnx",
                                      "--quant", quant, "--max-seq-len", str(MAX_SEQ_LEN), "-o", str(folder)],
                                     capture_output=True, text=True, timeout=900)
             assert result.returncode == 0, result.stderr
-            assert "model.onnx" in result.stdout and "quantize" in result.stderr
+            assert "model.onnx" in result.stdout and "calibrate and quantize" in result.stderr
+            assert "--recipe auto: GPTQ, the best measured for 4-bit weights; --recipe rtn skips" in result.stderr
+            recorded = json.loads((folder / "gemma_edge.json").read_text())
+            assert recorded["export"]["recipe"] == recorded["quantization"]["recipe"]["name"] == "gptq"
             assert not_ours(result.stderr) == []  # our lines only: the libraries' are filtered
         elif ops == "auto":
             folder = tiny_exports(name, "onnx", **RECIPES[quant])

@@ -28,8 +28,9 @@ MIB = 1 << 20
 @pytest.fixture(scope="module")
 def exports(real):
     ckpt = real[0]
-    return {"phone": cached_export(ckpt, ExportSettings(format="pte", quant="int8", embedding_quant="int4", max_seq_len=MAX_SEQ_LEN)),
-            "int4": cached_export(ckpt, ExportSettings(format="pte", quant="int4", max_seq_len=MAX_SEQ_LEN))}
+    return {"phone": cached_export(ckpt, ExportSettings(format="pte", quant="int8", embedding_quant="int4", max_seq_len=MAX_SEQ_LEN,
+                                                        recipe="rtn")),
+            "int4": cached_export(ckpt, ExportSettings(format="pte", quant="int4", max_seq_len=MAX_SEQ_LEN, recipe="rtn"))}
 
 
 def file_bytes(folder) -> int:

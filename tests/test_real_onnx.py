@@ -17,7 +17,8 @@ pytestmark = pytest.mark.slow
 
 
 # int8+e4: int8 decoder layers, the tied table (embedding and output projection) in int4.
-RECIPES = {"int8": {"quant": "int8"}, "int4": {"quant": "int4"}, "int8+e4": {"quant": "int8", "embedding_quant": "int4"}}
+RECIPES = {"int8": {"quant": "int8"}, "int4": {"quant": "int4", "recipe": "rtn"},
+           "int8+e4": {"quant": "int8", "embedding_quant": "int4", "recipe": "rtn"}}
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ def test_generator_on_the_real_model_matches_transformers(real):
     for gen in (fp32, eager):
         gen.generate(ids, 32, ignore_eos=True)
         assert gen.last.token_ids == expected, type(gen.backend).__name__
-    int4 = Generator.load(cached_export(ckpt, ExportSettings(format="onnx", quant="int4", max_seq_len=MAX_SEQ_LEN)))
+    int4 = Generator.load(cached_export(ckpt, ExportSettings(format="onnx", quant="int4", max_seq_len=MAX_SEQ_LEN, recipe="rtn")))
     text = int4.generate("The capital of France is", 32, ignore_eos=True)
     assert int4.last.token_ids == greedy(int4.backend, ids, 32).token_ids and text == int4.tokenizer.decode(int4.last.token_ids)
     print("fp32:", repr(fp32.tokenizer.decode(expected)), "int4:", repr(text))

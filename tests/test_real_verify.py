@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["onnx", "pte"])
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_real_exports_verify(fmt, quant, real, tmp_path):
-    folder = cached_export(real[0], ExportSettings(format=fmt, quant=quant, max_seq_len=REAL_MAX_SEQ_LEN))
+    folder = cached_export(real[0], ExportSettings(format=fmt, quant=quant, max_seq_len=REAL_MAX_SEQ_LEN, recipe="rtn"))
     report = tmp_path / "report.json"
     result = subprocess.run([str(Path(sys.executable).with_name("gemma-edge")), "verify", str(folder), "--json", str(report)],
                             capture_output=True, text=True, timeout=1800)
@@ -39,7 +39,7 @@ def test_real_int4_pte_verifies_on_emulated_arm64(real, tmp_path):
     each check's mean KL and the perplexity ratio over all 144 rows, not a check's own ratio: the
     decode check's 16 rows are noise (measured 2026-12-02, clipped int4 table: decode x1.820 on the
     host, x1.935 on arm64, 6% apart, from a KL 0.012 apart; the same checks over all rows: x2.130 / x2.156)."""
-    folder = cached_export(real[0], ExportSettings(format="pte", quant="int4", max_seq_len=REAL_MAX_SEQ_LEN))
+    folder = cached_export(real[0], ExportSettings(format="pte", quant="int4", max_seq_len=REAL_MAX_SEQ_LEN, recipe="rtn"))
     reports = {}
     for target in ("host", "arm64"):
         reports[target] = tmp_path / f"{target}.json"

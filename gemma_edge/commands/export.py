@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from gemma_edge.commands.ui import progress, results
     from gemma_edge.config import check_max_seq_len
     from gemma_edge.exporters.memory import GIB, check_memory
-    from gemma_edge.exporters.settings import ExportSettings
+    from gemma_edge.exporters.settings import ExportSettings, best_recipe
     from gemma_edge.files import check_output_folder
 
     settings = ExportSettings(format=args.format, quant=args.quant, group_size=args.group_size,
@@ -69,6 +69,9 @@ def run(args: argparse.Namespace) -> int:
     with stage(f"resolve {args.model}" + "".join(f" + {Path(a).name}" for a in args.adapter)):
         ckpt = resolve(args.model, args.adapter, report=display.report)
     check_max_seq_len(ckpt.config, settings.max_seq_len)
+    if settings.recipe == "auto" and "int4" in (settings.quant, settings.embedding_quant):
+        console.print(f"--recipe auto: {best_recipe(settings, ckpt.config)[1]}", highlight=False, soft_wrap=True)
+    settings = settings.for_model(ckpt.config)
     need, have = check_memory(ckpt.config, settings, args.force)
     console.print(f"expected peak memory {need / GIB:.1f} GiB ({have / GIB:.1f} GiB available)")
     if settings.format == "pte":

@@ -298,6 +298,7 @@ def _run(layer: DecoderLayer, x: torch.Tensor, config: GemmaConfig) -> torch.Ten
 
 def recipe_calibration(ckpt: Checkpoint, settings) -> Calibration | None:
     """The calibration settings.recipe learns from: None for rtn, which learns nothing."""
+    settings = settings.for_model(ckpt.config)
     return None if settings.recipe == "rtn" else calibration(ckpt, settings.calibration, settings.max_seq_len,
                                                                settings.calibration_tokens)
 
@@ -312,7 +313,7 @@ def calibrated_stream(ckpt: Checkpoint, settings, weights: Iterable[tuple[str, t
                       calib: Calibration | None = None) -> Iterable[tuple[str, torch.Tensor]]:
     """weights as settings.recipe rounds them: unchanged for rtn; for gptq, the weights in names
     calibrated (calibrated_weights) on calib (else the settings' text, see calibration())."""
-    if settings.recipe == "rtn":
+    if settings.for_model(ckpt.config).recipe == "rtn":
         return weights
     calib = calib or recipe_calibration(ckpt, settings)
     return calibrated_weights(weights, ckpt.config, calib.ids, names, choose, grids,
@@ -320,7 +321,8 @@ def calibrated_stream(ckpt: Checkpoint, settings, weights: Iterable[tuple[str, t
 
 
 def recipe_record(settings, calib: Calibration | None) -> dict:
-    """The manifest's record of how the 4-bit layers were rounded."""
+    """The manifest's record of how the 4-bit layers were rounded (settings for the model: no auto)."""
+    assert settings.recipe != "auto", "recipe_record needs the settings for_model() resolved"
     if settings.recipe == "rtn":
         return {"name": "rtn"}
     from gemma_edge.exporters.gptq import BLOCK, DAMPING

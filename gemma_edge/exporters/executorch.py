@@ -93,6 +93,7 @@ def build_model(ckpt: Checkpoint, settings: ExportSettings, report: Callable[[Pr
     layer by layer from the checkpoint, each layer quantized as soon as it is read: only one layer
     is ever in float32; the 4-bit layers rounded by settings.recipe (calibrated on calib, else the
     settings' text). Returns it and {layer: quantization scheme}."""
+    settings = settings.for_model(ckpt.config)
     weights = iter_weights(ckpt)  # the checkpoint's headers are checked before anything is allocated
     quantized = settings.quant != "fp32" or settings.embedding_quant != "none"
     with torch.device("meta"):
@@ -367,6 +368,7 @@ def export_pte(ckpt: Checkpoint, settings: ExportSettings, outdir: Path, overwri
                stage: Stage = no_stage,
                report: Callable[[Progress], None] | None = None) -> ExportResult:
     result = ExportResult(Path(outdir))
+    settings = settings.for_model(ckpt.config)
 
     def timed(name: str):
         return result.timed(name, stage)

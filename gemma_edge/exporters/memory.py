@@ -75,6 +75,7 @@ def expected_peak(config: GemmaConfig, settings: ExportSettings) -> int:
     sources are read block by block; measured at full size (README, "Full size", 2026-12-02): Gemma 2B
     int4 ONNX 3.07 GiB from a sharded bf16 folder, 3.81 from random:gemma-2b (this says 5.2), .pte 4.98
     (6.7); 7B int4 ONNX 7.94 (11.1), .pte 11.30 (15.7); Gemma 3 1B int8 ONNX 2.54 (3.5)."""
+    settings = settings.for_model(config)
     largest = 4 * max(config.vocab_size * config.hidden_size, config.hidden_size * config.intermediate_size * 2)
     extra = LARGEST * largest
     if settings.format == "pte":
@@ -114,12 +115,23 @@ def available_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def _alternative(settings: ExportSettings, **changes) -> ExportSettings:
+    """settings with changes and the same recipe, or rtn where nothing 4-bit is left to calibrate."""
+    rtn = dataclasses.replace(settings, recipe="rtn", calibration=None, **changes)
+    if settings.recipe == "rtn" or "int4" not in (rtn.quant, rtn.embedding_quant):
+        return rtn
+    return dataclasses.replace(rtn, recipe=settings.recipe, calibration=settings.calibration)
+
+
 def check_memory(config: GemmaConfig, settings: ExportSettings, force: bool) -> tuple[int, int]:
     """(expected peak, available) in bytes; raises when the export clearly cannot fit, unless force."""
     need, have = expected_peak(config, settings), available_memory()
     if need > have and not force:
-        options = {f"--quant {q}": dataclasses.replace(settings, quant=q, embedding_quant=None) for q in ("int4", "int8")}
-        options["--format onnx"] = dataclasses.replace(settings, format="onnx", ops=None)
+        settings = settings.for_model(config)
+        options = {f"--quant {q}": _alternative(settings, quant=q, embedding_quant=None) for q in ("int4", "int8")}
+        options["--format onnx"] = _alternative(settings, format="onnx", ops=None)
+        if settings.recipe == "gptq":
+            options["--recipe rtn"] = dataclasses.replace(settings, recipe="rtn", calibration=None)
         fits = [f"{flag} needs about {expected_peak(config, other) / GIB:.1f} GiB" for flag, other in options.items()
                 if other != settings and expected_peak(config, other) <= have]
         raise GemmaEdgeError(

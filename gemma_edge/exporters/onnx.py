@@ -88,6 +88,7 @@ def build_model(ckpt: Checkpoint, settings: ExportSettings, ops: str,
     """The model as the graph computes it (ops, block-quantized layers), filled layer by layer from
     the checkpoint, its 4-bit layers rounded by settings.recipe (calibrated on calib, else the
     settings' text); returns it and {layer: quantization scheme}."""
+    settings = settings.for_model(ckpt.config)
     weights = iter_weights(ckpt)  # the checkpoint's headers are checked before anything is allocated
     grids: dict[str, BlockGrid] = {}
     weights = calibrated_stream(ckpt, settings, weights, calibrated_onnx_weights(ckpt.config, settings),
@@ -327,6 +328,7 @@ def export_onnx(ckpt: Checkpoint, settings: ExportSettings, outdir: Path, overwr
                 stage: Stage = no_stage,
                 report: Callable[[Progress], None] | None = None) -> ExportResult:
     result = ExportResult(Path(outdir))
+    settings = settings.for_model(ckpt.config)
 
     def timed(name: str):
         return result.timed(name, stage)

@@ -25,8 +25,17 @@ ONNX_OPS = ("auto", "contrib", "standard")
 # (BFLOAT16_WHY), so it is refused by name rather than run slowly.
 KV_DTYPES = ("float32", "float16")
 # How 4-bit layers are rounded: to nearest on each group's best clipping (rtn), or by GPTQ on the
-# same grids, calibrated on a text (gptq, exporters/calibration.py).
-RECIPES = ("rtn", "gptq")
+# same grids, calibrated on a text (gptq, exporters/calibration.py); auto: best_recipe's choice for
+# the model, its weights and the format, made when the export starts (for_model).
+RECIPES = ("auto", "rtn", "gptq")
+# --recipe auto calibrates a model whose decoder layers hold at most this many weights. GPTQ's time
+# grows with the layers' sizes (each layer run on the calibration text, a Hessian over its inputs,
+# factored): on 2 cores, Gemma 3 270M (0.10 B in its layers) calibrates in ~50 s; the ONNX int4
+# export of Gemma 3 1B (0.70 B) took 22 minutes and Gemma 2B's (1.98 B) 38 (random weights,
+# 2026-12-04), where rounding to nearest exports them in about one. Past the full-size exports' time
+# limits (benchmarks/full_size.py: 10 minutes for ONNX), auto rounds to nearest and says how to
+# calibrate.
+AUTO_GPTQ_MAX_LAYER_WEIGHTS = 500_000_000
 # A .pte's memory plan holds every activation for the longest call it allows (ExecuTorch allocates
 # the plan whole, zero-filled, when it loads: Gemma 7B at 1024 tokens per call 0.88 GiB beside its
 # KV cache, at 256 0.22), so a .pte takes prompts in chunks of at most this many tokens (its stock
@@ -50,7 +59,7 @@ class ExportSettings:
     ops: str | None = None  # ONNX only: auto (default), contrib or standard operators
     kv_dtype: str = "float32"  # the KV cache's element type: float32 or float16
     max_tokens_per_call: int | None = None  # .pte only: longest call (a prefill chunk); None: PTE_TOKENS_PER_CALL
-    recipe: str = "rtn"  # how int4 layers are rounded: RECIPES
+    recipe: str = "auto"  # how int4 layers are rounded: RECIPES (auto: best_recipe's, once the model is known)
     calibration: str | None = None  # the calibration text (--recipe gptq); None: calibration.default_text()
     calibration_tokens: int = 16384  # --recipe gptq: tokens of the text calibrated on (in chunks of up to 512)
     template: str | None = None  # the prompt format the model expects (runtime/templates.py): generate's, chat's and the app's default
@@ -83,7 +92,7 @@ class ExportSettings:
                               "use --kv-dtype float16")
         _one_of("kv-dtype", self.kv_dtype, KV_DTYPES)
         _one_of("recipe", self.recipe, RECIPES)
-        if self.recipe != "rtn" and "int4" not in (self.quant, self.embedding_quant):
+        if self.recipe == "gptq" and "int4" not in (self.quant, self.embedding_quant):
             raise ConfigError(f"--recipe {self.recipe} calibrates 4-bit weights (--quant int4, --embedding-quant int4); "
                               f"with --quant {self.quant} --embedding-quant {self.embedding_quant} use --recipe rtn")
         if self.template is not None:
@@ -92,9 +101,13 @@ class ExportSettings:
             _one_of("template", self.template, tuple(TEMPLATES))
         if self.calibration_tokens < 2:
             raise ConfigError(f"--calibration-tokens must be at least 2, got {self.calibration_tokens}")
-        if self.calibration is not None and self.recipe == "rtn":
-            raise ConfigError("--calibration is the text a calibrated recipe learns from; add --recipe gptq, "
-                              "or leave --calibration out")
+        if self.calibration is not None:
+            if "int4" not in (self.quant, self.embedding_quant):
+                raise ConfigError(f"--calibration: --quant {self.quant} --embedding-quant {self.embedding_quant} has no "
+                                  "4-bit weights to calibrate; leave --calibration out, or choose int4 weights")
+            if self.recipe == "rtn":
+                raise ConfigError("--calibration is the text a calibrated recipe learns from, and --recipe rtn learns "
+                                  "nothing; use --recipe gptq (or auto), or leave --calibration out")
         if self.format == "onnx" and self.kv_dtype != "float32" and self.ops == "standard":
             raise ConfigError("--kv-dtype float16 needs ONNX Runtime's GroupQueryAttention (--ops auto or contrib): "
                               "the standard graph's float16 matmuls have no CPU kernel of their own")
@@ -108,6 +121,43 @@ class ExportSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def for_model(self, config) -> ExportSettings:
+        """These settings with --recipe auto replaced by best_recipe's choice for config (a GemmaConfig)."""
+        if self.recipe != "auto":
+            return self
+        return dataclasses.replace(self, recipe=best_recipe(self, config)[0])
+
+
+def best_recipe(settings: ExportSettings, config) -> tuple[str, str]:
+    """--recipe auto: the recipe measured best for these weights in this format (benchmarks/QUALITY.md,
+    the real Gemma 3 270M on two texts, perplexity ratio on the manual / on code), where calibrating
+    costs minutes. GPTQ wherever the decoder's layers are 4-bit (ONNX x1.476 / x2.306 -> x1.058 /
+    x1.398, .pte x1.380 / x1.908 -> x1.106 / x1.497) and for ONNX's 4-bit table (int8 layers: x1.085
+    / x1.116 -> x1.011 / x1.102). A .pte whose only 4-bit weights are the table rounds it to nearest
+    and corrects the head's worst columns (head_correction.py): x1.048 / x1.121 against GPTQ's x1.033
+    / x1.154, in a third of the export time. Nothing 4-bit: nothing to calibrate. A calibration text
+    asks for calibration at any size; without one, a model with more than AUTO_GPTQ_MAX_LAYER_WEIGHTS
+    in its layers is rounded to nearest (from Gemma 3 1B up: calibrating takes 21-38 minutes on 2 cores).
+    Returns (recipe, why: a line for the user)."""
+    if "int4" not in (settings.quant, settings.embedding_quant):
+        return "rtn", "no 4-bit weights: nothing to calibrate"
+    if settings.calibration is not None:
+        return "gptq", "GPTQ, calibrated on --calibration"
+    if settings.format == "pte" and settings.quant != "int4":
+        return "rtn", ("rounded to nearest, the head's worst columns corrected: the best measured for a .pte with "
+                       "int8 layers (--recipe gptq calibrates the table)")
+    billions = layer_weights(config) / 1e9
+    if billions <= AUTO_GPTQ_MAX_LAYER_WEIGHTS / 1e9:
+        return "gptq", "GPTQ, the best measured for 4-bit weights; --recipe rtn skips the calibration"
+    return "rtn", (f"rounded to nearest: at {billions:.1f} B weights in its layers calibration takes tens of minutes "
+                   "(--recipe gptq calibrates)")
+
+
+def layer_weights(config) -> int:
+    """The weights of a GemmaConfig's decoder layers: all but the embedding table (and an untied head)."""
+    head = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
+    return config.num_parameters() - config.vocab_size * config.hidden_size - head
 
 
 def _one_of(what: str, value: str, valid: tuple[str, ...]) -> None:
