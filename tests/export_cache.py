@@ -61,7 +61,10 @@ def _imported_closure(start: Path, package: Path) -> set[Path]:
 def cached_export(ckpt: Checkpoint, settings: ExportSettings, export=None) -> Path:
     """The export of ckpt with settings, made once per content key. export(ckpt, settings, folder):
     how to make it (default: the exporter's function in this process); what it returns, if not
-    None, is kept as JSON beside the export (sidecar(folder)) for as long as the export is."""
+    None, is kept as JSON beside the export (sidecar(folder)) for as long as the export is.
+    Settings are keyed as the export resolves them (--recipe auto's choice: one export for an int8
+    recipe asked with auto or rtn)."""
+    settings = settings.for_model(ckpt.config)
     fmt = "" if settings.format == "pte" else f"{settings.format}-"  # .pte entries predate the ONNX ones
     # A folder source is named by its last part: the tests' tiny checkpoints live in a new temporary
     # folder each run but are the same bytes, which the key covers, so their exports are reused too.
