@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gemma_edge.errors import ConfigError
+
+if TYPE_CHECKING:
+    from gemma_edge.config import GemmaConfig
 
 FORMATS = ("pte", "onnx")
 QUANTS = ("fp32", "int8", "int4")
@@ -122,14 +125,14 @@ class ExportSettings:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def for_model(self, config) -> ExportSettings:
-        """These settings with --recipe auto replaced by best_recipe's choice for config (a GemmaConfig)."""
+    def for_model(self, config: GemmaConfig) -> ExportSettings:
+        """These settings with --recipe auto replaced by best_recipe's choice for config."""
         if self.recipe != "auto":
             return self
         return dataclasses.replace(self, recipe=best_recipe(self, config)[0])
 
 
-def best_recipe(settings: ExportSettings, config) -> tuple[str, str]:
+def best_recipe(settings: ExportSettings, config: GemmaConfig) -> tuple[str, str]:
     """--recipe auto: the recipe measured best for these weights in this format (benchmarks/QUALITY.md,
     the real Gemma 3 270M on two texts, perplexity ratio on the manual / on code), where calibrating
     costs minutes. GPTQ wherever the decoder's layers are 4-bit (ONNX x1.476 / x2.306 -> x1.058 /
@@ -154,8 +157,8 @@ def best_recipe(settings: ExportSettings, config) -> tuple[str, str]:
                    "(--recipe gptq calibrates)")
 
 
-def layer_weights(config) -> int:
-    """The weights of a GemmaConfig's decoder layers: all but the embedding table (and an untied head)."""
+def layer_weights(config: GemmaConfig) -> int:
+    """The weights of the model's decoder layers: all but the embedding table (and an untied head)."""
     head = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
     return config.num_parameters() - config.vocab_size * config.hidden_size - head
 
