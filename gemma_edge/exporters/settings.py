@@ -150,10 +150,10 @@ def best_recipe(settings: ExportSettings, config: GemmaConfig) -> tuple[str, str
     if settings.format == "pte" and settings.quant != "int4":
         return "rtn", ("rounded to nearest, the head's worst columns corrected: the best measured for a .pte with "
                        "int8 layers (--recipe gptq calibrates the table)")
-    billions = layer_weights(config) / 1e9
-    if billions <= AUTO_GPTQ_MAX_LAYER_WEIGHTS / 1e9:
+    weights = layer_weights(config)
+    if weights <= AUTO_GPTQ_MAX_LAYER_WEIGHTS:
         return "gptq", "GPTQ, the best measured for 4-bit weights; --recipe rtn skips the calibration"
-    return "rtn", (f"rounded to nearest: at {billions:.1f} B weights in its layers calibration takes tens of minutes "
+    return "rtn", (f"rounded to nearest: at {weights / 1e9:.1f} B weights in its layers calibration takes tens of minutes "
                    "(--recipe gptq calibrates)")
 
 
