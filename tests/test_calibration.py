@@ -126,6 +126,73 @@ def test_the_exporter_stores_exactly_what_gptq_rounded(fmt, dtype, tiny_with_tok
     assert all(not torch.allclose(rounded[n], plain[n].float(), atol=1e-3) for n in names)  # and they were rounded
 
 
+def test_the_table_alone_is_calibrated_on_the_float_models_final_norm_running_each_layer_once(tiny_with_tokenizers,
+                                                                                             monkeypatch):
+    """The phone recipe calibrates the table only: each decoder layer then runs once over the
+    calibration chunks (no Hessians to gather before its output), twice where it has 4-bit linears
+    (test_gathering_stops_once_every_linear_has_read_the_chunk);
+    the table is GPTQ's on the float model's final-norm outputs (Gemma's own stack, each chunk from
+    position 0), the layers' weights pass unchanged."""
+    from gemma_edge.checkpoints import load_model
+
+    ckpt = resolve(tiny_with_tokenizers["tiny-gemma3"])
+    calib = cal.calibration(ckpt, None, MAX_SEQ_LEN, TOKENS)
+    runs = []
+    run = cal._run
+    monkeypatch.setattr(cal, "_run", lambda layer, x, config, gather=None: runs.append(gather is None) or run(layer, x, config, gather))
+    table_only = dict(cal.calibrated_weights(iter_weights(ckpt), ckpt.config, calib.ids, {"embed_tokens.weight"},
+                                             GRIDS["onnx"], {}))
+    layers = ckpt.config.num_hidden_layers
+    assert runs == [True] * layers  # each layer's output, no Hessians gathered
+    plain = dict(iter_weights(ckpt))
+    assert all(torch.equal(table_only[n], w) for n, w in plain.items() if n != "embed_tokens.weight")
+
+    model = load_model(ckpt, MAX_SEQ_LEN)
+    with torch.no_grad():
+        outputs = []
+        for chunk in calib.ids:
+            model.reset_cache()
+            outputs.append(model.norm(model.hidden_states(chunk[None], torch.arange(len(chunk))))[0])
+    x = torch.cat(outputs)
+    table = plain["embed_tokens.weight"].float()
+    expected = gptq(table, x.T @ x, GRIDS["onnx"]("embed_tokens.weight", table))
+    torch.testing.assert_close(table_only["embed_tokens.weight"], expected)
+    assert not torch.allclose(expected, table, atol=1e-3)
+
+    runs.clear()
+    list(cal.calibrated_weights(iter_weights(ckpt), ckpt.config, calib.ids, cal.linear_weights(ckpt.config),
+                                GRIDS["onnx"], {}))
+    assert runs == [False, True] * layers  # each layer's Hessians, then its output with GPTQ's weights
+
+
+def test_gathering_stops_once_every_linear_has_read_the_chunk(tiny_with_tokenizers):
+    """A layer's Hessians: one per distinct input (q's for k and v, gate's for up), each the sum of
+    x x^T over that input as the whole forward gives it; down_proj, the last to read its input,
+    never computes its product."""
+    ckpt = resolve(tiny_with_tokenizers["tiny-gemma3"])
+    inputs, calib = _layer_inputs(ckpt, layer=0)
+    weights = dict(iter_weights(ckpt))
+    x = torch.nn.functional.embedding(calib.ids, weights["embed_tokens.weight"]) * ckpt.config.embedding_scale
+    layer = cal._build_layer(0, {n: w for n, w in weights.items() if n.startswith("layers.0.")}, ckpt.config, x.shape[1])
+    linears = {f"layers.0.{n}.weight": m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    products = []
+    layer.mlp.down_proj.register_forward_hook(lambda *args: products.append(args))
+    gather = cal._Gather(linears)
+    with torch.no_grad():
+        assert cal._run(layer, x, ckpt.config, gather) is None
+    gather.remove()
+    assert products == []
+    name = "layers.0.{}.weight".format
+    assert gather.groups() == {name("attn.q_proj"): [name("attn.q_proj"), name("attn.k_proj"), name("attn.v_proj")],
+                               name("attn.o_proj"): [name("attn.o_proj")],
+                               name("mlp.gate_proj"): [name("mlp.gate_proj"), name("mlp.up_proj")],
+                               name("mlp.down_proj"): [name("mlp.down_proj")]}
+    assert set(gather.hessians) == set(gather.groups())
+    for first, group in gather.groups().items():
+        for n in group:
+            torch.testing.assert_close(gather.hessians[first], inputs[n][1].T @ inputs[n][1], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("fmt", list(GRIDS))
 def test_a_bf16_table_is_calibrated_in_place_on_gptqs_grid_points(fmt):
     """calibrate_head writes GPTQ's rows back into the table it is given, in the table's dtype: a bf16

@@ -4,15 +4,17 @@ then the 4-bit output projection (the tied table the head reads):
 
     x = embed(calibration ids)                       # [chunks, tokens, hidden], float32
     for each decoder layer, as the stream reaches it:
-        H of each linear's input = sum of x x^T      # one float32 forward over the chunks
+        H of each linear's input = sum of x x^T      # a float32 forward over the chunks, as far as
+                                                     # down_proj's input (one H for q, k, v; one for gate, up)
         W' = gptq(W, H, grid chosen by the exporter from W); yield W'
         x = layer(x) with W'                         # what the next layer will see on the device
+                                                     # (the only forward of a layer with nothing to calibrate)
     table' = gptq(table, H of final_norm(x), grid)   # yielded last, the table read again
 
 Only one layer's weights (the layer computes with the stream's own tensors and GPTQ writes into
-them), its Hessians (each factored in its own storage, once for the weights that share it), two
-copies of the weight being rounded and the calibration activations are held (Gemma 7B: 1.1 GB of
-layer, 2.7 GB of Hessians, 0.3 GB for each copy of down_proj), then the table read again, its
+them), its Hessians (one per distinct input, each factored in its own storage), two copies of the
+weight being rounded and the calibration activations are held (Gemma 7B: 1.1 GB of layer, 2.6 GB
+of Hessians, 0.3 GB for each copy of down_proj), then the table read again, its
 GPTQ'd rows written back into it (7B: 3.1 GB in float32 at worst): memory.calibration_bytes.
 Between layers, the freed working memory is handed back to the system (release_freed_memory).
 The exporter fills its quantized layers from the stream as before, each calibrated one on the grid
@@ -227,22 +229,14 @@ def calibrate_layer(index: int, tensors: dict[str, torch.Tensor], x: torch.Tenso
     layer = _build_layer(index, tensors, config, x.shape[1])
     linears = {f"{prefix}{n}.weight": m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
     linears = {n: m for n, m in linears.items() if n in names}
-    hessians = {n: torch.zeros(m.in_features, m.in_features) for n, m in linears.items()}
-
-    def accumulate(name):
-        def hook(module, args):
-            inputs = args[0].reshape(-1, args[0].shape[-1]).float()
-            hessians[name].addmm_(inputs.T, inputs)
-        return hook
-
-    handles = [m.register_forward_pre_hook(accumulate(n)) for n, m in linears.items()]
-    _run(layer, x, config)
-    for handle in handles:
-        handle.remove()
+    if not linears:  # nothing to learn here (the phone recipe calibrates the table alone): its output only
+        return tensors, _run(layer, x, config)
+    gather = _Gather(linears)
+    _run(layer, x, config, gather)
+    gather.remove()
     out = dict(tensors)
-    # Layers that read the same input (q, k, v; gate, up) share one Hessian, factored once.
-    for group in _same_input(hessians):
-        f = factor([hessians.pop(n) for n in group][0])  # in the Hessian's storage (down_proj's: 2.4 GB at 7B)
+    for first, group in gather.groups().items():  # each Hessian factored once for the linears sharing it
+        f = factor(gather.hessians.pop(first))  # in the Hessian's storage (down_proj's: 2.4 GB at 7B)
         for n in group:
             weight = linears[n].weight
             grids[n] = choose(n, weight)
@@ -252,16 +246,54 @@ def calibrate_layer(index: int, tensors: dict[str, torch.Tensor], x: torch.Tenso
     return out, _run(layer, x, config)
 
 
-def _same_input(hessians: dict[str, torch.Tensor]) -> list[list[str]]:
-    groups: list[list[str]] = []
-    for name, h in hessians.items():
-        for group in groups:
-            if torch.equal(hessians[group[0]], h):
-                group.append(name)
-                break
-        else:
-            groups.append([name])
-    return groups
+class _Gathered(Exception):
+    """Every calibrated linear of the layer has read the chunk: the rest of its forward is not needed."""
+
+
+class _Gather:
+    """Forward pre-hooks on a layer's calibrated linears summing x x^T over each one's inputs: one
+    Hessian per distinct input tensor, under the first linear that read it (q for k and v, gate for
+    up: the same sums, made once), and the chunk's forward stopped (_Gathered) once every one of
+    them has read it (down_proj's product and what follows are not needed)."""
+
+    def __init__(self, linears: dict[str, torch.nn.Linear]):
+        self.hessians: dict[str, torch.Tensor] = {}
+        self.first: dict[str, str] = {}  # each linear -> the linear whose Hessian is its input's
+        self._read: dict[str, torch.Tensor] = {}  # this chunk's inputs, by the first linear that read each
+        self._pending: set[str] = set()
+        self._names = set(linears)
+        self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in linears.items()]
+
+    def start_chunk(self) -> None:
+        self._read.clear()
+        self._pending = set(self._names)
+
+    def _hook(self, name: str):
+        def hook(module, args):
+            x = args[0]
+            first = next((n for n, seen in self._read.items() if seen is x), None)
+            if first is None:
+                first, self._read[name] = name, x
+                inputs = x.reshape(-1, x.shape[-1]).float()
+                self.hessians.setdefault(name, inputs.new_zeros(inputs.shape[1], inputs.shape[1])).addmm_(inputs.T, inputs)
+            if self.first.setdefault(name, first) != first:
+                raise RuntimeError(f"{name} read the input of {first} in one chunk, of {self.first[name]} in another")
+            self._pending.discard(name)
+            if not self._pending:
+                raise _Gathered
+        return hook
+
+    def groups(self) -> dict[str, list[str]]:
+        """Each Hessian's linear -> the linears that read its input, itself first."""
+        out: dict[str, list[str]] = {}
+        for name, first in self.first.items():
+            out.setdefault(first, []).append(name)
+        return out
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._read.clear()  # the last chunk's inputs (down_proj's: 50 MB at 7B)
 
 
 def _build_layer(index: int, tensors: dict[str, torch.Tensor], config: GemmaConfig, tokens: int) -> DecoderLayer:
@@ -282,8 +314,9 @@ def _build_layer(index: int, tensors: dict[str, torch.Tensor], config: GemmaConf
     return layer.eval()
 
 
-def _run(layer: DecoderLayer, x: torch.Tensor, config: GemmaConfig) -> torch.Tensor:
-    """The layer on each chunk of x [chunks, tokens, hidden] from position 0: [chunks, tokens, hidden]."""
+def _run(layer: DecoderLayer, x: torch.Tensor, config: GemmaConfig, gather: _Gather | None = None) -> torch.Tensor | None:
+    """The layer on each chunk of x [chunks, tokens, hidden] from position 0: [chunks, tokens, hidden];
+    with gather, each chunk only until gather's linears have read it (their Hessians), and None."""
     tokens = x.shape[1]
     positions = torch.arange(tokens)
     cos, sin = rope_table(config, layer.layer_type, tokens)
@@ -292,8 +325,15 @@ def _run(layer: DecoderLayer, x: torch.Tensor, config: GemmaConfig) -> torch.Ten
     out = []
     for chunk in x:
         layer.attn.cache.reset()
-        out.append(layer(chunk, positions, cos, sin, mask, rotate))
-    return torch.stack(out)
+        if gather is None:
+            out.append(layer(chunk, positions, cos, sin, mask, rotate))
+            continue
+        gather.start_chunk()
+        try:
+            layer(chunk, positions, cos, sin, mask, rotate)
+        except _Gathered:
+            pass
+    return torch.stack(out) if gather is None else None
 
 
 def recipe_calibration(ckpt: Checkpoint, settings) -> Calibration | None:

@@ -97,7 +97,7 @@ def calibration_bytes(config: GemmaConfig, tokens: int) -> int:
     kv = config.num_key_value_heads * config.head_dim
     activations = 2 * tokens * h
     layer = h * (heads + 2 * kv) + heads * h + 3 * h * inter
-    hessians = 5 * h * h + heads * heads + inter * inter  # q, k, v, gate, up: hidden-wide inputs
+    hessians = 2 * h * h + heads * heads + inter * inter  # one for q, k and v's input, one for gate and up's
     rows = 1 << 13  # calibration.calibrate_head's block: in float32, GPTQ's two copies, on_grid_in's two
     table = config.vocab_size * h + 5 * rows * h  # (an untied int4 lm_head's moment is the same)
     return 4 * (max(layer * 3 // 2 + hessians + 2 * inter * h, table) + activations)
