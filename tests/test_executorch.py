@@ -362,12 +362,14 @@ def test_each_partition_s_weights_are_freed_once_it_is_packed(tiny_checkpoints, 
     import executorch.kernels.quantized  # noqa: F401  (the quantized embedding kernels)
     from executorch.backends.xnnpack import _passes as xnn
     from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
+    from executorch.exir.pass_base import ExportPass
 
     import gemma_edge.exporters.executorch as pte
 
     original, shortcuts = XnnpackBackend.preprocess, pte.idle_steps_skipped
     steps = collections.Counter()  # of the last lowering: XNNPACK passes run, decompositions of the whole program
     transform, decompose = xnn._transform, torch.export.ExportedProgram.run_decompositions
+    retrace = ExportPass.call
 
     def counted_decomposition(program, *args, **kwargs):
         steps["decompositions"] += len(program.graph.nodes) > 100  # (not the partitioner's small pattern graphs)
@@ -375,6 +377,13 @@ def test_each_partition_s_weights_are_freed_once_it_is_packed(tiny_checkpoints, 
 
     monkeypatch.setattr(xnn, "_transform", lambda program, p: steps.update(["passes"]) or transform(program, p))
     monkeypatch.setattr(torch.export.ExportedProgram, "run_decompositions", counted_decomposition)
+    def counted_retrace(self, graph_module):  # by one of ExecuTorch's passes, by the pass's name
+        name = type(self).__name__
+        if len(graph_module.graph.nodes) > 100 or name == "ConstPropPass":  # (XNNPACK's runs per partition)
+            steps[name] += 1
+        return retrace(self, graph_module)
+
+    monkeypatch.setattr(ExportPass, "call", counted_retrace)
 
     def lowered(quant: str, release_bytes: int, every_step: bool = False):
         """(the program's bytes, linear weights freed before each partition, the table's bytes before and after)"""
@@ -406,6 +415,14 @@ def test_each_partition_s_weights_are_freed_once_it_is_packed(tiny_checkpoints, 
     # the steps left out: two decompositions of three, most of XNNPACK's 17 passes per partition
     assert early_steps["decompositions"] == steps["decompositions"] - 2 == 1, (early_steps, steps)
     assert early_steps["passes"] < steps["passes"] / 2 and steps["passes"] == 17 * len(freed_late), (early_steps, steps)
+    # two pairs of the edge dialect's passes, each one re-trace; the dim-order legalization (nothing to
+    # legalize outside XNNPACK) and XNNPACK's constant folding (nothing constant to fold) left out
+    pairs = {"ScalarsAndSymbolsToTensors": ["ScalarToTensorPass", "SymToTensorPass"],
+             "MixedTypesRemovedAndOpsReplaced": ["RemoveMixedTypeOperators", "OpReplacePass"]}
+    for merged, each in pairs.items():
+        assert early_steps[merged] == 1 and [steps[p] for p in each] == [1, 1] and not {*each} & set(early_steps)
+    assert steps["LegalizePortableDimOrderPass"] == 1 and steps["ConstPropPass"] == len(freed_late) > 1
+    assert not {"LegalizePortableDimOrderPass", "ConstPropPass"} & set(early_steps), early_steps
     _, freed, (table_before, table_after), _ = lowered("fp32", 0)
     assert freed[-1] > 0 and table_after == table_before > 0  # the tied table is kept
 

@@ -172,7 +172,8 @@ def lower(program: torch.export.ExportedProgram, metadata: dict[str, object], re
     config = ExecutorchBackendConfig(do_quant_fusion_and_const_prop=True, extract_delegate_segments=True,
                                      run_reinplace_pass=True, memory_planning_pass=plan_returned_outputs_only(),
                                      external_constants=(lambda node: DATA_TAG) if data_file else False)
-    return edge.to_executorch(config)
+    with idle_steps_skipped():
+        return edge.to_executorch(config)
 
 
 def xnnpack_partitioner(data_file: bool):

@@ -5,9 +5,13 @@ a step with nothing to do costs as much as one that rewrites. On a 6-layer Gemma
 positions the lowering took 150 s; 28 s of it went to XNNPACK passes with nothing to match and 19 s
 to a decomposition with nothing left to decompose. On the real Gemma 3 270M int4 (2026-12-03, trace
 and lower 207 s -> 129 s): 18 s went to four XNNPACK passes and two edge-dialect passes with nothing
-to change, 60 s to a functionalization that the decomposition after it does again. The shortcuts
-are exact: the program is the one every step makes, byte for byte (tests/test_executorch.py; the
-real 270M's int4 and phone-recipe files, compared by hand the same day).
+to change, 60 s to a functionalization that the decomposition after it does again. Since
+2026-12-04 also (the whole export 229 s -> 168 s on a slower machine): two pairs of edge-dialect
+passes run as one re-trace each, the dim-order legalization and XNNPACK's constant folding left out
+where they find nothing. Some steps are merged rather than left out: two passes that each rewrite an
+op as it is traced again, one after the other, become one pass that rewrites it twice. The
+shortcuts are exact: the program is the one every step makes, byte for byte (tests/test_executorch.py;
+the real 270M's int4 files, compared by hand).
 """
 
 from __future__ import annotations
@@ -22,9 +26,11 @@ import torch
 @contextlib.contextmanager
 def idle_steps_skipped():
     """While lowering: XNNPACK passes a partition holds no ops for, decompositions a program holds
-    no ops for, the functionalization before a decomposition, and edge-dialect passes with no ops
-    to act on, are left out (see below); restored on exit."""
-    with xnnpack_passes_that_apply(), decompositions_that_apply(), one_decomposition(), edge_passes_that_apply():
+    no ops for, the functionalization before a decomposition, edge-dialect passes with no ops to act
+    on, and the dim-order legalization with no input to copy, are left out; two pairs of edge-dialect
+    passes are one re-trace each (see below); restored on exit."""
+    with xnnpack_passes_that_apply(), decompositions_that_apply(), one_decomposition(), edge_passes_that_apply(), \
+            edge_passes_merged(), dim_order_legalized_where_needed():
         yield
 
 
@@ -61,6 +67,7 @@ def xnnpack_pass_applies() -> dict[type, Callable[[set[str], torch.fx.Graph], bo
     from executorch.backends.xnnpack.partition.graphs import bilinear_2d, sdpa
     from executorch.backends.xnnpack.utils.quant_utils import is_dequant, is_quant
     from executorch.exir.dialects._ops import ops as exir_ops
+    from executorch.exir.passes.const_prop_pass import ConstPropPass
     from executorch.exir.passes.memory_format_ops_pass import MemoryFormatOpsMap
     from torch.fx.passes.utils.source_matcher_utils import get_source_partitions
 
@@ -84,6 +91,7 @@ def xnnpack_pass_applies() -> dict[type, Callable[[set[str], torch.fx.Graph], bo
             xnn.PReLUReshapePass: any_of(edge._prelu_kernel.default),
             xnn.InsertPadQDQPass: any_of(edge.constant_pad_nd.default),
             xnn.RemoveRedundantCopyPass: any_of(edge._to_copy.default),
+            ConstPropPass: constant_folding_applies(),
             # cats of more than 5 tensors (XNNPACK concatenates at most 5)
             xnn.DecomposeConcatenate: lambda held, graph: any(
                 _op_name(n.target) == "aten.cat.default" and len(n.args[0]) > 5 for n in _calls(graph)),
@@ -196,6 +204,100 @@ def edge_passes_that_apply():
         yield
     finally:
         edge_program._get_aten_to_edge_passes = passes_for
+
+
+@contextlib.contextmanager
+def edge_passes_merged():
+    """Of the edge dialect's passes (_generate_edge_program), two pairs run one after the other, each
+    pass a re-trace of the whole program that rewrites an op as it is traced again (ExportPass's
+    call_operator) and hands it on: ScalarToTensorPass then SymToTensorPass, and
+    RemoveMixedTypeOperators then OpReplacePass (aten ops to edge ops). Each pair is one pass here,
+    a class with both as bases: every op goes through the first's call_operator, then the second's,
+    then is traced, as the second pass would have traced the first's output (an op the first adds
+    goes through both, as it would have). Two re-traces of the program less (about 10 s each at
+    Gemma 3 270M); restored on exit."""
+    import executorch.exir.program._program as edge_program
+    from executorch.exir.passes.remove_mixed_type_operators import RemoveMixedTypeOperators
+    from executorch.exir.passes.scalar_to_tensor_pass import ScalarToTensorPass
+    from executorch.exir.passes.sym_to_tensor_pass import SymToTensorPass
+    from torch.fx.passes.infra.pass_base import PassResult
+
+    replace_ops = edge_program.OpReplacePass
+    passes_for = edge_program._get_aten_to_edge_passes
+
+    class ScalarsAndSymbolsToTensors(ScalarToTensorPass, SymToTensorPass):
+        pass
+
+    class MixedTypesRemovedAndOpsReplaced(RemoveMixedTypeOperators, replace_ops):
+        pass
+
+    replaced = []  # set where the passes below end with OpReplacePass's work, taken by the next OpReplacePass
+
+    class OpsReplacedAlready(replace_ops):
+        def __call__(self, graph_module):
+            return PassResult(graph_module, False) if replaced and replaced.pop() else super().__call__(graph_module)
+
+    def merged(config):
+        before, after = passes_for(config)
+        kinds = [type(getattr(step, "__wrapped__", step)) for step in before]
+        at = kinds.index(ScalarToTensorPass) if ScalarToTensorPass in kinds else -1
+        if at < 0 or kinds[at + 1:at + 2] != [SymToTensorPass] or kinds[-1] is not RemoveMixedTypeOperators:
+            return before, after  # not the list these pairs were read from (another ExecuTorch): every pass
+        replaced[:] = [True]
+        return [*before[:at], ScalarsAndSymbolsToTensors(), *before[at + 2:-1], MixedTypesRemovedAndOpsReplaced()], after
+
+    edge_program._get_aten_to_edge_passes = merged
+    edge_program.OpReplacePass = OpsReplacedAlready  # done by the last of the passes above
+    try:
+        yield
+    finally:
+        edge_program._get_aten_to_edge_passes = passes_for
+        edge_program.OpReplacePass = replace_ops
+
+
+@contextlib.contextmanager
+def dim_order_legalized_where_needed():
+    """ExecuTorch's last steps (edge_to_executorch_passes) re-trace the program with
+    LegalizePortableDimOrderPass, which copies to the default dim order the input of a few ops (its
+    _target_ops: mean, sum, expand, pooling) left outside any delegate, where that input has
+    another. A program with no such input (a Gemma's expands and sums read contiguous tensors) is
+    left as it is (12 s at Gemma 3 270M); the inputs' dim orders are those of the last trace, which
+    the pass's own trace would compute again. Restored on exit."""
+    import executorch.exir.program._program as edge_program
+    from torch.fx.passes.infra.pass_base import PassResult
+
+    legalize = edge_program.LegalizePortableDimOrderPass
+
+    def needs_a_copy(node: torch.fx.Node) -> bool:
+        value = node.args[0].meta.get("val") if node.args and isinstance(node.args[0], torch.fx.Node) else None
+        return not isinstance(value, torch.Tensor) or tuple(value.dim_order()) != tuple(range(value.dim()))
+
+    class WhereNeeded(legalize):
+        def __call__(self, graph_module):
+            if not any(n.target in self._target_ops and needs_a_copy(n) for m in graph_module.modules()
+                       if isinstance(m, torch.fx.GraphModule) for n in _calls(m.graph)):
+                return PassResult(graph_module, False)
+            return super().__call__(graph_module)
+
+    edge_program.LegalizePortableDimOrderPass = WhereNeeded
+    try:
+        yield
+    finally:
+        edge_program.LegalizePortableDimOrderPass = legalize
+
+
+def constant_folding_applies() -> Callable[[set[str], torch.fx.Graph], bool]:
+    """Whether ExecuTorch's ConstPropPass (as XNNPACK runs it: per-tensor and per-channel quantize and
+    dequantize ops kept) may compute a node of the graph at lowering: any other op whose inputs are
+    all module attributes (get_attr), or that has none. The first node the pass folds is one of
+    these (its constants are literals and attributes; a placeholder's value is a fake tensor), so a
+    graph with none is one it leaves as it is."""
+    from executorch.exir.dialects._ops import ops as exir_ops
+
+    kept = {getattr(ops.quantized_decomposed, name).default for ops in (torch.ops, exir_ops.edge)
+            for name in ("quantize_per_tensor", "dequantize_per_tensor", "quantize_per_channel", "dequantize_per_channel")}
+    return lambda held, graph: any(n.target not in kept and all(i.op == "get_attr" for i in n.all_input_nodes)
+                                   for n in _calls(graph))
 
 
 def _calls(graph):
