@@ -377,6 +377,7 @@ def test_each_partition_s_weights_are_freed_once_it_is_packed(tiny_checkpoints, 
 
     monkeypatch.setattr(xnn, "_transform", lambda program, p: steps.update(["passes"]) or transform(program, p))
     monkeypatch.setattr(torch.export.ExportedProgram, "run_decompositions", counted_decomposition)
+
     def counted_retrace(self, graph_module):  # by one of ExecuTorch's passes, by the pass's name
         name = type(self).__name__
         if len(graph_module.graph.nodes) > 100 or name == "ConstPropPass":  # (XNNPACK's runs per partition)

@@ -157,22 +157,22 @@ def lower(program: torch.export.ExportedProgram, metadata: dict[str, object], re
     program."""
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
 
-    # IR validity checks re-trace the whole graph; export_llama skips them too.
-    with xnnpack_without_copies(single_use_storages(program) if release else set(), report), idle_steps_skipped():
-        edge = to_edge_transform_and_lower(program, partitioner=[xnnpack_partitioner(data_file)], constant_methods=metadata,
-                                           compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True))
-    if release:
-        release_delegated_weights(edge.exported_program())
-    # Quant fusion turns torchao's dequantize + embedding into ExecuTorch's quantized embedding kernels.
-    # The reinplace pass writes the KV cache in place: without it index_copy_ on a buffer is a
-    # functional index_put copying the whole buffer, then a copy back, for every layer and call
-    # (measured on Gemma 3 270M int4: 4.8 of 25.5 ms per decode step). ExecuTorch's own cache op
-    # (llama::update_cache_with_indices) needs 4-D buffers, and the view back to the 3-D ones our
-    # attention multiplies by became a copy of its own (3 ms per step): this is the faster way.
-    config = ExecutorchBackendConfig(do_quant_fusion_and_const_prop=True, extract_delegate_segments=True,
-                                     run_reinplace_pass=True, memory_planning_pass=plan_returned_outputs_only(),
-                                     external_constants=(lambda node: DATA_TAG) if data_file else False)
-    with idle_steps_skipped():
+    with idle_steps_skipped():  # (lowering_shortcuts: the steps of both stages that change nothing, left out)
+        # IR validity checks re-trace the whole graph; export_llama skips them too.
+        with xnnpack_without_copies(single_use_storages(program) if release else set(), report):
+            edge = to_edge_transform_and_lower(program, partitioner=[xnnpack_partitioner(data_file)], constant_methods=metadata,
+                                               compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True))
+        if release:
+            release_delegated_weights(edge.exported_program())
+        # Quant fusion turns torchao's dequantize + embedding into ExecuTorch's quantized embedding kernels.
+        # The reinplace pass writes the KV cache in place: without it index_copy_ on a buffer is a
+        # functional index_put copying the whole buffer, then a copy back, for every layer and call
+        # (measured on Gemma 3 270M int4: 4.8 of 25.5 ms per decode step). ExecuTorch's own cache op
+        # (llama::update_cache_with_indices) needs 4-D buffers, and the view back to the 3-D ones our
+        # attention multiplies by became a copy of its own (3 ms per step): this is the faster way.
+        config = ExecutorchBackendConfig(do_quant_fusion_and_const_prop=True, extract_delegate_segments=True,
+                                         run_reinplace_pass=True, memory_planning_pass=plan_returned_outputs_only(),
+                                         external_constants=(lambda node: DATA_TAG) if data_file else False)
         return edge.to_executorch(config)
 
 
