@@ -96,6 +96,29 @@ def test_gptq_factors_the_hessian_in_its_own_storage():
     torch.testing.assert_close(f.inverse.double(), expected, rtol=1e-4, atol=1e-6)
 
 
+def test_wide_hessians_are_summed_above_the_diagonal_and_mirrored():
+    """gptq.add_gram: a Hessian wider than its block sums only the blocks on and above the diagonal
+    (half the products at full size), and mirrored() completes it to x^T x over every chunk; one at
+    most a block wide is the one product it always was, bit for bit (the real 270M's are at most
+    2048 wide: its calibrated weights are unchanged)."""
+    from gemma_edge.exporters.gptq import add_gram, mirrored
+
+    gen = torch.Generator().manual_seed(0)
+    chunks = [torch.randn(50, 200, generator=gen) for _ in range(3)]
+    wide = torch.zeros(200, 200)
+    for x in chunks:
+        add_gram(wide, x, block=64)
+    assert torch.count_nonzero(wide[64:, :64]) == 0  # below the diagonal blocks: not summed
+    full = sum(x.T.double() @ x.double() for x in chunks)
+    torch.testing.assert_close(mirrored(wide, block=64).double(), full, rtol=1e-5, atol=1e-4)
+
+    narrow, plain = torch.zeros(200, 200), torch.zeros(200, 200)
+    for x in chunks:
+        add_gram(narrow, x, block=200)
+        plain.addmm_(x.T, x)
+    assert torch.equal(mirrored(narrow, block=200), plain)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("fmt", list(GRIDS))
 def test_the_exporter_stores_exactly_what_gptq_rounded(fmt, dtype, tiny_with_tokenizers, tmp_path):

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from gemma_edge.checkpoints import Checkpoint, iter_weights, weight_shapes
 from gemma_edge.config import GemmaConfig
 from gemma_edge.errors import ConfigError, GemmaEdgeError
-from gemma_edge.exporters.gptq import cat_grids, factor, gptq
+from gemma_edge.exporters.gptq import add_gram, cat_grids, factor, gptq, mirrored
 from gemma_edge.exporters.streaming import release_freed_memory
 from gemma_edge.model import DecoderLayer, RMSNorm, rope_table, rotate_half_matrix
 
@@ -236,7 +236,7 @@ def calibrate_layer(index: int, tensors: dict[str, torch.Tensor], x: torch.Tenso
     gather.remove()
     out = dict(tensors)
     for first, group in gather.groups().items():  # each Hessian factored once for the linears sharing it
-        f = factor(gather.hessians.pop(first))  # in the Hessian's storage (down_proj's: 2.4 GB at 7B)
+        f = factor(mirrored(gather.hessians.pop(first)))  # in the Hessian's storage (down_proj's: 2.4 GB at 7B)
         for n in group:
             weight = linears[n].weight
             grids[n] = choose(n, weight)
@@ -275,7 +275,7 @@ class _Gather:
             if first is None:
                 first, self._read[name] = name, x
                 inputs = x.reshape(-1, x.shape[-1]).float()
-                self.hessians.setdefault(name, inputs.new_zeros(inputs.shape[1], inputs.shape[1])).addmm_(inputs.T, inputs)
+                add_gram(self.hessians.setdefault(name, inputs.new_zeros(inputs.shape[1], inputs.shape[1])), inputs)
             if self.first.setdefault(name, first) != first:
                 raise RuntimeError(f"{name} read the input of {first} in one chunk, of {self.first[name]} in another")
             self._pending.discard(name)
