@@ -28,7 +28,7 @@ DAMPING = 0.01
 # Columns whose errors are spread lazily, as one matrix product per block (the paper's 128).
 BLOCK = 128
 # A Hessian wider than this is summed a block of rows at a time from its diagonal on (add_gram):
-# half the products of x^T x (Gemma 2B's down_proj, 16384 wide: 8.8 TFLOP at 16384 tokens), the
+# 56% of the products of x^T x (Gemma 2B's down_proj, 16384 wide: 8.8 -> 4.9 TFLOP at 16384 tokens), the
 # lower triangle mirrored once (symmetric). One at most this wide is one product, as it always was.
 GRAM_BLOCK = 2048
 
