@@ -74,15 +74,17 @@ def test_gptq_lowers_each_layers_output_error_below_round_to_nearest(fmt, tiny_w
     assert max(ratios.values()) < 0.85 and len(ratios) == {"onnx": 7, "pte": 6}[fmt]
 
 
-def test_gptq_factors_the_hessian_in_its_own_storage():
+@pytest.mark.parametrize("cols, wide", [(96, 2048), (96, 32), (97, 32)])
+def test_gptq_factors_the_hessian_in_its_own_storage(cols, wide):
     """gptq.factor: the column order (Hessian diagonal, largest first) and the upper Cholesky factor of
     the damped, permuted Hessian's inverse, computed in the Hessian's own storage (Gemma 7B's
-    down_proj: no second 2.4 GB matrix), equal to the plain computation; a column no input reached
-    is given weight 1 (rounded to nearest)."""
-    from gemma_edge.exporters.gptq import DAMPING, factor
+    down_proj: no second 2.4 GB matrix), equal to the plain computation by either route (wider than
+    `wide`: one factorization of the reversed Hessian and a triangular inverse, reflected across the
+    anti-diagonal); a column no input reached is given weight 1 (rounded to nearest)."""
+    from gemma_edge.exporters.gptq import DAMPING, factor, reflect_in_place
 
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(300, 96, generator=gen) * torch.rand(96, generator=gen)
+    x = torch.randn(300, cols, generator=gen) * torch.rand(cols, generator=gen)
     x[:, 5] = 0  # a dead column
     h = (x.T @ x).double()
     h[5, 5] = 1.0
@@ -91,9 +93,15 @@ def test_gptq_factors_the_hessian_in_its_own_storage():
     p.diagonal().add_(DAMPING * p.diagonal().mean())
     expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(p)), upper=True)
     given = (x.T @ x).clone()
-    f = factor(given)
+    f = factor(given, wide=wide)
     assert f.inverse.data_ptr() == given.data_ptr() and torch.equal(f.order, order)
     torch.testing.assert_close(f.inverse.double(), expected, rtol=1e-4, atol=1e-6)
+
+    for n in (7, 10):  # blocks of 3: pairs of blocks, and blocks their own image, about an odd and an even middle
+        m = torch.arange(n * n, dtype=torch.float32).reshape(n, n)
+        reflected = m.T.flip(0, 1)
+        reflect_in_place(m, block=3)
+        assert torch.equal(m, reflected)
 
 
 def test_wide_hessians_are_summed_above_the_diagonal_and_mirrored():

@@ -27,10 +27,13 @@ import torch
 DAMPING = 0.01
 # Columns whose errors are spread lazily, as one matrix product per block (the paper's 128).
 BLOCK = 128
-# A Hessian wider than this is summed a block of rows at a time from its diagonal on (add_gram):
-# 56% of the products of x^T x (Gemma 2B's down_proj, 16384 wide: 8.8 -> 4.9 TFLOP at 16384 tokens), the
-# lower triangle mirrored once (symmetric). One at most this wide is one product, as it always was.
-GRAM_BLOCK = 2048
+# A Hessian wider than this (down_proj's at full size, and every one of Gemma 7B's) is summed a block
+# of this many rows at a time from its diagonal on (add_gram: 56% of the products of x^T x; Gemma 2B's
+# down_proj, 16384 wide: 8.8 -> 4.9 TFLOP at 16384 tokens), the lower triangle mirrored once
+# (symmetric), and factored by one Cholesky factorization and one triangular inverse, where the
+# narrow route takes two factorizations and an inverse (factor). One at most this wide (every Hessian
+# of the real 270M) is summed and factored as it always was: the same calibrated weights, bit for bit.
+WIDE = 2048
 
 
 class Grid(Protocol):
@@ -47,7 +50,7 @@ class Factor:
     inverse: torch.Tensor  # float32 [cols, cols], upper triangular
 
 
-def add_gram(h: torch.Tensor, x: torch.Tensor, block: int = GRAM_BLOCK) -> None:
+def add_gram(h: torch.Tensor, x: torch.Tensor, block: int = WIDE) -> None:
     """h [cols, cols] += x^T x for inputs x [tokens, cols]. Wider than `block`, only the blocks on and
     above the diagonal are summed (x^T x is symmetric): complete h with mirrored() before reading it."""
     cols = h.shape[0]
@@ -58,7 +61,7 @@ def add_gram(h: torch.Tensor, x: torch.Tensor, block: int = GRAM_BLOCK) -> None:
         h[start:start + block, start:].addmm_(x[:, start:start + block].T, x[:, start:])
 
 
-def mirrored(h: torch.Tensor, block: int = GRAM_BLOCK) -> torch.Tensor:
+def mirrored(h: torch.Tensor, block: int = WIDE) -> torch.Tensor:
     """h summed by add_gram, completed in its own storage: each block below the diagonal written from
     its mirror image above it."""
     for start in range(block, h.shape[0], block):
@@ -66,22 +69,37 @@ def mirrored(h: torch.Tensor, block: int = GRAM_BLOCK) -> torch.Tensor:
     return h
 
 
-def factor(hessian: torch.Tensor, damping: float = DAMPING) -> Factor:
+def factor(hessian: torch.Tensor, damping: float = DAMPING, wide: int = WIDE) -> Factor:
     """hessian [cols, cols] float32 (sum of x x^T) -> its Factor, made in the Hessian's own storage
     (overwritten: no second [cols, cols] matrix, Gemma 7B's down_proj: 2.4 GB). A column no
-    calibration input reached (zero diagonal) is rounded to nearest."""
+    calibration input reached (zero diagonal) is rounded to nearest.
+
+    At most `wide` columns: H's lower Cholesky factor, the inverse it gives, and that inverse's factor
+    (LAPACK potrf, potri, potrf). Wider, with J the reversal of the columns' order: J H J = L L^T
+    gives H^-1 = (J L^-1 J)^T (J L^-1 J), so the upper factor is J L^-1 J, one factorization and one
+    triangular inverse (potrf, trtri) of H in the reversed order: Gemma 7B's down_proj 133 -> ~60 s
+    (2 threads), as accurate against a float64 factor (both ~3e-5 of the largest entry on
+    rank-deficient Hessians, as 2048 tokens give at 24576 columns)."""
     h = hessian
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0  # no error to weigh: rounding to nearest is the optimum
     order = torch.argsort(h.diagonal(), descending=True, stable=True)
-    permute_in_place(h, order)
+    reverse = h.shape[0] > wide
+    permute_in_place(h, order.flip(0) if reverse else order)
     h.diagonal().add_(damping * h.diagonal().mean())
     # LAPACK works on column-major matrices, which h.mT is (h is symmetric), and the lower factor it
     # leaves there, read by rows, is the upper one.
     lower = h.mT
     torch.linalg.cholesky(lower, out=lower)
-    torch.cholesky_inverse(lower, out=lower)
-    torch.linalg.cholesky(lower, out=lower)
+    if reverse:
+        from scipy.linalg.lapack import strtri
+
+        inverse, info = strtri(lower.numpy(), lower=1, overwrite_c=1)  # in place: h holds (L^-1)^T
+        assert info == 0 and inverse.ctypes.data == h.data_ptr(), "the triangular inverse was not made in place"
+        reflect_in_place(h)  # J L^-1 J
+    else:
+        torch.cholesky_inverse(lower, out=lower)
+        torch.linalg.cholesky(lower, out=lower)
     return Factor(order, h)
 
 
@@ -120,6 +138,26 @@ def permute_in_place(h: torch.Tensor, order: torch.Tensor, rows: int = 512) -> N
     for m in (h, h.mT):
         for start in range(0, m.shape[0], rows):
             m[start:start + rows] = m[start:start + rows][:, order]
+
+
+def reflect_in_place(m: torch.Tensor, block: int = 512) -> None:
+    """m [n, n] -> J m^T J (m[i, j] = m[n-1-j, n-1-i] before: its mirror image across the
+    anti-diagonal), in its own storage, a pair of blocks at a time (blocks cut symmetrically about the
+    middle, so that each block's image is a block)."""
+    n = m.shape[0]
+    firsts = [*range(0, n // 2, block), n // 2]
+    cuts = sorted({*firsts, *(n - c for c in firsts)})
+    spans = list(zip(cuts, cuts[1:]))
+    for rows in spans:
+        for cols in spans:
+            image = (n - cols[1], n - cols[0]), (n - rows[1], n - rows[0])
+            if (rows, cols) > image:
+                continue  # swapped with its image already
+            here = m[rows[0]:rows[1], cols[0]:cols[1]]
+            there = m[image[0][0]:image[0][1], image[1][0]:image[1][1]]
+            moved = there.flip(0, 1).T  # flip copies
+            there.copy_(here.flip(0, 1).T)
+            here.copy_(moved)
 
 
 def cat_grids(grids: list) -> object:
