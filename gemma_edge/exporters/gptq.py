@@ -95,7 +95,8 @@ def factor(hessian: torch.Tensor, damping: float = DAMPING, wide: int = WIDE) ->
         from scipy.linalg.lapack import strtri
 
         inverse, info = strtri(lower.numpy(), lower=1, overwrite_c=1)  # in place: h holds (L^-1)^T
-        assert info == 0 and inverse.ctypes.data == h.data_ptr(), "the triangular inverse was not made in place"
+        if info != 0 or inverse.ctypes.data != h.data_ptr():  # a copy would leave h unchanged
+            raise RuntimeError(f"LAPACK strtri did not invert the Hessian's factor in place (info {info})")
         reflect_in_place(h)  # J L^-1 J
     else:
         torch.cholesky_inverse(lower, out=lower)
