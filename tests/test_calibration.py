@@ -81,7 +81,7 @@ def test_gptq_factors_the_hessian_in_its_own_storage(cols, wide):
     down_proj: no second 2.4 GB matrix), equal to the plain computation by either route (wider than
     `wide`: one factorization of the reversed Hessian and a triangular inverse, reflected across the
     anti-diagonal); a column no input reached is given weight 1 (rounded to nearest)."""
-    from gemma_edge.exporters.gptq import DAMPING, factor, reflect_in_place
+    from gemma_edge.exporters.gptq import DAMPING, factor
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(300, cols, generator=gen) * torch.rand(cols, generator=gen)
@@ -97,11 +97,17 @@ def test_gptq_factors_the_hessian_in_its_own_storage(cols, wide):
     assert f.inverse.data_ptr() == given.data_ptr() and torch.equal(f.order, order)
     torch.testing.assert_close(f.inverse.double(), expected, rtol=1e-4, atol=1e-6)
 
-    for n in (7, 10):  # blocks of 3: pairs of blocks, and blocks their own image, about an odd and an even middle
-        m = torch.arange(n * n, dtype=torch.float32).reshape(n, n)
-        reflected = m.T.flip(0, 1)
-        reflect_in_place(m, block=3)
-        assert torch.equal(m, reflected)
+
+@pytest.mark.parametrize("n", [7, 10])
+def test_reflect_in_place_mirrors_a_matrix_across_its_anti_diagonal(n):
+    """gptq.reflect_in_place (the wide factor's last step): m[i, j] = m[n-1-j, n-1-i] before, for an odd
+    and an even middle, with blocks of 3 (pairs of blocks, and blocks that are their own image)."""
+    from gemma_edge.exporters.gptq import reflect_in_place
+
+    m = torch.arange(n * n, dtype=torch.float32).reshape(n, n)
+    reflected = m.T.flip(0, 1)
+    reflect_in_place(m, block=3)
+    assert torch.equal(m, reflected)
 
 
 def test_wide_hessians_are_summed_above_the_diagonal_and_mirrored():
