@@ -184,7 +184,7 @@ def test_every_quantized_layer_alone_computes_what_eager_computes(name, quant, t
                     tie |= _near_rounding_tie(F.linear(rows, module.pick))
                     linear = module.head
                 if isinstance(linear, OffsetLinear):  # its group sums are quantized too, computed by each side
-                    tie |= _near_rounding_tie(F.linear(rows, linear.sums))
+                    tie |= _near_rounding_tie(linear.group_sums(rows))
                 assert not (off & ~tie).any(), (
                     f"{layer} ({plan[layer]}), rows {(off & ~tie).nonzero().flatten().tolist()} of {len(rows)} differ "
                     f"by up to {(got - expected).abs().max():.1e}")
@@ -474,6 +474,34 @@ def test_packing_int4_by_rows_gives_xnnpack_s_bytes(shape):
     assert packed.dtype == torch.uint8 and torch.equal(packed, NodeVisitor.convert_to_qc4w(values))
     with pytest.raises(ValueError, match="outside"):
         pack_int4_by_rows(values.clone().fill_(8))
+
+
+def test_an_int4_layer_s_group_sums_run_inside_xnnpack_with_no_matrix_of_their_own():
+    """OffsetLinear adds its groups' offsets back through the input's group sums (int4_offsets.py),
+    a product of the input's groups with a row of ones: inside XNNPACK for any token count (the
+    layer one delegate call), and no [groups, in] constant (a float32 0/1 matrix did it before: 75 MB
+    read on every call of each Gemma 7B down_proj, 8 times its 4-bit values' bytes)."""
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, PerAxis, PerGroup
+
+    from gemma_edge.exporters.executorch import lower
+    from gemma_edge.exporters.torchao_quant import NEAREST, quantize_with_offsets
+
+    cols, rows, group = 2048, 64, 32  # a down_proj's shape: wide input, few outputs
+    layer = OffsetLinear(cols, rows, group)
+    config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group),
+                                                   weight_scale_dtype=torch.bfloat16)
+    offsets = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
+    quantize_with_offsets(layer, torch.randn(rows, cols, generator=torch.Generator().manual_seed(0)), config, offsets, NEAREST)
+    x = torch.randn(5, cols, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(layer.group_sums(x), x.unflatten(-1, (-1, group)).sum(-1))
+    with torch.no_grad():
+        program = torch.export.export(layer, (x,), dynamic_shapes=({0: torch.export.Dim("tokens", max=64)},))
+    manager = lower(program, {}, data_file=True)
+    ops = collections.Counter(str(n.target) for n in manager.exported_program().graph.nodes if n.op == "call_function")
+    assert ops == {"executorch_call_delegate": 1, "<built-in function getitem>": 1}, ops
+    size, matrix = len(_program_and_data(manager)), 4 * cols * (cols // group)
+    print(f"program and data {size} bytes; a [groups, in] float32 matrix alone {matrix}")  # measured 82,032 / 524,288
+    assert size < matrix / 4
 
 
 @pytest.mark.parametrize("table", [False, True])

@@ -6,9 +6,11 @@ its rounding is part of the quantization, which the eager model computes alike):
     x @ W^T = x @ (s * q)^T + sums(x) @ M^T      sums(x) [.., groups]: x's sum over each group
                                                   M [out, groups]: the offsets, int8 per row
 
-The group sums are one float32 product with a 0/1 matrix (XNNPACK has no sum reduction; it does
-have float matrix products), the offsets an 8-bit per-channel layer (0.25 bits a weight at groups
-of 32). An embedding table adds its rows' offsets, looked up in an int8 table of its own.
+The group sums are a float32 product of the input's groups [.., groups, group_size] with a row of
+ones (XNNPACK has no sum reduction; it has float matrix products of any rank), the offsets an 8-bit
+per-channel layer (0.25 bits a weight at groups of 32). An embedding table adds its rows' offsets,
+looked up in an int8 table of its own. (The sums were first a product with a 0/1 matrix [groups,
+in]: a float32 constant read whole on every call, 75 MB for each down_proj of Gemma 7B.)
 
 Why: a symmetric grid spends half its levels on the side of zero a group does not reach. On the
 real Gemma 3 270M .pte (perplexity ratio on the Python manual / transformers' modeling_gemma.py,
@@ -28,8 +30,8 @@ from torch import nn
 
 class OffsetLinear(nn.Module):
     """A linear layer (no bias) whose weight is s * q + m per group of its input columns: `weight`
-    holds s * q (torchao's symmetric 4-bit tensor), `offsets` the m, `sums` the 0/1 matrix that
-    sums each group of an input row. Built on the meta device, filled by quantize_offsets.
+    holds s * q (torchao's symmetric 4-bit tensor), `offsets` the m, `ones` the row [1, group_size]
+    that sums each group of an input row. Built on the meta device, filled by quantize_with_offsets.
     pairs_swapped: the weight holds each pair of columns swapped (2k+1, 2k), and the input's pairs are
     swapped to match (a tied head reading the table's bytes: torchao_quant.read_table_as_linear)."""
 
@@ -40,12 +42,21 @@ class OffsetLinear(nn.Module):
         groups = in_features // group_size
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.offsets = nn.Linear(groups, out_features, bias=False)  # [out, groups]
-        self.register_buffer("sums", torch.empty(groups, in_features), persistent=False)  # [groups, in]
+        self.register_buffer("ones", torch.empty(1, group_size), persistent=False)
+
+    def group_sums(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] (contiguous) -> [rows, groups]: the sum of each group of each row of x."""
+        groups = self.in_features // self.group_size
+        # -1 for the rows: a reshape of a dynamic token count that XNNPACK takes (model.py)
+        return F.linear(x.view(-1, groups, self.group_size), self.ones).view(-1, groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pairs_swapped:  # within a group: the group sums are the same
             x = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
-        return F.linear(x, self.weight) + self.offsets(F.linear(x, self.sums))
+        out = F.linear(x, self.weight)
+        offsets = self.offsets(self.group_sums(x))  # [rows, out]
+        # the exported layers and head take [T, in]; the eager head [1, T, in] too
+        return out + (offsets if x.dim() == 2 else offsets.view(out.shape))
 
 
 class OffsetEmbedding(nn.Module):
@@ -135,8 +146,3 @@ class OffsetGrid:
     def steps(self, cols: int) -> torch.Tensor:
         """float32 [rows, cols]: the grid's spacing at each column (its group's scale)."""
         return self.scale.float().repeat_interleave(self.group, 1)[:, :cols]
-
-
-def group_sums_matrix(in_features: int, group_size: int) -> torch.Tensor:
-    """[groups, in_features]: row g is 1 over group g's columns, 0 elsewhere."""
-    return torch.eye(in_features // group_size).repeat_interleave(group_size, dim=1)

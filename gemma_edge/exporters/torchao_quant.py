@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from gemma_edge.exporters.gptq import take_grid
-from gemma_edge.exporters.int4_offsets import (OffsetEmbedding, OffsetGrid, OffsetLinear, group_sums_matrix,
+from gemma_edge.exporters.int4_offsets import (OffsetEmbedding, OffsetGrid, OffsetLinear,
                                                offsets_and_scales, replace_with_offset_layers)
 from gemma_edge.exporters.settings import ExportSettings
 from gemma_edge.exporters.streaming import Target
@@ -208,7 +208,7 @@ def quantize_with_offsets(module: OffsetLinear | OffsetEmbedding, weight: torch.
 
     module.weight = nn.Parameter(joined(blocks(), weight.shape[0]), requires_grad=False)
     if isinstance(module, OffsetLinear):
-        module.sums = group_sums_matrix(module.in_features, group)
+        module.ones = torch.ones(1, group)
 
 
 def offset_grid(weight: torch.Tensor, group: int, clips: tuple[float, ...], config, offsets_config,
@@ -247,7 +247,7 @@ def read_table_as_linear(head: nn.Linear | OffsetLinear, table: nn.Embedding | O
         qdata = table.weight.qdata
         head.weight = as_linear(table.weight, qdata.unflatten(-1, (-1, 2)).flip(-1).flatten(-2))
         head.offsets.weight = as_linear(table.offsets.weight)
-        head.sums = group_sums_matrix(head.in_features, head.group_size)
+        head.ones = torch.ones(1, head.group_size)
     else:
         head.weight = as_linear(table.weight)
 
