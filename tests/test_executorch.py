@@ -481,17 +481,13 @@ def test_an_int4_layer_s_group_sums_run_inside_xnnpack_with_no_matrix_of_their_o
     a product of the input's groups with a row of ones: inside XNNPACK for any token count (the
     layer one delegate call), and no [groups, in] constant (a float32 0/1 matrix did it before: 75 MB
     read on every call of each Gemma 7B down_proj, 8 times its 4-bit values' bytes)."""
-    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, PerAxis, PerGroup
-
     from gemma_edge.exporters.executorch import lower
-    from gemma_edge.exporters.torchao_quant import NEAREST, quantize_with_offsets
+    from gemma_edge.exporters.torchao_quant import NEAREST, quantize_with_offsets, torchao_configs
 
     cols, rows, group = 2048, 64, 32  # a down_proj's shape: wide input, few outputs
-    layer = OffsetLinear(cols, rows, group)
-    config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group),
-                                                   weight_scale_dtype=torch.bfloat16)
-    offsets = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
-    quantize_with_offsets(layer, torch.randn(rows, cols, generator=torch.Generator().manual_seed(0)), config, offsets, NEAREST)
+    layer, configs = OffsetLinear(cols, rows, group), torchao_configs(group)  # the exporter's 8da4w, offsets 8da8w
+    weight = torch.randn(rows, cols, generator=torch.Generator().manual_seed(0))
+    quantize_with_offsets(layer, weight, configs[INT4], configs[INT8], NEAREST)
     x = torch.randn(5, cols, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(layer.group_sums(x), x.unflatten(-1, (-1, group)).sum(-1))
     with torch.no_grad():
