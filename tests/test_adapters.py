@@ -243,7 +243,13 @@ def test_verify_compares_an_adapter_export_with_base_plus_adapter(fine_tunes, ad
     refuses an adapter that changed since the export."""
     from gemma_edge.cli import main
 
-    folder = adapter_export("tiny-gemma", "onnx", "fp32")
+    # The cached export's manifest names the temporary folders of the run that made it: a copy names this run's.
+    folder = tmp_path / "export"
+    shutil.copytree(adapter_export("tiny-gemma", "onnx", "fp32"), folder)
+    base, adapter = fine_tunes["tiny-gemma"]
+    manifest = json.loads((folder / "gemma_edge.json").read_text())
+    manifest["source"], manifest["adapters"][0]["path"] = str(base), str(adapter)
+    (folder / "gemma_edge.json").write_text(json.dumps(manifest))
     prompts = tmp_path / "eval.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in DOLLY))
     report = tmp_path / "report.json"
@@ -252,25 +258,22 @@ def test_verify_compares_an_adapter_export_with_base_plus_adapter(fine_tunes, ad
     data = json.loads(report.read_text())
     responses = data["responses"]
     assert data["passed"] and responses["examples"] == len(DOLLY) and responses["skipped"] == 0
-    assert responses["tokens"] == sum(len(_tokenizer(fine_tunes["tiny-gemma"][0]).encode(r["response"], add_special_tokens=False).ids) + 1
+    assert responses["tokens"] == sum(len(_tokenizer(base).encode(r["response"], add_special_tokens=False).ids) + 1
                                       for r in DOLLY)
     assert responses["ppl"] < 2.0 and abs(responses["ppl_ratio"] - 1) < 1e-3  # learned, and the export agrees
 
     # The same folder's manifest, pointing at an adapter whose weights changed since.
-    copy = tmp_path / "export"
-    shutil.copytree(folder, copy)
     changed = tmp_path / "changed"
-    shutil.copytree(fine_tunes["tiny-gemma"][1], changed)
-    manifest = json.loads((copy / "gemma_edge.json").read_text())
+    shutil.copytree(adapter, changed)
     manifest["adapters"][0]["path"] = str(changed)
-    (copy / "gemma_edge.json").write_text(json.dumps(manifest))
+    (folder / "gemma_edge.json").write_text(json.dumps(manifest))
     from safetensors.torch import load_file, save_file
 
     weights = load_file(changed / "adapter_model.safetensors")
     save_file({k: v * 1.01 for k, v in weights.items()}, changed / "adapter_model.safetensors")
-    assert main(["verify", str(copy), "--no-verify-checksums"]) == 2
+    assert main(["verify", str(folder), "--no-verify-checksums"]) == 2
     shutil.rmtree(changed)
-    assert main(["verify", str(copy), "--no-verify-checksums"]) == 2
+    assert main(["verify", str(folder), "--no-verify-checksums"]) == 2
 
 
 # ----------------------------------------------------------------------------------------------

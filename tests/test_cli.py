@@ -100,17 +100,19 @@ def test_version_names_the_libraries(capsys):
 
 
 @pytest.mark.slow
-def test_our_lines_only_unless_verbose(tiny_exports):
+def test_our_lines_only_unless_verbose(tiny_exports, tiny_with_tokenizers):
     """generate and verify of a .pte (torch, torchao and ExecuTorch loaded: the noisiest libraries)
     print our lines only; --verbose shows what the filter hides (so the check can fail). Exports
     through the command line are checked in test_executorch.py and test_onnx.py."""
     from conftest import not_ours
 
     folder = str(tiny_exports("tiny-gemma3", "pte", "int4"))
+    # a cached export's manifest names the temporary folder of the run that made it: name the reference
+    reference = ("--reference", str(tiny_with_tokenizers["tiny-gemma3"]))
     generated = run("generate", folder, "the cat", "-n", "4")
     assert generated.returncode == 0 and "finish: length" in generated.stderr
     assert not_ours(generated.stderr) == []
-    verified = run("verify", folder, "--prefill", "16", "--decode", "4", "--greedy", "4")
+    verified = run("verify", folder, *reference, "--prefill", "16", "--decode", "4", "--greedy", "4")
     assert verified.returncode == 0 and not_ours(verified.stderr) == [], verified.stderr
-    verbose = run("--verbose", "verify", folder, "--prefill", "16", "--decode", "4", "--greedy", "4")
+    verbose = run("--verbose", "verify", folder, *reference, "--prefill", "16", "--decode", "4", "--greedy", "4")
     assert verbose.returncode == 0 and any("torchao" in line or "torch/" in line for line in not_ours(verbose.stderr)), verbose.stderr
