@@ -215,10 +215,16 @@ def test_gathering_stops_once_every_linear_has_read_the_chunk(tiny_with_tokenize
     products = []
     layer.mlp.down_proj.register_forward_hook(lambda *args: products.append(args))
     gather = cal._Gather(linears)
-    with torch.no_grad():
+    with torch.no_grad(), torch.profiler.profile(profile_memory=True) as profile:
         assert cal._run(layer, x, ckpt.config, gather) is None
     gather.remove()
     assert products == []
+    # down_proj's Hessian (the only one that wide) is made once for all the chunks, not a [cols, cols]
+    # of zeros per chunk (2.4 GB each at Gemma 7B, dropped at once: 2.2 GiB over the export's peak
+    # until 2026-12-05). The narrower ones share their sizes with some of a chunk's activations.
+    made = [e.self_cpu_memory_usage for e in profile.events() if e.self_cpu_memory_usage > 0]
+    down = gather.hessians["layers.0.mlp.down_proj.weight"]
+    assert x.shape[0] == 32 and made.count(down.numel() * down.element_size()) == 1
     name = "layers.0.{}.weight".format
     assert gather.groups() == {name("attn.q_proj"): [name("attn.q_proj"), name("attn.k_proj"), name("attn.v_proj")],
                                name("attn.o_proj"): [name("attn.o_proj")],

@@ -275,7 +275,9 @@ class _Gather:
             if first is None:
                 first, self._read[name] = name, x
                 inputs = x.reshape(-1, x.shape[-1]).float()
-                add_gram(self.hessians.setdefault(name, inputs.new_zeros(inputs.shape[1], inputs.shape[1])), inputs)
+                if name not in self.hessians:  # made once: not a [cols, cols] of zeros per chunk (setdefault's argument)
+                    self.hessians[name] = inputs.new_zeros(inputs.shape[1], inputs.shape[1])
+                add_gram(self.hessians[name], inputs)
             if self.first.setdefault(name, first) != first:
                 raise RuntimeError(f"{name} read the input of {first} in one chunk, of {self.first[name]} in another")
             self._pending.discard(name)
