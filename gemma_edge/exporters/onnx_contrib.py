@@ -59,8 +59,9 @@ class GroupQueryAttention(Attention):
             q, k, v = qkv, None, None
         else:  # Gemma 3 normalizes each head before RoPE, which GQA applies: unpack, normalize
             q, k, v = qkv.split([h * d, kv * d, kv * d], dim=-1)
-            q = self.q_norm(q.view(-1, h, d)).view(-1, h * d)[None]
-            k = self.k_norm(k.view(-1, kv, d)).view(-1, kv * d)[None]
+            # GQA's [1, T, ...] by the reshape back from the heads (not a reshape, then an Unsqueeze)
+            q = self.q_norm(q.view(-1, h, d)).view(1, -1, h * d)
+            k = self.k_norm(k.view(-1, kv, d)).view(1, -1, kv * d)
             v = v[None]
         last = input_pos[-1:]  # consecutive positions: the last is the filled length - 1
         seqlens_k = last.to(torch.int32)  # [batch]
@@ -76,7 +77,7 @@ class GroupQueryAttention(Attention):
              "local_window_size": self.window or -1, "do_rotary": 1, "rotary_interleaved": 0},
             dtypes=(past_k.dtype, past_k.dtype, past_v.dtype), shapes=((1, x.shape[0], h * d), past_k.shape, past_v.shape),
             version=1)
-        return self.o_proj(out[0].to(x.dtype))
+        return self.o_proj(out.view(-1, h * d).to(x.dtype))  # a Reshape, where out[0] was a Gather (a copy)
 
 
 def unsupported(config) -> str | None:
