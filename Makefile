@@ -17,10 +17,11 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# The main job on the built-in real Gemma 3 270M: export it to ONNX (int8 layers, int4 table calibrated
-# by GPTQ: x1.011) and to a .pte of the same layers (the table rounded to nearest, the head's worst columns
-# corrected: x1.048; GPTQ there gains on prose and loses on code, benchmarks/QUALITY.md), once (delete out/
-# to redo); verify each against transformers, then generate with each, with speeds.
+# The main job on the built-in real Gemma 3 270M: export it to ONNX (int8 layers, int4 table rounded to
+# nearest with the calibration text's rows 8-bit: x1.015 / x1.028 on prose / code) and to a .pte of the same
+# layers (the table rounded to nearest, the head's worst columns corrected: x1.048 / x1.121), each in the
+# recipe --recipe auto picks (benchmarks/QUALITY.md), once (delete out/ to redo); verify each against
+# transformers, then generate with each, with speeds.
 DEMO_PROMPT := Photosynthesis is the process by which
 demo: setup out/gemma3-onnx/gemma_edge.json out/gemma3-pte/gemma_edge.json
 	$(BIN)/gemma-edge verify out/gemma3-onnx
@@ -29,7 +30,7 @@ demo: setup out/gemma3-onnx/gemma_edge.json out/gemma3-pte/gemma_edge.json
 	$(BIN)/gemma-edge generate out/gemma3-pte "$(DEMO_PROMPT)" -n 48
 
 out/gemma3-onnx/gemma_edge.json: | setup
-	$(BIN)/gemma-edge export gemma-3-270m --format onnx --quant int8 --embedding-quant int4 --recipe gptq -o out/gemma3-onnx --overwrite
+	$(BIN)/gemma-edge export gemma-3-270m --format onnx --quant int8 --embedding-quant int4 -o out/gemma3-onnx --overwrite
 
 out/gemma3-pte/gemma_edge.json: | setup
 	$(BIN)/gemma-edge export gemma-3-270m --format pte --quant int8 --embedding-quant int4 -o out/gemma3-pte --overwrite

@@ -150,17 +150,28 @@ def test_the_exporter_stores_exactly_what_gptq_rounded(fmt, dtype, tiny_with_tok
     names = {n for n in cal.linear_weights(ckpt.config)  # .pte: the layers at int4 (XNNPACK's 4-bit groups)
              if fmt == "onnx" or dict(weight_shapes(ckpt.config))[n][1] % 32 == 0} | {"embed_tokens.weight"}
     grids = {}
-    rounded = {n: w for n, w in cal.calibrated_weights(iter_weights(ckpt), ckpt.config, calib.ids, names, GRIDS[fmt], grids)
-               if n in names}
+    # an ONNX 4-bit table keeps 8-bit copies of its hot rows, which GPTQ leaves out (HotRowsTable)
+    hot = cal.hot_tokens(ckpt, None, settings.hot_rows())[0] if settings.hot_rows() else torch.zeros(0, dtype=torch.long)
+    assert len(hot) == (ckpt.config.vocab_size // 16 if fmt == "onnx" else 0)
+    rounded = {n: w for n, w in cal.calibrated_weights(iter_weights(ckpt), ckpt.config, calib.ids, names, GRIDS[fmt], grids,
+                                                       keep=hot) if n in names}
     assert rounded["embed_tokens.weight"].dtype == getattr(torch, dtype)
     if dtype == "bfloat16":  # GPTQ's grid points, from the bf16 values the stream holds
         rounded["embed_tokens.weight"] = _on_grid(grids["embed_tokens.weight"], rounded["embed_tokens.weight"])
     stored = _stored_weights(fmt, ckpt, settings)
     assert set(stored) == names == set(rounded)
-    for name in names:
-        torch.testing.assert_close(stored[name], rounded[name], atol=1e-6, rtol=1e-5)
     plain = dict(iter_weights(ckpt))
-    assert all(not torch.allclose(rounded[n], plain[n].float(), atol=1e-3) for n in names)  # and they were rounded
+    cold = torch.ones(ckpt.config.vocab_size, dtype=torch.bool)
+    cold[hot] = False
+    for name in names:
+        rows = cold if name == "embed_tokens.weight" else slice(None)
+        torch.testing.assert_close(stored[name][rows], rounded[name][rows], atol=1e-6, rtol=1e-5)
+        assert not torch.allclose(rounded[name][rows], plain[name][rows].float(), atol=1e-3)  # and they were rounded
+    if len(hot):  # the hot rows: the checkpoint's values at 8 bits, to within half a step of 255 over their range
+        table = plain["embed_tokens.weight"][hot].float()
+        steps = (table.view(len(hot), -1, 32).amax(-1).clamp(min=0) - table.view(len(hot), -1, 32).amin(-1).clamp(max=0)) / 255
+        error = (stored["embed_tokens.weight"][hot] - table).abs().view(len(hot), -1, 32)
+        assert (error <= steps[..., None] / 2 + 1e-6).all()
 
 
 def test_the_table_alone_is_calibrated_on_the_float_models_final_norm_running_each_layer_once(tiny_with_tokenizers,
@@ -328,7 +339,8 @@ def test_recipes_are_checked():
 
 def test_auto_takes_the_best_measured_recipe_where_calibration_costs_minutes():
     """--recipe auto (the default), resolved for a model (benchmarks/QUALITY.md's rows): GPTQ for 4-bit
-    layers and ONNX's 4-bit table, rounding to nearest for a .pte's 4-bit table under int8 layers,
+    layers and for ONNX's 4-bit table without hot rows, rounding to nearest for a table under int8
+    layers otherwise (ONNX: its hot rows 8-bit; .pte: the head's columns corrected),
     nothing to calibrate without 4-bit weights; a calibration text always calibrates; from Gemma 3 1B
     up, rounding to nearest unless asked (calibration takes tens of minutes there)."""
     from gemma_edge.config import variant
@@ -341,7 +353,8 @@ def test_auto_takes_the_best_measured_recipe_where_calibration_costs_minutes():
 
     assert ExportSettings(format="onnx").recipe == "auto"  # until the model is known
     assert pick(small, format="onnx") == pick(small, format="pte") == "gptq"
-    assert pick(small, format="onnx", quant="int8", embedding_quant="int4") == "gptq"
+    assert pick(small, format="onnx", quant="int8", embedding_quant="int4") == "rtn"  # with the hot rows (8-bit)
+    assert pick(small, format="onnx", quant="int8", embedding_quant="int4", hot_tokens=0) == "gptq"
     assert pick(small, format="pte", quant="int8", embedding_quant="int4") == "rtn"
     assert pick(small, format="pte", quant="int8", embedding_quant="int4", calibration="t.txt") == "gptq"
     assert pick(small, format="onnx", quant="int8") == pick(small, format="pte", quant="fp32") == "rtn"
@@ -367,3 +380,53 @@ def test_the_manifest_records_the_recipe_and_its_text(tiny_exports):
         assert rtn["quantization"]["recipe"] == {"name": "rtn"}
         if fmt == "pte":  # GPTQ's table needs no correction of the head's worst columns (executorch.build_model)
             assert "head_correction" in rtn["quantization"] and "head_correction" not in manifest["quantization"]
+
+
+def test_rows_kept_out_of_the_tables_gptq_are_left_as_they_are():
+    """A hot-rows table's 8-bit rows (onnx_quant.HotRowsTable) are not rounded to the 4-bit grid by
+    the table's GPTQ: those rows come back as they went in (bf16, in place), and every other row as
+    without them (rows are independent given the Hessian)."""
+    gen = torch.Generator().manual_seed(1)
+    table = (torch.randn(96, 64, generator=gen) * 0.02).bfloat16()
+    x = torch.randn(2, 48, 64, generator=gen)
+    keep = torch.tensor([3, 40, 95])
+    plain = cal.calibrate_head("embed_tokens.weight", table.clone(), x, GRIDS["onnx"], {}, rows=32)
+    kept = cal.calibrate_head("embed_tokens.weight", table.clone(), x, GRIDS["onnx"], {}, rows=32, keep=keep)
+    assert kept.dtype == torch.bfloat16
+    others = torch.ones(96, dtype=torch.bool)
+    others[keep] = False
+    assert torch.equal(kept[keep], table[keep]) and not torch.equal(plain[keep], table[keep])
+    assert torch.equal(kept[others], plain[others])
+
+
+def test_hot_tokens_are_the_calibration_texts_most_frequent(tiny_with_tokenizers, tmp_path):
+    """The hot rows: the special tokens, then the text's tokens by frequency, at most a sixteenth of
+    the vocabulary; none for a checkpoint without a tokenizer (random weights); --hot-tokens only
+    where there is an ONNX 4-bit table."""
+    ckpt = resolve(tiny_with_tokenizers["tiny-gemma3"])
+    text = tmp_path / "text.txt"
+    text.write_text("the the the cat cat sat")
+    from gemma_edge.exporters.manifest import special_tokens
+
+    special = special_tokens(ckpt)
+    marks = {special["bos_token_id"], *special["stop_token_ids"]}  # <bos>, <eos>, <end_of_turn>
+    rows, record = cal.hot_tokens(ckpt, str(text), 16384)
+    ids, _, _ = cal.text_ids(ckpt, str(text))
+    vocab = ckpt.config.vocab_size
+    assert record["limit"] == vocab // 16 and record["rows"] == len(rows) and record["text"] == str(text)
+    assert set(rows.tolist()) == marks | set(ids) and len(marks | set(ids)) < vocab // 16
+    rows, _ = cal.hot_tokens(ckpt, None, len(marks) + 3)  # the default text: its 3 most frequent beside the marks
+    default, _, _ = cal.text_ids(ckpt, None)
+    counts = torch.bincount(torch.tensor(default), minlength=vocab)
+    top = [t for t in torch.argsort(-counts, stable=True).tolist() if t not in marks][:3]
+    assert sorted(rows.tolist()) == rows.tolist() and set(rows.tolist()) == marks | set(top)
+    assert cal.hot_tokens(resolve(make_checkpoint("tiny-gemma3", tmp_path / "bare")), None, 16384) is None
+    assert ExportSettings(format="onnx", quant="int4").hot_rows() == 16384
+    assert ExportSettings(format="onnx", quant="int8").hot_rows() == 0 == ExportSettings(format="pte").hot_rows()
+    import dataclasses  # a default follows the settings it is replaced into, as a given value does not
+
+    assert dataclasses.replace(ExportSettings(format="onnx"), embedding_quant="int8").hot_rows() == 0
+    with pytest.raises(ConfigError, match="--hot-tokens keeps rows of an ONNX export's 4-bit table"):
+        ExportSettings(format="pte", hot_tokens=100)
+    with pytest.raises(ConfigError, match="--hot-tokens must be 0 or more"):
+        ExportSettings(format="onnx", hot_tokens=-1)

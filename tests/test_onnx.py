@@ -143,9 +143,16 @@ def _eager_with_weights_of(folder: Path, checkpoint: Path) -> EagerBackend:
     return EagerBackend(model)
 
 
+def _source(name: str, quant: str, ops: str, tiny_checkpoints, tiny_with_tokenizers) -> Path:
+    """The checkpoint an export of `exports` was made from: the shared tiny exports' has a tokenizer
+    (and so their 4-bit tables keep the calibration text's rows at 8 bits: HotRowsTable)."""
+    shared = ops == "auto" and (name, quant) != ("tiny-gemma", "int4")
+    return (tiny_with_tokenizers if shared else tiny_checkpoints)[name]
+
+
 @pytest.mark.parametrize("name, quant, ops", CASES)
-def test_onnx_matches_its_reference(name, quant, ops, exports, tiny_checkpoints, tmp_path):
-    checkpoint, folder = tiny_checkpoints[name], exports[(name, quant, ops)]
+def test_onnx_matches_its_reference(name, quant, ops, exports, tiny_checkpoints, tiny_with_tokenizers, tmp_path):
+    checkpoint, folder = _source(name, quant, ops, tiny_checkpoints, tiny_with_tokenizers), exports[(name, quant, ops)]
     onnx_backend = OnnxBackend(folder)
     ids = _ids(onnx_backend.manifest["config"]["vocab_size"])
     got = _rows(onnx_backend, ids)
@@ -218,11 +225,18 @@ def test_quantized_weights_are_stored_once(ops, exports, tiny_checkpoints):
         assert not floats  # no float copy of a weight, transposed or not
         stored = sum(int(np.prod(t.dims)) for t in graph.initializer
                      if t.data_type == onnx.TensorProto.UINT8 and not t.name.endswith("zero_points"))
-        # hidden 96: whole blocks, so padded(table) == table.numel()
-        assert stored * 8 == linears * bits + padded(table) * table_bits
-        gather = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
-        head = next(n for n in graph.node if n.op_type == "MatMulNBits" and onnx.helper.get_node_attr_value(n, "N") == table.shape[0])
-        assert gather.input[2:4] == head.input[2:4]  # the same scales and zero points
+        # hidden 96: whole blocks, so padded(table) == table.numel(); a 4-bit table from a checkpoint
+        # with a tokenizer keeps the calibration text's rows 8-bit (HotRowsTable): two matrices
+        # with a tokenizer keeps 8-bit copies of the calibration text's rows (HotRowsTable)
+        hot = json.loads((exports[("tiny-gemma3", quant, ops)] / "gemma_edge.json").read_text())["quantization"].get("hot_tokens")
+        hot_rows = hot["rows"] if hot else 0
+        assert bool(hot_rows) == (table_bits == 4 and ops == "auto")  # the standard-ops export's source has none
+        assert stored * 8 == linears * bits + padded(table) * table_bits + hot_rows * table.shape[1] * 8
+        gathers = [n for n in graph.node if n.op_type == "GatherBlockQuantized"]
+        heads = {onnx.helper.get_node_attr_value(n, "N"): n for n in graph.node if n.op_type == "MatMulNBits"}
+        parts = [table.shape[0], hot_rows] if hot_rows else [table.shape[0]]
+        # each lookup reads the scales and zero points of one of the head's products: one copy of each
+        assert sorted(tuple(g.input[2:4]) for g in gathers) == sorted(tuple(heads[n].input[2:4]) for n in parts)
 
 
 def test_block_clipping_never_loses_to_round_to_nearest():
@@ -244,9 +258,9 @@ def test_block_clipping_never_loses_to_round_to_nearest():
     assert searched.sum() < 0.97 * nearest.sum()  # measured 0.947 (on the real 270M's table: x1.108 -> x1.080)
 
 
-def test_greedy_on_the_onnx_equals_greedy_on_its_eager_twin(exports, tiny_checkpoints, tmp_path):
+def test_greedy_on_the_onnx_equals_greedy_on_its_eager_twin(exports, tiny_checkpoints, tiny_with_tokenizers, tmp_path):
     folder = exports[("tiny-gemma2", "int4", "auto")]
-    eager = _eager_with_weights_of(folder, tiny_checkpoints["tiny-gemma2"])
+    eager = _eager_with_weights_of(folder, _source("tiny-gemma2", "int4", "auto", tiny_checkpoints, tiny_with_tokenizers))
     prompt = _ids(eager.model.config.vocab_size, seed=3)[:PREFILL]
     expected = greedy(eager, prompt, 32).token_ids
     assert greedy(_at_accuracy_level(OnnxBackend(folder), folder, 0, tmp_path), prompt, 32).token_ids == expected
@@ -487,3 +501,31 @@ def test_the_table_is_read_from_the_file_without_a_reshape(tiny_exports, tmp_pat
     runs = [ort.InferenceSession(str(folder / name), providers=["CPUExecutionProvider"]) for name in ("model.onnx", "shared.onnx")]
     before, after = (s.run(["logits"], feeds(s))[0] for s in runs)
     np.testing.assert_array_equal(before, after)
+
+
+def test_a_4bit_table_keeps_the_calibration_texts_rows_at_8_bits(exports, tiny_with_tokenizers):
+    """An int4 table from a checkpoint with a tokenizer (HotRowsTable): the rows of the default
+    calibration text's most frequent tokens and the special tokens are read 8-bit, the rest 4-bit,
+    as the manifest records (the graph against its eager twin: test_onnx_matches_its_reference)."""
+    from gemma_edge.exporters.calibration import hot_tokens
+    from gemma_edge.exporters.onnx_quant import HotRowsTable, quantize_blocks
+
+    folder = exports[("tiny-gemma3", "int4", "auto")]
+    manifest = json.loads((folder / "gemma_edge.json").read_text())
+    ckpt = resolve(tiny_with_tokenizers["tiny-gemma3"])
+    rows, record = hot_tokens(ckpt, None, 16384)
+    assert manifest["quantization"]["hot_tokens"] == record and record["rows"] == ckpt.config.vocab_size // 16
+    assert "8-bit" in manifest["quantization"]["layers"]["embed_tokens"]
+    model, _ = build_model(ckpt, ExportSettings(**manifest["export"]), manifest["io"]["ops"])
+    table = model.embed_tokens.table
+    assert isinstance(table, HotRowsTable) and model.lm_head.table is table
+    assert torch.equal(table.hot_ids, rows) and table.hot.rows == len(rows)
+    w = load_model(ckpt.hf_dir, MAX_SEQ_LEN).embed_tokens.weight.detach()
+    stored = table.dequantize()
+    q, scales, zero = quantize_blocks(w[rows], 4, 32)  # the same rows at 4 bits, to nearest
+    at4 = ((q.view(len(rows), -1, 32).float() - zero[..., None]) * scales[..., None]).view(len(rows), -1)
+    error8, error4 = (stored[rows] - w[rows]).abs().mean(), (at4 - w[rows]).abs().mean()
+    assert error8 < error4 / 10, (error8, error4)  # 8-bit steps are 17x finer
+    cold = torch.ones(w.shape[0], dtype=torch.bool)
+    cold[rows] = False
+    assert (stored[cold] - w[cold]).abs().mean() > error4 / 2  # the others 4-bit

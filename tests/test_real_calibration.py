@@ -22,10 +22,11 @@ RECIPES = {"int4": {"quant": "int4"}, "phone": {"quant": "int8", "embedding_quan
 # The issue's targets on verify's text (perplexity ratio, top-1 agreement): all-int4 ONNX <= 1.20
 # with >= 0.80, .pte <= 1.35; the phone recipe calibrated <= 1.05 with >= 0.88. Measured 2026-12-03
 # (ratio / top-1 on the manual, then on modeling_gemma.py):
-#   ONNX int4   rtn x1.476 / 0.677, x2.306 / 0.736   gptq x1.058 / 0.845, x1.398 / 0.814
-#   ONNX phone  rtn x1.085 / 0.810, x1.116 / 0.873   gptq x1.011 / 0.900, x1.102 / 0.900
 #   .pte int4   rtn x1.380 / 0.751, x1.908 / 0.765   gptq x1.106 / 0.826, x1.497 / 0.793
 #   .pte phone  rtn x1.048 / 0.875, x1.121 / 0.881   gptq x1.033 / 0.896, x1.154 / 0.873
+# and 2026-12-05, ONNX with the calibration text's rows of the table 8-bit (HotRowsTable, the default):
+#   ONNX int4   rtn x1.396 / 0.742, x2.132 / 0.730   gptq x1.035 / 0.867, x1.393 / 0.840
+#   ONNX phone  rtn x1.015 / 0.937, x1.028 / 0.930   gptq x1.002 / 0.937, x1.049 / 0.933
 # (.pte rtn with the head's correction of its worst columns, gptq without: head_correction.py; so
 # the .pte gptq files are smaller, 158.9 and 197.0 MiB against 168.0 and 206)
 TARGETS = {("onnx", "int4"): (1.20, 0.80), ("pte", "int4"): (1.35, 0.0),
@@ -69,9 +70,41 @@ def test_gptq_keeps_the_real_model_where_rounding_to_nearest_loses_it(fmt, recip
     for text in ("manual", "code"):
         if recipe == "int4":  # GPTQ takes off at least a third of what rounding to nearest lost, on both texts
             assert gptq[text]["ppl_ratio"] - 1 <= (2 / 3) * (rtn[text]["ppl_ratio"] - 1), (text, gptq[text], rtn[text])
-        else:  # int8 layers, the table alone calibrated: no worse than rounding to nearest, except the .pte
-            # on code, held to the issue's second-text bound, x1.20: it loses there, x1.121 (with the head's
-            # correction) -> x1.154-1.173 (without it; measured in two exports), an open point of issue 17.
-            # (ONNX code x1.116 -> x1.102; manual ONNX x1.085 -> x1.011, .pte x1.048 -> x1.033.)
-            bound = 1.20 if (fmt, text) == ("pte", "code") else rtn[text]["ppl_ratio"]
+        else:  # int8 layers, the table alone calibrated: no worse than rounding to nearest on the manual;
+            # on code held to the issue's second-text bound, x1.20: it loses there, .pte x1.121 (with the
+            # head's correction) -> x1.154-1.173 (without it; measured in two exports), ONNX x1.028 ->
+            # x1.049-1.051 (both with the hot rows, which --recipe auto then rounds to nearest).
+            bound = 1.20 if text == "code" else rtn[text]["ppl_ratio"]
             assert gptq[text]["ppl_ratio"] <= bound, (text, gptq[text], rtn[text])
+
+
+def test_the_tables_hot_rows_keep_the_phone_recipe_on_both_texts(real, code_text):
+    """ONNX, int8 layers and an int4 table rounded to nearest (--recipe auto's choice), with the
+    calibration text's rows of the table 8-bit (HotRowsTable, the default) and without (every row
+    4-bit): the issue's phone target, <= x1.05 and top-1 >= 0.88, on both texts, where every row at
+    4 bits misses it on both. Measured 2026-12-05 (ratio / top-1 / KL, manual then code): without
+    x1.091 / 0.810 / 0.103, x1.118 / 0.873 / 0.129; with x1.015 / 0.937 / 0.024, x1.028 / 0.930 /
+    0.063, for 3.76 MiB (8-bit copies of 4,557 rows, and each token's row among them)."""
+    ckpt, _, ids, fp32 = real
+    got = {}
+    for hot, recipe in ((None, "auto"), (0, "rtn")):  # every row 4-bit: the same rounding, to compare the rows alone
+        settings = ExportSettings(format="onnx", quant="int8", embedding_quant="int4", max_seq_len=MAX_SEQ_LEN,
+                                  hot_tokens=hot, recipe=recipe)
+        folder = cached_export(ckpt, settings)
+        manifest = json.loads((folder / "gemma_edge.json").read_text())
+        assert manifest["quantization"]["recipe"]["name"] == "rtn"  # auto's choice with the hot rows
+        backend = open_backend(folder)
+        got[hot] = {"manual": quality(backend.forward(ids, 0), fp32, ids),
+                    "code": quality(backend.forward(code_text[0], 0), code_text[1], code_text[0]),
+                    "MiB": sum(f["bytes"] for n, f in manifest["files"].items() if n.startswith("model.")) / MIB,
+                    "rows": manifest["quantization"].get("hot_tokens", {}).get("rows", 0)}
+        print(f"gemma-3-270m onnx phone rtn, {got[hot]['rows']} rows 8-bit ({got[hot]['MiB']:.2f} MiB): " + ", ".join(
+            f"{text} x{got[hot][text]['ppl_ratio']:.3f} top-1 {got[hot][text]['top1']:.3f} KL {got[hot][text]['kl']:.3f}"
+            for text in ("manual", "code")))
+    hot, every = got[None], got[0]
+    assert 4000 < hot["rows"] < 5000 and every["rows"] == 0  # the default text's tokens and the special ones
+    for text in ("manual", "code"):
+        assert hot[text]["ppl_ratio"] <= 1.05 and hot[text]["top1"] >= 0.88, (text, hot[text])
+        assert every[text]["ppl_ratio"] > 1.05 and every[text]["top1"] < 0.88, (text, every[text])
+        assert hot[text]["kl"] <= 0.6 * every[text]["kl"], (text, hot[text], every[text])
+    assert 3.5 < hot["MiB"] - every["MiB"] < 4

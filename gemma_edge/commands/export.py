@@ -55,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
                               embedding_quant=args.embedding_quant, max_seq_len=args.max_seq_len, ops=args.ops,
                               kv_dtype=args.kv_dtype, max_tokens_per_call=args.max_tokens_per_call,
                               recipe=args.recipe, calibration=args.calibration,
-                              calibration_tokens=args.calibration_tokens, template=args.template)
+                              calibration_tokens=args.calibration_tokens, template=args.template,
+                              hot_tokens=args.hot_tokens)
     console = progress()
     out = Path(args.output)
     check_output_folder(out, args.overwrite)  # before minutes of work, not after them

@@ -107,20 +107,14 @@ def calibration(ckpt: Checkpoint, path: str | None, max_seq_len: int, tokens: in
     text), cut into chunks of at most CHUNK (and max_seq_len) tokens, <bos> first, at most `tokens`
     in all. Random ids for a checkpoint without a tokenizer (random weights)."""
     from gemma_edge.exporters.manifest import special_tokens
-    from gemma_edge.runtime.tokenizer import Tokenizer
 
     chunk = min(CHUNK, max_seq_len, tokens)
-    special = special_tokens(ckpt)
-    bos = special["bos_token_id"]
+    bos = special_tokens(ckpt)["bos_token_id"]
     if path is None and not ckpt.tokenizer_files:
         rng = random.Random(0)
         ids = [[bos] + [rng.randrange(ckpt.config.vocab_size) for _ in range(chunk - 1)] for _ in range(tokens // chunk)]
         return Calibration(torch.tensor(ids), "random ids", "")
-    if not ckpt.tokenizer_files:
-        raise ConfigError(f"--calibration needs the checkpoint's tokenizer, and {ckpt.source} has none")
-    text = read_text(Path(path)) if path is not None else default_text()
-    source = str(path) if path is not None else "Python's documentation of " + ", ".join(DEFAULT_TEXT_MODULES[:3]) + ", ..."
-    ids = Tokenizer(ckpt.hf_dir, special).encode(text)
+    ids, source, sha256 = text_ids(ckpt, path)
     step = chunk - 1
     count = min(tokens // chunk, len(ids) // step)
     if count == 0:
@@ -129,8 +123,44 @@ def calibration(ckpt: Checkpoint, path: str | None, max_seq_len: int, tokens: in
     # spread evenly over the text, so that a long text is sampled whole rather than its start
     starts = [i * (len(ids) - step) // max(count - 1, 1) for i in range(count)]
     rows = [[bos] + ids[s:s + step] for s in starts]
+    return Calibration(torch.tensor(rows), source, sha256)
+
+
+def text_ids(ckpt: Checkpoint, path: str | None) -> tuple[list[int], str, str]:
+    """The calibration text's ids in ckpt's tokenizer (the file, else the default text), its source
+    and the SHA-256 of its bytes (the default text: of its UTF-8)."""
+    from gemma_edge.exporters.manifest import special_tokens
+    from gemma_edge.runtime.tokenizer import Tokenizer
+
+    if not ckpt.tokenizer_files:
+        raise ConfigError(f"--calibration needs the checkpoint's tokenizer, and {ckpt.source} has none")
+    text = read_text(Path(path)) if path is not None else default_text()
+    source = str(path) if path is not None else "Python's documentation of " + ", ".join(DEFAULT_TEXT_MODULES[:3]) + ", ..."
     raw = Path(path).read_bytes() if path is not None else text.encode()
-    return Calibration(torch.tensor(rows), source, hashlib.sha256(raw).hexdigest())
+    return Tokenizer(ckpt.hf_dir, special_tokens(ckpt)).encode(text), source, hashlib.sha256(raw).hexdigest()
+
+
+def hot_tokens(ckpt: Checkpoint, path: str | None, limit: int) -> tuple[torch.Tensor, dict] | None:
+    """The tokens whose table rows stay 8-bit (onnx_quant.HotRowsTable): the special tokens and the
+    calibration text's most frequent (ties: the lower id first), `limit` at most in all and at most a
+    sixteenth of the vocabulary; int64 [n] sorted, and the manifest's record of them. None for a
+    checkpoint without a tokenizer and no --calibration (random weights: no text to take them from)."""
+    from gemma_edge.exporters.manifest import special_tokens
+
+    vocab = ckpt.config.vocab_size
+    limit = min(limit, vocab // 16)
+    if limit == 0 or (path is None and not ckpt.tokenizer_files):
+        return None
+    ids, source, sha256 = text_ids(ckpt, path)
+    special = special_tokens(ckpt)
+    chosen = dict.fromkeys(t for t in [special["bos_token_id"], *special["stop_token_ids"]] if 0 <= t < vocab)
+    counts = torch.bincount(torch.tensor(ids, dtype=torch.long), minlength=vocab)
+    for t in torch.argsort(-counts, stable=True)[:limit + len(chosen)].tolist():
+        if counts[t] == 0 or len(chosen) >= limit:
+            break
+        chosen.setdefault(t)
+    rows = torch.tensor(sorted(chosen), dtype=torch.long)
+    return rows, {"rows": len(rows), "text": source, "sha256": sha256, "limit": limit}
 
 
 Choose = Callable[[str, torch.Tensor], object]  # (weight name, float32 weight) -> its grid (gptq.Grid)
@@ -138,14 +168,16 @@ Choose = Callable[[str, torch.Tensor], object]  # (weight name, float32 weight) 
 
 def calibrated_weights(weights: Iterable[tuple[str, torch.Tensor]], config: GemmaConfig, ids: torch.Tensor,
                        names: set[str], choose: Choose, grids: dict[str, object],
-                       read_table: Callable[[], torch.Tensor] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                       read_table: Callable[[], torch.Tensor] | None = None,
+                       keep: torch.Tensor | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """The weight stream (checkpoints.iter_weights' order: the embedding first, then layer by layer,
     the final norm, an untied head) with the weights named in `names` rounded by GPTQ, on choose's
     grid for each, which is recorded in `grids` before the weight is yielded: in float32 (a table in
     its own dtype where that holds GPTQ's values, see calibrate_head). The output
     projection (head_weight: a tied table, or lm_head.weight) is calibrated on the final norm's
     outputs; a tied table is then yielded last, once they are known, read again with read_table
-    (else held from the start: Gemma 7B's, 1.5 GB in bf16)."""
+    (else held from the start: Gemma 7B's, 1.5 GB in bf16); its rows `keep` are not rounded
+    (calibrate_head)."""
     stream = iter(weights)
     name, table = next(stream)
     if name != "embed_tokens.weight":
@@ -169,19 +201,24 @@ def calibrated_weights(weights: Iterable[tuple[str, torch.Tensor]], config: Gemm
         yield from tensors.items()
     if held:
         release_freed_memory()
-        yield name, calibrate_head(name, table if table is not None else read_table(), x, choose, grids)
+        yield name, calibrate_head(name, table if table is not None else read_table(), x, choose, grids, keep=keep)
 
 
 def calibrate_head(name: str, weight: torch.Tensor, x: torch.Tensor, choose: Choose, grids: dict[str, object],
-                   rows: int = 1 << 13) -> torch.Tensor:
+                   rows: int = 1 << 13, keep: torch.Tensor | None = None) -> torch.Tensor:
     """The output projection [vocab, hidden] rounded by GPTQ on its inputs x [chunks, tokens, hidden]
     (the final norm's outputs), a block of rows at a time (rows are independent given the Hessian),
     each block written back into weight (the caller's own copy: it is overwritten) in weight's dtype,
     so the 262k-row table is never held twice. A bf16 table keeps GPTQ's values in bf16 (Gemma 7B:
     1.5 GB, where a float32 result beside the table took 4.6) as long as each is within a quarter of
     its grid step of the value GPTQ chose (on_grid_in), so that the exporter's rounding onto the same
-    grid stores exactly GPTQ's values; if a block is not, the result moves to float32 whole."""
+    grid stores exactly GPTQ's values; if a block is not, the result moves to float32 whole.
+    keep (int64 row ids): rows left as they are (a HotRowsTable's 8-bit rows: rows are independent
+    in GPTQ, so the others are rounded as without them)."""
     inputs = x.reshape(-1, x.shape[-1])
+    kept = torch.zeros(weight.shape[0], dtype=torch.bool)
+    if keep is not None:
+        kept[keep] = True
     f = factor(inputs.T @ inputs)  # one for every block of rows
     out = weight
     parts = []
@@ -191,6 +228,8 @@ def calibrate_head(name: str, weight: torch.Tensor, x: torch.Tensor, choose: Cho
         rounded = gptq(block, f, grid)
         if not on_grid_in(out.dtype, rounded, grid):
             out = out.float()
+        here = kept[start:start + rows]
+        rounded[here] = block[here]  # exact in out's dtype: read from it
         out[start:start + rows] = rounded
         parts.append(grid)
     grids[name] = cat_grids(parts)
@@ -352,14 +391,15 @@ def load_stage(calib: Calibration | None) -> str:
 
 def calibrated_stream(ckpt: Checkpoint, settings, weights: Iterable[tuple[str, torch.Tensor]], names: set[str],
                       choose: Choose, grids: dict[str, object],
-                      calib: Calibration | None = None) -> Iterable[tuple[str, torch.Tensor]]:
+                      calib: Calibration | None = None, keep: torch.Tensor | None = None) -> Iterable[tuple[str, torch.Tensor]]:
     """weights as settings.recipe rounds them: unchanged for rtn; for gptq, the weights in names
-    calibrated (calibrated_weights) on calib (else the settings' text, see calibration())."""
+    calibrated (calibrated_weights) on calib (else the settings' text, see calibration()), the
+    table's rows keep left as they are."""
     if settings.for_model(ckpt.config).recipe == "rtn":
         return weights
     calib = calib or recipe_calibration(ckpt, settings)
     return calibrated_weights(weights, ckpt.config, calib.ids, names, choose, grids,
-                              read_table=lambda: next(iter(iter_weights(ckpt)))[1])  # the first weight, alone
+                              read_table=lambda: next(iter(iter_weights(ckpt)))[1], keep=keep)  # the first weight, alone
 
 
 def recipe_record(settings, calib: Calibration | None) -> dict:

@@ -32,12 +32,12 @@ from torch import nn
 
 from gemma_edge.checkpoints import Checkpoint, iter_weights, weight_shapes
 from gemma_edge.errors import ConfigError
-from gemma_edge.exporters.calibration import (Calibration, calibrated_stream, head_weight, linear_weights, load_stage,
-                                              recipe_calibration, recipe_record)
+from gemma_edge.exporters.calibration import (Calibration, calibrated_stream, head_weight, hot_tokens, linear_weights,
+                                              load_stage, recipe_calibration, recipe_record)
 from gemma_edge.exporters.gptq import cat_grids, take_grid
 from gemma_edge.exporters.manifest import cache_section, copy_tokenizer, special_tokens, versions, write_manifest
 from gemma_edge.exporters.onnx_contrib import FUSED, resolve_ops, share_rope_halves, unsupported, use_ops
-from gemma_edge.exporters.onnx_quant import (BITS, CLIPS, BlockGrid, QuantizedMatrix, block_grid,
+from gemma_edge.exporters.onnx_quant import (BITS, CLIPS, BlockGrid, HotRowsTable, QuantizedMatrix, block_grid,
                                              replace_weights_with_block_quantized)
 from gemma_edge.exporters.rewrites import TensorKVCache, pass_caches_as_tensors
 from gemma_edge.exporters.settings import ExportSettings
@@ -91,14 +91,21 @@ def build_model(ckpt: Checkpoint, settings: ExportSettings, ops: str,
     settings = settings.for_model(ckpt.config)
     weights = iter_weights(ckpt)  # the checkpoint's headers are checked before anything is allocated
     grids: dict[str, BlockGrid] = {}
+    hot = hot_tokens(ckpt, settings.calibration, settings.hot_rows()) if settings.hot_rows() else None
     weights = calibrated_stream(ckpt, settings, weights, calibrated_onnx_weights(ckpt.config, settings),
-                                lambda name, w: block_grid(w, BITS["int4"], settings.group_size, CLIPS), grids, calib)
+                                lambda name, w: block_grid(w, BITS["int4"], settings.group_size, CLIPS), grids, calib,
+                                keep=None if hot is None else hot[0])
     with torch.device("meta"):
         model = use_ops(Gemma(ckpt.config, settings.max_seq_len, cache_dtype=getattr(torch, settings.kv_dtype)), ops)
-        plan = replace_weights_with_block_quantized(model, settings.quant, settings.embedding_quant, settings.group_size)
+        plan = replace_weights_with_block_quantized(model, settings.quant, settings.embedding_quant, settings.group_size,
+                                                    0 if hot is None else len(hot[0]))
     model.to_empty(device="cpu")  # the quantized sizes only
     model.init_buffers()
     share_rope_halves(model)
+    table = getattr(model.embed_tokens, "table", None)
+    if isinstance(table, HotRowsTable):
+        table.set_rows(hot[0])
+        table.record = hot[1]  # the manifest's
     shapes = weight_shapes(ckpt.config)
     fill_layers(model, weights, layer_targets(model, shapes, grids), sum(math.prod(s) for s in shapes.values()), report)
     return model.eval().requires_grad_(False), plan
@@ -136,8 +143,13 @@ def layer_targets(model: Gemma, checkpoint_names, grids: dict[str, BlockGrid] | 
         return (f"{layer}.weight",)
 
     targets = []
+    hot_tables = [m for m in model.modules() if isinstance(m, HotRowsTable)]
+    filled_with_their_table = {id(matrix) for t in hot_tables for matrix in (t.table, t.hot)}
     for path, module in model.named_modules():  # a matrix shared by two layers is listed once
-        if isinstance(module, QuantizedMatrix):
+        if isinstance(module, HotRowsTable):  # its two matrices filled together, from the table
+            targets.append(Target(("embed_tokens.weight",),
+                                  lambda w, table=module: table.set(w, take_grid(grids, "embed_tokens.weight"))))
+        elif isinstance(module, QuantizedMatrix) and id(module) not in filled_with_their_table:
             names = sources(path.rpartition(".")[0])
             targets.append(Target(names, quantize(module, names)))
         elif isinstance(module, nn.Linear) and f"{path}.weight" not in checkpoint_names:
@@ -183,6 +195,7 @@ def finish_onnx(folder: Path) -> list[str]:
             if dim.dim_param:
                 dim.dim_param = "sequence_length"
     keep_last_logits(proto)
+    unfold_table_views(proto)
     if (folder / DATA_FILE).stat().st_size < SINGLE_FILE_LIMIT:
         onnx.load_external_data_for_model(proto, str(folder))
         for tensor in proto.graph.initializer:
@@ -194,6 +207,31 @@ def finish_onnx(folder: Path) -> list[str]:
     gather_tables_without_reshape(proto)
     onnx.save_model(proto, str(path))
     return [ONNX_FILE, DATA_FILE]
+
+
+def unfold_table_views(proto) -> None:
+    """Where the exporter's optimizer folded a GatherBlockQuantized's reshaped view of a matrix into
+    an initializer of its own (a copy: it folds inputs of up to 8192 elements, so only the 8-bit rows
+    of a tiny model's HotRowsTable), read the matrix through a Reshape again, as larger ones are: the
+    MatMulNBits that shares the lookup's scales holds the same bytes as [rows, blocks, bytes]."""
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    initializers = {t.name: t for t in graph.initializer}
+    by_scales = {n.input[2]: n for n in graph.node if n.op_type == "MatMulNBits"}
+    used = [name for n in graph.node for name in n.input]
+    for node in list(graph.node):
+        if node.op_type != "GatherBlockQuantized":
+            continue
+        folded, head = initializers.get(node.input[0]), by_scales.get(node.input[2])
+        if folded is None or head is None or used.count(folded.name) != 1:
+            continue
+        shape = f"{folded.name}.shape"
+        graph.initializer.append(numpy_helper.from_array(np.array(folded.dims, np.int64), shape))
+        graph.node.insert(list(graph.node).index(node),
+                          helper.make_node("Reshape", [head.input[1], shape], [f"{folded.name}.view"], name=f"{folded.name}.view"))
+        node.input[0] = f"{folded.name}.view"
+        graph.initializer.remove(folded)
 
 
 def gather_tables_without_reshape(proto) -> None:
@@ -245,18 +283,32 @@ def keep_last_logits(proto) -> None:
     graph = proto.graph
     producers = {out: n for n in graph.node for out in n.output}
     node = producers["logits"]
-    while node.op_type not in ("MatMul", "Gemm", "MatMulNBits"):  # back through Gemma 2's soft-cap to the projection
-        node = producers[node.input[0]]
+    while node.op_type not in ("MatMul", "Gemm", "MatMulNBits"):  # back through Gemma 2's soft-cap (a hot-rows
+        node = producers[node.input[0]]                          # table's ScatterElements) to the projection
     hidden = node.input[0]  # [1, T, hidden]
+    heads = [n for n in graph.node if n.op_type == node.op_type and n.input[0] == hidden]  # a hot-rows table's two
     graph.input.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, [1]))
     graph.initializer.extend([numpy_helper.from_array(np.zeros(1, np.int64), LOGITS_TO_KEEP),
                               numpy_helper.from_array(np.array([np.iinfo(np.int64).max]), "logits_rows_end"),
                               numpy_helper.from_array(np.ones(1, np.int64), "logits_rows_axis")])
-    at = list(graph.node).index(node)
+    at = min(list(graph.node).index(head) for head in heads)
     graph.node.insert(at, helper.make_node("Neg", [LOGITS_TO_KEEP], ["logits_rows_start"], name="logits_rows_start"))
     graph.node.insert(at + 1, helper.make_node("Slice", [hidden, "logits_rows_start", "logits_rows_end", "logits_rows_axis"],
                                                ["logits_rows"], name="logits_rows"))
-    node.input[0] = "logits_rows"
+    for head in heads:
+        head.input[0] = "logits_rows"
+    # A HotRowsTable's hot logits are written over the others' by ScatterElements, whose indices
+    # (the hot ids) are expanded to the rows traced, from T: expand them to the rows kept instead.
+    producers = {out: n for n in graph.node for out in n.output}
+    for scatter in [n for n in graph.node if n.op_type == "ScatterElements" and producers.get(n.input[2]) in heads]:
+        expand = producers[scatter.input[1]]
+        rows = f"{scatter.name}.rows"
+        graph.node.insert(list(graph.node).index(scatter), helper.make_node("Shape", [scatter.input[2]], [rows], name=rows))
+        graph.node.insert(list(graph.node).index(scatter),
+                          helper.make_node("Expand", [expand.input[0], rows], [f"{rows}.ids"], name=f"{rows}.ids"))
+        scatter.input[1] = f"{rows}.ids"
+        if not any(expand.output[0] in n.input for n in graph.node):
+            graph.node.remove(expand)
     for value in graph.output:
         if value.name == "logits":
             value.type.tensor_type.shape.dim[1].dim_param = "logits_rows"
@@ -341,6 +393,7 @@ def export_onnx(ckpt: Checkpoint, settings: ExportSettings, outdir: Path, overwr
         calib = recipe_calibration(ckpt, settings)
         with timed(load_stage(calib)):
             model, plan = build_model(ckpt, settings, ops, report, calib)
+            hot = getattr(getattr(model.embed_tokens, "table", None), "record", None)
             special = special_tokens(ckpt)
             io = {**io_contract(model), "ops": ops}
             cache = cache_section(model.layers[0].attn.cache.k.dtype,
@@ -358,7 +411,8 @@ def export_onnx(ckpt: Checkpoint, settings: ExportSettings, outdir: Path, overwr
             tokenizer = copy_tokenizer(ckpt, tmp)
             (tmp / GENAI_CONFIG).write_text(json.dumps(genai, indent=2) + "\n")
             manifest = write_manifest(tmp, ckpt, settings, special,
-                                      quantization={"layers": plan, "recipe": recipe_record(settings, calib)},
+                                      quantization={"layers": plan, "recipe": recipe_record(settings, calib),
+                                                    **({"hot_tokens": hot} if hot else {})},
                                       io={**io, "files": files}, cache=cache, tokenizer={"files": tokenizer},
                                       versions=versions("torch", "onnx", "onnxscript", "onnxruntime", "transformers"))
     result.manifest = manifest

@@ -13,6 +13,8 @@ already calls the quantized operators, and its initializers are the quantized by
 - Gemma ties the output projection to the embedding: quantized alike (same bits, hidden a whole
   number of blocks), the projection's MatMulNBits reads the embedding's own bytes (one copy, no
   fp32 copy). Otherwise each gets its own.
+- A 4-bit tied table may also hold some rows at 8 bits (HotRowsTable), read in place of their 4-bit
+  ones: the rows of the tokens a text uses, where most of the table's 4-bit error reaches the logits.
 
 Eager calls compute with the dequantized weights, so the rewritten model is the export's exact
 twin in PyTorch (tests hold the graph to it).
@@ -173,13 +175,15 @@ class QuantizedMatrix(nn.Module):
         self.register_buffer("zero_points", torch.empty(rows, -(-blocks * bits // 8), dtype=torch.uint8))
 
     @torch.no_grad()
-    def set(self, w: torch.Tensor, grid: BlockGrid | None = None, rows: int = 4096) -> None:
-        """Quantize w [rows, cols] into the buffers, on its own grid (block_grid) or the one given, a
-        block of rows at a time, each written in place: no whole-matrix temporaries (a 256k-row
-        table's unpacked values, their join and their packing were 1.3 GB at Gemma 2B's width)."""
+    def set(self, w: torch.Tensor, grid: BlockGrid | None = None, rows: int = 4096, ids: torch.Tensor | None = None) -> None:
+        """Quantize w [rows, cols] (or its rows ids, in that order) into the buffers, on its own grid
+        (block_grid) or the one given (of the rows stored), a block of rows at a time, each written in
+        place: no whole-matrix temporaries (a 256k-row table's unpacked values, their join and their
+        packing were 1.3 GB at Gemma 2B's width)."""
         data = self.data.view(self.rows, -1)
         for i in range(0, self.rows, rows):
-            q, scales, zero = quantize_blocks(w[i:i + rows], self.bits, self.block, self.clips,
+            source = w[i:i + rows] if ids is None else w[ids[i:i + rows]]
+            q, scales, zero = quantize_blocks(source, self.bits, self.block, self.clips,
                                               grid=None if grid is None else grid.rows(i, i + rows))
             if self.data.dim() == 2:  # unpadded rows
                 q = q[:, :self.cols]
@@ -198,6 +202,22 @@ class QuantizedMatrix(nn.Module):
         return torch.from_numpy(w.reshape(self.rows, -1)[:, :self.cols].astype(np.float32))
 
 
+def matmul_nbits(x: torch.Tensor, w: QuantizedMatrix) -> torch.Tensor:
+    """x @ W^T as one com.microsoft MatMulNBits node (export only)."""
+    return torch.onnx.ops.symbolic(
+        f"{MS}::MatMulNBits", (x, w.data, w.scales, w.zero_points),
+        {"K": w.cols, "N": w.rows, "bits": w.bits, "block_size": w.block, "accuracy_level": ACCURACY_LEVEL},
+        dtype=x.dtype, shape=(*x.shape[:-1], w.rows), version=1)
+
+
+def gather_block_quantized(t: QuantizedMatrix, ids: torch.Tensor) -> torch.Tensor:
+    """Rows ids of t as one com.microsoft GatherBlockQuantized node (export only)."""
+    return torch.onnx.ops.symbolic(
+        f"{MS}::GatherBlockQuantized", (t.data.reshape(t.rows, -1), ids, t.scales, t.zero_points),
+        {"bits": t.bits, "block_size": t.block, "gather_axis": 0, "quantize_axis": 1},
+        dtype=torch.float32, shape=(*ids.shape, t.cols), version=1)
+
+
 class MatMulNBits(nn.Module):
     """A bias-free linear layer, y = x @ W^T, as one com.microsoft MatMulNBits on a QuantizedMatrix."""
 
@@ -206,13 +226,9 @@ class MatMulNBits(nn.Module):
         self.weight = weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
         if not torch.compiler.is_exporting():
-            return F.linear(x, w.dequantize())
-        return torch.onnx.ops.symbolic(
-            f"{MS}::MatMulNBits", (x, w.data, w.scales, w.zero_points),
-            {"K": w.cols, "N": w.rows, "bits": w.bits, "block_size": w.block, "accuracy_level": ACCURACY_LEVEL},
-            dtype=x.dtype, shape=(*x.shape[:-1], w.rows), version=1)
+            return F.linear(x, self.weight.dequantize())
+        return matmul_nbits(x, self.weight)
 
 
 class GatherBlockQuantized(nn.Module):
@@ -223,25 +239,108 @@ class GatherBlockQuantized(nn.Module):
         self.table = table
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_exporting():
+            return F.embedding(ids, self.table.dequantize())
+        return gather_block_quantized(self.table, ids)
+
+
+class HotRowsTable(nn.Module):
+    """A tied [vocab, hidden] 4-bit table (`table`, as without hot rows) and 8-bit copies of its `hot`
+    rows (the tokens a text uses, ids `hot_ids`; `slot`: each id's row among them, or -1), which the
+    embedding and the head read in place of the 4-bit ones.
+
+    Why: at 4 bits the table's error reaches the logits through the rows of the tokens that are
+    likely next, and those are a text's own tokens. Measured on the real Gemma 3 270M (eager, every
+    other weight in fp32, the table's 4-bit blocks on their clipped ranges; perplexity ratio on the
+    Python manual / transformers' modeling_gemma.py, 512 tokens each): all rows 4-bit x1.077 / x1.112,
+    KL 0.099 / 0.124; the 4,555 tokens of the default calibration text (Python's module docs, neither
+    evaluation text) at 8 bits x1.005 / x1.028, KL 0.019 / 0.051, for 3 MB. (The first 32k tokens by
+    the tokenizer's merge order instead, no text at all: x1.009 / x1.032, for 20 MB.)
+    The hot rows are copies, not a second part of a split table: a split's logits must be put back in
+    vocabulary order, and ONNX Runtime's Gather of the 262k logits took 1.26 ms a decode step (a copy
+    per element), where writing the hot rows' logits over the full product's (ScatterElements) takes
+    a copy of the logits and one write per hot row."""
+
+    def __init__(self, vocab: int, hidden: int, hot: int, block: int):
+        super().__init__()
+        self.table = QuantizedMatrix(vocab, hidden, 4, block, CLIPS, padded=False)
+        self.hot = QuantizedMatrix(hot, hidden, 8, block, padded=False)
+        self.register_buffer("hot_ids", torch.empty(hot, dtype=torch.long))
+        self.register_buffer("slot", torch.empty(vocab, dtype=torch.int16))  # hot < 2^15 (HOT_TOKENS): 0.5 MB at 262k
+
+    def set_rows(self, hot_ids: torch.Tensor) -> None:
+        """The hot rows' ids (int64 [hot], distinct, sorted)."""
+        self.hot_ids.copy_(hot_ids)
+        self.slot.fill_(-1)
+        if len(hot_ids) >= 1 << 15:
+            raise ValueError(f"{len(hot_ids)} hot rows: at most {(1 << 15) - 1} (their slots are int16)")
+        self.slot[hot_ids] = torch.arange(len(hot_ids), dtype=torch.int16)
+
+    @torch.no_grad()
+    def set(self, w: torch.Tensor, grid: BlockGrid | None = None) -> None:
+        """Quantize the table w [vocab, hidden]: every row 4-bit on its own grid or on `grid` (a
+        calibrated recipe's), and the hot rows again 8-bit (to nearest)."""
+        self.table.set(w, grid)
+        self.hot.set(w, ids=self.hot_ids)
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 [vocab, hidden]: what the embedding and the head read."""
+        w = self.table.dequantize()
+        w[self.hot_ids] = self.hot.dequantize()
+        return w
+
+
+class HotRowsHead(nn.Module):
+    """The output projection reading a HotRowsTable: the 4-bit table's product, the hot rows'
+    8-bit product written over their logits (ScatterElements)."""
+
+    def __init__(self, table: HotRowsTable):
+        super().__init__()
+        self.table = table
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.table
+        if not torch.compiler.is_exporting():
+            return F.linear(x, t.dequantize())
+        hot = matmul_nbits(x, t.hot)  # [.., hot]
+        return matmul_nbits(x, t.table).scatter(-1, t.hot_ids.expand(hot.shape), hot)
+
+
+class HotRowsEmbedding(nn.Module):
+    """The embedding lookup of a HotRowsTable: a hot id's 8-bit row, any other id's 4-bit row."""
+
+    def __init__(self, table: HotRowsTable):
+        super().__init__()
+        self.table = table
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
         t = self.table
         if not torch.compiler.is_exporting():
             return F.embedding(ids, t.dequantize())
-        return torch.onnx.ops.symbolic(
-            f"{MS}::GatherBlockQuantized", (t.data.reshape(t.rows, -1), ids, t.scales, t.zero_points),
-            {"bits": t.bits, "block_size": t.block, "gather_axis": 0, "quantize_axis": 1},
-            dtype=torch.float32, shape=(*ids.shape, t.cols), version=1)
+        slot = t.slot[ids].int()
+        return torch.where((slot >= 0)[..., None], gather_block_quantized(t.hot, slot.clamp(min=0)),
+                           gather_block_quantized(t.table, ids))
 
 
 def replace_weights_with_block_quantized(model: nn.Module, quant: str, embedding_quant: str,
-                                         block: int) -> dict[str, str]:
+                                         block: int, hot_rows: int = 0) -> dict[str, str]:
     """On a model still on the meta device: every nn.Linear -> MatMulNBits (quant), the embedding
     -> GatherBlockQuantized (embedding_quant), and a tied output projection -> its own layer: the
-    embedding's matrix where it is quantized alike, else a matrix (or fp32 weight) of its own.
-    Returns {layer: scheme} for the manifest. The new buffers are empty: streaming.fill_layers
-    fills them from the checkpoint."""
+    embedding's matrix where it is quantized alike, else a matrix (or fp32 weight) of its own. A
+    tied 4-bit table of whole blocks with hot_rows > 0 is a HotRowsTable (its rows chosen later:
+    set_rows). Returns {layer: scheme} for the manifest. The new buffers are empty:
+    streaming.fill_layers fills them from the checkpoint."""
     plan: dict[str, str] = {}
     table = None
     vocab, hidden = model.embed_tokens.weight.shape
+    if hot_rows and embedding_quant == "int4" and model.lm_head is None and hidden % block == 0 and quant != "fp32":
+        table = HotRowsTable(vocab, hidden, hot_rows, block)
+        model.embed_tokens, model.lm_head = HotRowsEmbedding(table), HotRowsHead(table)
+        rows = f"4-bit, its {hot_rows:,} rows of the calibration text's tokens also 8-bit (read in their place)"
+        plan["embed_tokens"] = f"GatherBlockQuantized, block {block}, asymmetric, clipped blocks: {rows}"
+        plan["lm_head"] = (f"MatMulNBits, block {block}, accuracy level {ACCURACY_LEVEL} (the tied embedding table: "
+                           f"{rows}; their logits written over the 4-bit ones)")
+        embedding_quant, table = "none", None  # done: the linear layers follow
     if embedding_quant != "none":
         table = QuantizedMatrix(vocab, hidden, BITS[embedding_quant], block, CLIPS, padded=False)
         model.embed_tokens = GatherBlockQuantized(table)
@@ -274,6 +373,6 @@ def dequantized_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, MatMulNBits):
             out[f"{name}.weight"] = module.weight.dequantize()
-        elif isinstance(module, GatherBlockQuantized):
+        elif isinstance(module, (GatherBlockQuantized, HotRowsEmbedding, HotRowsHead)):
             out[f"{name}.weight"] = module.table.dequantize()
     return out
