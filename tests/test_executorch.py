@@ -218,7 +218,7 @@ def test_manifest_describes_the_export(exports):
                                   "max_seq_len": MAX_SEQ_LEN, "ops": None, "kv_dtype": "float32",  # ops: an ONNX setting
                                   "max_tokens_per_call": MAX_SEQ_LEN,  # the default: min(max_seq_len, 256)
                                   "recipe": "rtn", "calibration": None, "calibration_tokens": 16384,
-                                  "template": None}
+                                  "template": None, "hot_tokens": None}  # hot_tokens: an ONNX setting
     assert manifest["config"]["attn_logit_softcapping"] == 5.0
     for name, info in manifest["files"].items():
         assert sha256_file(folder / name) == info["sha256"] and (folder / name).stat().st_size == info["bytes"]
