@@ -167,11 +167,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="--recipe gptq/auto: tokens of the calibration text to calibrate on, in chunks of up to 512 "
                              "(default: %(default)s)")
     export.add_argument("--hot-tokens", type=int, default=None, metavar="N",
-                        help="ONNX with a 4-bit table: also keep its rows of the calibration text's N most frequent "
-                             "tokens (and of the special tokens) at 8 bits, read in place of the 4-bit ones: where most "
-                             "of the table's error reaches the logits (Gemma 3 270M, int8 layers: x1.091 -> x1.015 on "
+                        help="a 4-bit table: also keep its rows of the calibration text's N most frequent tokens (and "
+                             "of the special tokens) at 8 bits, read in place of the 4-bit ones: where most of the "
+                             "table's error reaches the logits (Gemma 3 270M, int8 layers, ONNX: x1.091 -> x1.015 on "
                              "prose, x1.118 -> x1.028 on code, for 3.7 MiB); 0: every row 4-bit (default: 16384, at most "
                              "a sixteenth of the vocabulary)")
+    export.add_argument("--smooth", type=float, default=None, metavar="ALPHA",
+                        help="a .pte's int8 layers: rescale each input channel by max|x|^ALPHA / max|W|^(1-ALPHA), "
+                             "measured on the calibration text and folded into the weights exactly (SmoothQuant), so "
+                             "that XNNPACK's per-token 8-bit inputs lose less to Gemma's outlier channels; 0: none "
+                             "(default: 0.5)")
     export.add_argument("--adapter", action="append", default=[], metavar="DIR",
                         help="a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) to merge into "
                              "MODEL before quantization; repeat to stack adapters in order")

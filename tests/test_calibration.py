@@ -150,9 +150,9 @@ def test_the_exporter_stores_exactly_what_gptq_rounded(fmt, dtype, tiny_with_tok
     names = {n for n in cal.linear_weights(ckpt.config)  # .pte: the layers at int4 (XNNPACK's 4-bit groups)
              if fmt == "onnx" or dict(weight_shapes(ckpt.config))[n][1] % 32 == 0} | {"embed_tokens.weight"}
     grids = {}
-    # an ONNX 4-bit table keeps 8-bit copies of its hot rows, which GPTQ leaves out (HotRowsTable)
-    hot = cal.hot_tokens(ckpt, None, settings.hot_rows())[0] if settings.hot_rows() else torch.zeros(0, dtype=torch.long)
-    assert len(hot) == (ckpt.config.vocab_size // 16 if fmt == "onnx" else 0)
+    # a 4-bit table keeps 8-bit copies of its hot rows, which GPTQ leaves out (HotRowsTable, pte_hot_rows.py)
+    hot = cal.hot_tokens(ckpt, None, settings.hot_rows())[0]
+    assert len(hot) == ckpt.config.vocab_size // 16
     rounded = {n: w for n, w in cal.calibrated_weights(iter_weights(ckpt), ckpt.config, calib.ids, names, GRIDS[fmt], grids,
                                                        keep=hot) if n in names}
     assert rounded["embed_tokens.weight"].dtype == getattr(torch, dtype)
@@ -167,11 +167,13 @@ def test_the_exporter_stores_exactly_what_gptq_rounded(fmt, dtype, tiny_with_tok
         rows = cold if name == "embed_tokens.weight" else slice(None)
         torch.testing.assert_close(stored[name][rows], rounded[name][rows], atol=1e-6, rtol=1e-5)
         assert not torch.allclose(rounded[name][rows], plain[name][rows].float(), atol=1e-3)  # and they were rounded
-    if len(hot):  # the hot rows: the checkpoint's values at 8 bits, to within half a step of 255 over their range
-        table = plain["embed_tokens.weight"][hot].float()
-        steps = (table.view(len(hot), -1, 32).amax(-1).clamp(min=0) - table.view(len(hot), -1, 32).amin(-1).clamp(max=0)) / 255
-        error = (stored["embed_tokens.weight"][hot] - table).abs().view(len(hot), -1, 32)
-        assert (error <= steps[..., None] / 2 + 1e-6).all()
+    # the hot rows: the checkpoint's values at 8 bits, to within half a step: ONNX's blocks of 32 span
+    # their range (with 0) in 255 steps, the .pte's rows are symmetric, max |w| in 127.5 steps
+    table = plain["embed_tokens.weight"][hot].float().view(len(hot), -1, 32)
+    steps = ((table.amax(-1).clamp(min=0) - table.amin(-1).clamp(max=0)) / 255 if fmt == "onnx"
+             else table.abs().amax((1, 2))[:, None].expand(table.shape[:2]) / 127.5)
+    error = (stored["embed_tokens.weight"][hot] - table.flatten(1)).abs().view(table.shape)
+    assert (error <= steps[..., None] / 2 + 1e-6).all()
 
 
 def test_the_table_alone_is_calibrated_on_the_float_models_final_norm_running_each_layer_once(tiny_with_tokenizers,
@@ -297,8 +299,10 @@ def _stored_weights(fmt: str, ckpt, settings) -> dict[str, torch.Tensor]:
         return values + m.offsets.weight.dequantize().repeat_interleave(m.group_size, 1)
 
     model, _ = build_model(ckpt, settings)
-    return {f"{n}.weight": stored(m) for n, m in model.named_modules()
-            if isinstance(m, OffsetLinear) and n.startswith("layers.") or isinstance(m, OffsetEmbedding)}
+    out = {f"{n}.weight": stored(m) for n, m in model.named_modules() if isinstance(m, OffsetLinear) and n.startswith("layers.")}
+    table = model.embed_tokens  # the 4-bit table, its hot rows read from their 8-bit copies (pte_hot_rows.py)
+    out["embed_tokens.weight"] = stored(table.table).index_copy(0, model.lm_head.hot_ids, table.hot.weight.dequantize())
+    return out
 
 
 def test_calibration_text_files_and_the_default(tmp_path, tiny_with_tokenizers):
@@ -402,7 +406,7 @@ def test_rows_kept_out_of_the_tables_gptq_are_left_as_they_are():
 def test_hot_tokens_are_the_calibration_texts_most_frequent(tiny_with_tokenizers, tmp_path):
     """The hot rows: the special tokens, then the text's tokens by frequency, at most a sixteenth of
     the vocabulary; none for a checkpoint without a tokenizer (random weights); --hot-tokens only
-    where there is an ONNX 4-bit table."""
+    where there is a 4-bit table."""
     ckpt = resolve(tiny_with_tokenizers["tiny-gemma3"])
     text = tmp_path / "text.txt"
     text.write_text("the the the cat cat sat")
@@ -421,12 +425,13 @@ def test_hot_tokens_are_the_calibration_texts_most_frequent(tiny_with_tokenizers
     top = [t for t in torch.argsort(-counts, stable=True).tolist() if t not in marks][:3]
     assert sorted(rows.tolist()) == rows.tolist() and set(rows.tolist()) == marks | set(top)
     assert cal.hot_tokens(resolve(make_checkpoint("tiny-gemma3", tmp_path / "bare")), None, 16384) is None
-    assert ExportSettings(format="onnx", quant="int4").hot_rows() == 16384
-    assert ExportSettings(format="onnx", quant="int8").hot_rows() == 0 == ExportSettings(format="pte").hot_rows()
+    assert ExportSettings(format="onnx", quant="int4").hot_rows() == 16384 == ExportSettings(format="pte").hot_rows()
+    assert ExportSettings(format="onnx", quant="int8", embedding_quant="int4").hot_rows() == 16384
+    assert ExportSettings(format="onnx", quant="int8").hot_rows() == 0 == ExportSettings(format="pte", quant="int8").hot_rows()
     import dataclasses  # a default follows the settings it is replaced into, as a given value does not
 
-    assert dataclasses.replace(ExportSettings(format="onnx"), embedding_quant="int8").hot_rows() == 0
-    with pytest.raises(ConfigError, match="--hot-tokens keeps rows of an ONNX export's 4-bit table"):
-        ExportSettings(format="pte", hot_tokens=100)
+    assert dataclasses.replace(ExportSettings(format="pte"), embedding_quant="int8").hot_rows() == 0
+    with pytest.raises(ConfigError, match="--hot-tokens keeps rows of a 4-bit table at 8 bits; --embedding-quant int8"):
+        ExportSettings(format="pte", quant="int8", hot_tokens=100)
     with pytest.raises(ConfigError, match="--hot-tokens must be 0 or more"):
         ExportSettings(format="onnx", hot_tokens=-1)

@@ -90,6 +90,21 @@ def _eager_quantized(folder: Path, quant: str):
     return EagerBackend(model)
 
 
+def _moved_by_noise(folder: Path, quant: str, ids: list[int], seeds: int = 8) -> float:
+    """The most the eager quantized model's rows move when its embedding's output is multiplied by
+    1 + 1e-6 N(0, 1), over `seeds` draws: how far a rounding boundary crossed takes it."""
+    backend = _eager_quantized(folder, quant)
+    plain = _rows(backend, ids)
+    moved = 0.0
+    for seed in range(seeds):
+        noise = torch.Generator().manual_seed(seed)
+        hook = backend.model.embed_tokens.register_forward_hook(
+            lambda module, args, out: out * (1 + 1e-6 * torch.randn(out.shape, generator=noise)))
+        moved = max(moved, float(np.abs(_rows(backend, ids) - plain).max()))
+        hook.remove()
+    return moved
+
+
 def mean_kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
     """Mean KL(p || q) over rows, from logits."""
     p, q = torch.log_softmax(torch.tensor(p_logits), -1), torch.log_softmax(torch.tensor(q_logits), -1)
@@ -133,7 +148,14 @@ def test_pte_matches_its_reference(name, quant, exports, tiny_with_tokenizers):
     # difference of 0.085 there; 14 of its 17 rows are decided).
     top2 = np.sort(quantized, -1)[:, -2:]
     decided = top2[:, 1] - top2[:, 0] > np.abs(got - quantized).max(-1)
-    assert (got.argmax(-1) == quantized.argmax(-1))[decided].all() and decided.sum() >= 0.7 * len(decided)
+    assert (got.argmax(-1) == quantized.argmax(-1))[decided].all()
+    if decided.sum() < 0.7 * len(decided):
+        # A boundary crossed early flows into every later row, and few rows are decided. Then the
+        # eager model must itself move as much when the embedding's output moves by 1e-6 of itself:
+        # the export's difference is one such crossing, not an error of the program (measured:
+        # tiny-gemma2 int4 crosses at the 4th prefill token, the export and the eager model under
+        # that noise both move by 0.066 there).
+        assert _moved_by_noise(folder, quant, ids) >= 0.5 * np.abs(got - quantized).max()
     # A guard against a broken export, not a quality bar (random heavy weights quantize badly):
     # measured KL 0.24 (top-1 29%) for tiny-gemma3 int4; the real model's quality: test_real_executorch.py.
     assert mean_kl(fp32, got) < 0.5
@@ -218,7 +240,7 @@ def test_manifest_describes_the_export(exports):
                                   "max_seq_len": MAX_SEQ_LEN, "ops": None, "kv_dtype": "float32",  # ops: an ONNX setting
                                   "max_tokens_per_call": MAX_SEQ_LEN,  # the default: min(max_seq_len, 256)
                                   "recipe": "rtn", "calibration": None, "calibration_tokens": 16384,
-                                  "template": None, "hot_tokens": None}  # hot_tokens: an ONNX setting
+                                  "template": None, "hot_tokens": None}  # hot_tokens: the default, 16384
     assert manifest["config"]["attn_logit_softcapping"] == 5.0
     for name, info in manifest["files"].items():
         assert sha256_file(folder / name) == info["sha256"] and (folder / name).stat().st_size == info["bytes"]
@@ -227,6 +249,7 @@ def test_manifest_describes_the_export(exports):
     assert layers["layers.0.attn.q_proj"] == INT4 and layers["layers.0.mlp.down_proj"] == INT8
     assert layers["embed_tokens"] == TABLE_INT4  # with offsets, clipped groups
     assert layers["lm_head"] == HEAD_OF_TABLE and manifest["quantization"]["head_reads_table"]  # tied: the table itself
+    assert manifest["quantization"]["hot_tokens"]["rows"] == manifest["config"]["vocab_size"] // 16
     assert manifest["io"]["files"] == ["model.pte", DATA_FILE]  # the program, then its weights
     assert {"torch", "executorch", "torchao"} <= set(manifest["versions"])
 
@@ -259,7 +282,7 @@ def test_a_tied_table_and_the_head_reading_it_are_stored_once(quant, exports):
     (int8 rows, or 4-bit values two to a byte), under two names (the embedding's constant and
     XNNPACK's weight); so are the table's scales (int8: float32 per row; int4: bf16 per group, the
     table's rows coming out in bf16, see torchao_quant.quantize_with_offsets) and the int4 table's
-    offsets and their scales. That the head computes from it what the model does:
+    offsets and their scales, and the 8-bit copies of its hot rows. That the head computes from it what the model does:
     test_pte_matches_its_reference."""
     from executorch.extension.flat_tensor.serialize.serialize import _deserialize_to_flat_tensor
 
@@ -276,6 +299,9 @@ def test_a_tied_table_and_the_head_reading_it_are_stored_once(quant, exports):
                  "scales": (groups * 2, 2),
                  # the head's correction (head_correction.py): int8 per row, an fp32 scale per row
                  "correction": (rows * min(COLUMNS, width), 1), "correction's scales": (rows * 4, 1)}
+        hot = manifest["quantization"]["hot_tokens"]["rows"]  # pte_hot_rows.py: the 8-bit copies of the hot rows,
+        parts |= {"hot rows": (hot * width, 2), "hot rows' scales": (hot * 4, 2),  # read by the embedding and the head,
+                  "slots": (rows * 4, 1), "hot ids": (hot * 8, 1)}  # int32 per id, int64 per hot row
     # Each part one segment of its size, read under `users` names.
     sizes = {size for size, _ in parts.values()}
     found = collections.Counter((s.size, names[i]) for i, s in enumerate(data.segments) if s.size in sizes)
@@ -289,7 +315,7 @@ def test_the_head_correction_takes_the_tables_error_off_its_columns(exports, tin
     calibration text."""
     model, _ = build_model(resolve(tiny_with_tokenizers["tiny-gemma3"]),
                            ExportSettings(format="pte", max_seq_len=MAX_SEQ_LEN, **_recipe("phone")))
-    head = model.lm_head
+    head = model.lm_head.head  # inside the hot rows' head (pte_hot_rows.py)
     assert isinstance(head, CorrectedHead) and head.pick.sum(1).eq(1).all()
     picked = head.pick.argmax(1)
     table = load_model(tiny_with_tokenizers["tiny-gemma3"], MAX_SEQ_LEN).embed_tokens.weight
@@ -303,6 +329,43 @@ def test_the_head_correction_takes_the_tables_error_off_its_columns(exports, tin
     manifest = json.loads((exports[("tiny-gemma3", "phone")] / "gemma_edge.json").read_text())
     assert manifest["quantization"]["head_correction"] == head.calibration
     assert head.calibration.startswith(f"{len(picked)} columns {picked.tolist()}, measured on the standard library's email package")
+
+
+def test_a_4bit_table_keeps_the_calibration_texts_rows_at_8_bits(exports, tiny_with_tokenizers):
+    """The phone recipe's int4 table from a checkpoint with a tokenizer (pte_hot_rows.py): the
+    embedding reads the rows of the default calibration text's most frequent tokens and of the
+    special tokens from an 8-bit copy, every other row from the 4-bit table; the head writes the
+    copy's product over those rows' logits; the manifest records them (the program against its
+    eager twin: test_pte_matches_its_reference)."""
+    from gemma_edge.exporters.calibration import hot_tokens
+    from gemma_edge.exporters.pte_hot_rows import HotRowsEmbedding, HotRowsHead
+
+    folder = exports[("tiny-gemma3", "phone")]
+    manifest = json.loads((folder / "gemma_edge.json").read_text())
+    ckpt = resolve(tiny_with_tokenizers["tiny-gemma3"])
+    rows, record = hot_tokens(ckpt, None, 16384)
+    vocab = ckpt.config.vocab_size
+    assert manifest["quantization"]["hot_tokens"] == record and record["rows"] == vocab // 16
+    assert manifest["quantization"]["smoothing"]["alpha"] == 0.5  # its int8 layers' inputs (smoothing.py)
+    model, _ = build_model(ckpt, ExportSettings(format="pte", max_seq_len=MAX_SEQ_LEN, **_recipe("phone")))
+    embedding, head = model.embed_tokens, model.lm_head
+    assert isinstance(embedding, HotRowsEmbedding) and isinstance(head, HotRowsHead)
+    assert torch.equal(head.hot_ids, rows)
+    w = load_model(ckpt.hf_dir, MAX_SEQ_LEN).embed_tokens.weight.detach()
+    cold = torch.ones(vocab, dtype=torch.bool)
+    cold[rows] = False
+    every = torch.arange(vocab)
+    with torch.no_grad():
+        looked_up, at4 = embedding(every), embedding.table(every)
+        h = torch.randn(8, w.shape[1], generator=torch.Generator().manual_seed(0))
+        logits, logits4, exact = head(h), head.head(h), h @ w.T
+    assert torch.equal(looked_up[cold], at4[cold])
+    error8, error4 = (looked_up[rows] - w[rows]).abs().mean(), (at4[rows] - w[rows]).abs().mean()
+    assert error8 < error4 / 10, (error8, error4)  # 8-bit steps are 17x finer
+    assert torch.equal(logits[:, cold], logits4[:, cold]) and torch.equal(logits[:, rows], head.hot(h))
+    error8, error4 = ((logits - exact)[:, rows].abs().mean(), (logits4 - exact)[:, rows].abs().mean())
+    print(f"hot rows' mean |logit error|: 8-bit {error8:.1e}, 4-bit {error4:.1e}")
+    assert error8 < error4 / 4, (error8, error4)
 
 
 def test_existing_output_is_kept_without_overwrite(exports, tiny_checkpoints):

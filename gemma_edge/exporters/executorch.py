@@ -32,13 +32,16 @@ import torch
 from torch import nn
 
 from gemma_edge.checkpoints import Checkpoint, iter_weights, weight_shapes
-from gemma_edge.exporters.calibration import (Calibration, calibrated_stream, load_stage, recipe_calibration,
-                                              recipe_record)
+from gemma_edge.exporters.calibration import (Calibration, calibrated_stream, calibration, hot_tokens, load_stage,
+                                              recipe_calibration, recipe_record)
 from gemma_edge.exporters.head_correction import CorrectedHead, correct_head
 from gemma_edge.exporters.lowering_shortcuts import idle_steps_skipped
 from gemma_edge.exporters.manifest import cache_section, copy_tokenizer, special_tokens, versions, write_manifest
+from gemma_edge.exporters.pte_hot_rows import HotRowsHead, keep_hot_rows
 from gemma_edge.exporters.rewrites import replace_gelu_with_explicit_tanh_form, replace_rmsnorm_mean_with_linear
 from gemma_edge.exporters.settings import ExportSettings
+from gemma_edge.exporters.smoothing import TOKENS as SMOOTHING_TOKENS
+from gemma_edge.exporters.smoothing import smoothed_weights
 from gemma_edge.exporters.stages import ExportResult, Stage, no_stage
 from gemma_edge.exporters.streaming import fill_layers
 from gemma_edge.exporters.torchao_quant import (HEAD_OF_TABLE, INT4, TABLE_INT4, int4_layer_grid, quantization_plan,
@@ -106,22 +109,36 @@ def build_model(ckpt: Checkpoint, settings: ExportSettings, report: Callable[[Pr
     # quantization, which frees them.
     model.to_empty(device="cpu")
     model.init_buffers()
+    alpha = settings.smoothing()
+    if alpha:  # the int8 layers' inputs rescaled (smoothing.py), on the calibration text
+        text = calibration(ckpt, settings.calibration, settings.max_seq_len, SMOOTHING_TOKENS)
+        weights = smoothed_weights(weights, ckpt.config, text.ids, alpha)
+        model.smoothing = {"alpha": alpha, **text.manifest()}  # the manifest's
     grids = {}
-    # the 4-bit layers (an untied head among them) and the tied 4-bit table the head reads
+    reads_int4_table = plan.get("lm_head") == HEAD_OF_TABLE and plan["embed_tokens"] == TABLE_INT4
+    hot = hot_tokens(ckpt, settings.calibration, settings.hot_rows()) if reads_int4_table and settings.hot_rows() else None
+    # the 4-bit layers (an untied head among them) and the tied 4-bit table the head reads, its hot rows
+    # left as they are (8-bit copies replace them)
     calibrated = {f"{name}.weight" for name, scheme in plan.items() if scheme in (INT4, TABLE_INT4)}
-    weights = calibrated_stream(ckpt, settings, weights, calibrated, int4_layer_grid(settings.group_size), grids, calib)
+    weights = calibrated_stream(ckpt, settings, weights, calibrated, int4_layer_grid(settings.group_size), grids, calib,
+                                keep=None if hot is None else hot[0])
     targets = quantization_targets(model, plan, settings, ckpt.config.tie_word_embeddings, grids) if quantized else []
     shapes = weight_shapes(ckpt.config)
     fill_layers(model, weights, targets, sum(math.prod(s) for s in shapes.values()), report)
     # The head reading an int4 table gets its worst columns corrected, unless GPTQ rounded the table:
     # GPTQ already spreads each column's error over the others, which a correction of some columns
     # back to the checkpoint's values undoes. Measured on the real 270M (eager, all-int4, the manual /
-    # modeling_gemma.py): GPTQ with the correction x1.112 / x1.543, without x1.103 / x1.442.
-    if plan.get("lm_head") == HEAD_OF_TABLE and plan["embed_tokens"] == TABLE_INT4 and settings.recipe == "rtn":
+    # modeling_gemma.py): GPTQ with the correction x1.112 / x1.543, without x1.103 / x1.442. With hot
+    # rows too (int8 layers, eager): x1.010 / x1.111 against x1.027 / x1.109 without the correction.
+    correct = reads_int4_table and settings.recipe == "rtn"
+    if correct or hot is not None:
         name, table = next(iter(iter_weights(ckpt)))  # the first weight: read again, alone
         assert name == "embed_tokens.weight", name
-        tokenizer = next((f for f in ckpt.tokenizer_files if f.name == "tokenizer.json"), None)
-        correct_head(model.eval(), table, tokenizer)
+        if correct:
+            tokenizer = next((f for f in ckpt.tokenizer_files if f.name == "tokenizer.json"), None)
+            correct_head(model.eval(), table, tokenizer)
+        if hot is not None:
+            keep_hot_rows(model, table, *hot)
         del table
     return model.eval().requires_grad_(False), plan
 
@@ -394,12 +411,14 @@ def export_pte(ckpt: Checkpoint, settings: ExportSettings, outdir: Path, overwri
             program.write_tensor_data_to_file(tmp)  # DATA_FILE
             del program
             tokenizer = copy_tokenizer(ckpt, tmp)
+            head = model.lm_head.head if isinstance(model.lm_head, HotRowsHead) else model.lm_head
             manifest = write_manifest(
                 tmp, ckpt, settings, special,
                 quantization={"layers": plan, "recipe": recipe_record(settings, calib),
                               "head_reads_table": plan.get("lm_head") == HEAD_OF_TABLE,
-                              **({"head_correction": model.lm_head.calibration}
-                                 if isinstance(model.lm_head, CorrectedHead) else {})},
+                              **({"head_correction": head.calibration} if isinstance(head, CorrectedHead) else {}),
+                              **({"hot_tokens": model.hot_rows} if hasattr(model, "hot_rows") else {}),
+                              **({"smoothing": model.smoothing} if hasattr(model, "smoothing") else {})},
                 io={"program": PTE_FILE, "files": [PTE_FILE, DATA_FILE], "method": "forward",
                     "inputs": [{"name": "tokens", "dtype": "int64", "shape": [1, "T"]},
                                {"name": "input_pos", "dtype": "int64", "shape": ["T"]}],

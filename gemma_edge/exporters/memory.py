@@ -82,6 +82,8 @@ def expected_peak(config: GemmaConfig, settings: ExportSettings) -> int:
         extra = max(extra, weight_bytes(config, settings))
     if settings.recipe != "rtn":
         extra = max(extra, calibration_bytes(config, settings.calibration_tokens))
+    if settings.smoothing():
+        extra = max(extra, smoothing_bytes(config))
     return int(BASE + weight_bytes(config, settings, held=True) + extra + cache_bytes(config, settings.max_seq_len, KV_ITEMSIZE[settings.kv_dtype]))
 
 
@@ -102,6 +104,18 @@ def calibration_bytes(config: GemmaConfig, tokens: int) -> int:
     rows = 1 << 13  # calibration.calibrate_head's block: in float32, GPTQ's two copies, on_grid_in's two
     table = config.vocab_size * h + 5 * rows * h  # (an untied int4 lm_head's moment is the same)
     return 4 * (max(layer * 3 // 2 + hessians + 2 * inter * h, table) + activations)
+
+
+def smoothing_bytes(config: GemmaConfig) -> int:
+    """What smoothing a .pte's int8 layers holds beside the model being filled (exporters/smoothing.py):
+    a decoder layer in float32 and its smoothed copy, the calibration activations in and out, and a
+    chunk's widest intermediates (gate, up and their product)."""
+    from gemma_edge.exporters.calibration import CHUNK
+    from gemma_edge.exporters.smoothing import TOKENS
+
+    h, heads, inter = config.hidden_size, config.num_attention_heads * config.head_dim, config.intermediate_size
+    layer = h * (heads + 2 * config.num_key_value_heads * config.head_dim) + heads * h + 3 * h * inter
+    return 4 * (2 * layer + 2 * TOKENS * h + 3 * CHUNK * inter)
 
 
 def available_memory() -> int:

@@ -45,10 +45,13 @@ AUTO_GPTQ_MAX_LAYER_WEIGHTS = 500_000_000
 # runner reads the limit from get_max_seq_len), unless the cache is shorter. ONNX Runtime allocates
 # for each call's own length: an ONNX graph takes any length up to the cache.
 PTE_TOKENS_PER_CALL = 256
-# An ONNX export's 4-bit tied table keeps the rows of this many tokens at 8 bits: the calibration
-# text's most frequent (onnx_quant.HotRowsTable; the default text has 4,555 distinct tokens), at
-# most a sixteenth of the vocabulary. 0: every row 4-bit.
+# A 4-bit tied table keeps the rows of this many tokens at 8 bits: the calibration text's most
+# frequent (onnx_quant.HotRowsTable, pte_hot_rows.py; the default text has 4,555 distinct tokens),
+# at most a sixteenth of the vocabulary. 0: every row 4-bit.
 HOT_TOKENS = 16384
+# A .pte's int8 layers take their inputs rescaled per channel (exporters/smoothing.py, SmoothQuant):
+# s = max|x| ^ alpha / max|W| ^ (1 - alpha). 0: not rescaled.
+SMOOTH_ALPHA = 0.5
 BFLOAT16_WHY = {
     "pte": "XNNPACK has no bfloat16 matmul, so attention would fall back to ExecuTorch's portable kernels "
            "(measured 25x slower than float16)",
@@ -70,7 +73,8 @@ class ExportSettings:
     calibration: str | None = None  # the calibration text (--recipe gptq); None: calibration.default_text()
     calibration_tokens: int = 16384  # --recipe gptq: tokens of the text calibrated on (in chunks of up to 512)
     template: str | None = None  # the prompt format the model expects (runtime/templates.py): generate's, chat's and the app's default
-    hot_tokens: int | None = None  # ONNX, a 4-bit table: rows kept 8-bit for the calibration text's tokens (None: hot_rows()'s default; 0: none)
+    hot_tokens: int | None = None  # a 4-bit table: rows kept 8-bit for the calibration text's tokens (None: hot_rows()'s default; 0: none)
+    smooth: float | None = None  # .pte int8 layers: SmoothQuant's alpha (None: smoothing()'s default; 0: none)
 
     def __post_init__(self) -> None:
         _one_of("format", self.format, FORMATS)
@@ -109,9 +113,14 @@ class ExportSettings:
             _one_of("template", self.template, tuple(TEMPLATES))
         if self.hot_tokens is not None and self.hot_tokens < 0:
             raise ConfigError(f"--hot-tokens must be 0 or more, got {self.hot_tokens}")
-        if self.hot_tokens and (self.format != "onnx" or self.embedding_quant != "int4"):
-            raise ConfigError(f"--hot-tokens keeps rows of an ONNX export's 4-bit table at 8 bits; --format {self.format} "
-                              f"--embedding-quant {self.embedding_quant} has none: leave it out (or give 0)")
+        if self.hot_tokens and self.embedding_quant != "int4":
+            raise ConfigError(f"--hot-tokens keeps rows of a 4-bit table at 8 bits; --embedding-quant "
+                              f"{self.embedding_quant} has none: leave it out (or give 0)")
+        if self.smooth is not None and not 0 <= self.smooth <= 1:
+            raise ConfigError(f"--smooth is an exponent between 0 and 1 (0: no smoothing), got {self.smooth}")
+        if self.smooth and (self.format != "pte" or self.quant != "int8"):
+            raise ConfigError(f"--smooth rescales the inputs of a .pte's int8 layers (XNNPACK quantizes them per token); "
+                              f"--format {self.format} --quant {self.quant} has none: leave it out (or give 0)")
         if self.calibration_tokens < 2:
             raise ConfigError(f"--calibration-tokens must be at least 2, got {self.calibration_tokens}")
         if self.calibration is not None:
@@ -133,10 +142,16 @@ class ExportSettings:
                               f"(XNNPACK's 4-bit kernels: 32, 64, 128, ...), got {g}")
 
     def hot_rows(self) -> int:
-        """--hot-tokens as it applies: given, or HOT_TOKENS for an ONNX export's 4-bit table, else 0."""
+        """--hot-tokens as it applies: given, or HOT_TOKENS for a 4-bit table, else 0."""
         if self.hot_tokens is not None:
             return self.hot_tokens
-        return HOT_TOKENS if self.format == "onnx" and self.embedding_quant == "int4" else 0
+        return HOT_TOKENS if self.embedding_quant == "int4" else 0
+
+    def smoothing(self) -> float:
+        """--smooth as it applies: given, or SMOOTH_ALPHA for a .pte's int8 layers, else 0."""
+        if self.smooth is not None:
+            return self.smooth
+        return SMOOTH_ALPHA if self.format == "pte" and self.quant == "int8" else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -157,7 +172,8 @@ def best_recipe(settings: ExportSettings, config: GemmaConfig) -> tuple[str, str
     (hot_tokens) ONNX's table under int8 layers rounds to nearest: x1.015 / x1.028 against GPTQ's
     x1.002 / x1.049, in half the export time. A .pte whose only 4-bit weights are the table rounds it to nearest
     and corrects the head's worst columns (head_correction.py): x1.048 / x1.121 against GPTQ's x1.033
-    / x1.154, in a third of the export time. Nothing 4-bit: nothing to calibrate. A calibration text
+    / x1.154, in a third of the export time (with hot rows and smoothed int8 inputs: x0.998 / x1.060
+    against x1.003 / x1.122). Nothing 4-bit: nothing to calibrate. A calibration text
     asks for calibration at any size; without one, a model with more than AUTO_GPTQ_MAX_LAYER_WEIGHTS
     in its layers is rounded to nearest (from Gemma 3 1B up: calibrating takes 21-38 minutes on 2 cores).
     Returns (recipe, why: a line for the user)."""
