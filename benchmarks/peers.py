@@ -47,7 +47,7 @@ CONTEXT = 1024  # every row's cache: our exports' default --max-seq-len
 OURS = {  # folder name: gemma-edge export arguments (the best recipe of each, benchmarks/QUALITY.md; int4 also as plain)
     "ours-onnx-int4": ["--format", "onnx", "--quant", "int4", "--recipe", "rtn"],
     "ours-onnx-int4-gptq": ["--format", "onnx", "--quant", "int4", "--recipe", "gptq"],
-    "ours-onnx-phone-gptq": ["--format", "onnx", "--quant", "int8", "--embedding-quant", "int4", "--recipe", "gptq"],
+    "ours-onnx-phone": ["--format", "onnx", "--quant", "int8", "--embedding-quant", "int4", "--recipe", "rtn"],  # its hot rows 8-bit
     "ours-pte-int4-gptq": ["--format", "pte", "--quant", "int4", "--recipe", "gptq"],
     "ours-pte-phone": ["--format", "pte", "--quant", "int8", "--embedding-quant", "int4", "--recipe", "rtn"],  # make demo's
 }

@@ -161,8 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "the best measured for the weights and format, gptq except for a .pte whose only 4-bit "
                              "weights are the table and for models of 1B and more (default: %(default)s)")
     export.add_argument("--calibration", metavar="FILE", default=None,
-                        help="--recipe gptq/auto: the calibration text, plain text or JSON lines (\"text\", or dolly's "
-                             "\"instruction\"/\"context\"/\"response\") (default: Python's own module documentation)")
+                        help="the text the export learns from: GPTQ's rounding (--recipe gptq/auto), the 4-bit table's "
+                             "8-bit rows (--hot-tokens) and a .pte's int8 input scales (--smooth); plain text or JSON "
+                             "lines (\"text\", or dolly's \"instruction\"/\"context\"/\"response\") (default: Python's "
+                             "own module documentation)")
     export.add_argument("--calibration-tokens", type=int, default=16384, metavar="N",
                         help="--recipe gptq/auto: tokens of the calibration text to calibrate on, in chunks of up to 512 "
                              "(default: %(default)s)")
@@ -173,10 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "prose, x1.118 -> x1.028 on code, for 3.7 MiB); 0: every row 4-bit (default: 16384, at most "
                              "a sixteenth of the vocabulary)")
     export.add_argument("--smooth", type=float, default=None, metavar="ALPHA",
-                        help="a .pte's int8 layers: rescale each input channel by max|x|^ALPHA / max|W|^(1-ALPHA), "
+                        help="a .pte's quantized layers: rescale each input channel by max|x|^ALPHA / max|W|^(1-ALPHA), "
                              "measured on the calibration text and folded into the weights exactly (SmoothQuant), so "
                              "that XNNPACK's per-token 8-bit inputs lose less to Gemma's outlier channels; 0: none "
-                             "(default: 0.5)")
+                             "(default: 0.5 for int8 layers and int4 layers rounded to nearest, 0 under GPTQ)")
     export.add_argument("--adapter", action="append", default=[], metavar="DIR",
                         help="a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) to merge into "
                              "MODEL before quantization; repeat to stack adapters in order")

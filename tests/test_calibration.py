@@ -40,14 +40,14 @@ def _layer_inputs(ckpt, layer: int = 0):
     inputs = {}
     for i in range(layer + 1):
         prefix = f"layers.{i}."
-        built = cal._build_layer(i, {n: w for n, w in weights.items() if n.startswith(prefix)}, ckpt.config, x.shape[1])
+        built = cal.build_layer(i, {n: w for n, w in weights.items() if n.startswith(prefix)}, ckpt.config, x.shape[1])
         if i == layer:
             for name, module in built.named_modules():
                 if isinstance(module, torch.nn.Linear):
                     module.register_forward_pre_hook(
                         lambda m, args, name=name: inputs.setdefault(prefix + name + ".weight", []).append(args[0]))
         with torch.no_grad():
-            x = cal._run(built, x, ckpt.config)
+            x = cal.run_layer(built, x, ckpt.config)
     return {n: (weights[n].float(), torch.cat(xs)) for n, xs in inputs.items()}, calib
 
 
@@ -188,8 +188,8 @@ def test_the_table_alone_is_calibrated_on_the_float_models_final_norm_running_ea
     ckpt = resolve(tiny_with_tokenizers["tiny-gemma3"])
     calib = cal.calibration(ckpt, None, MAX_SEQ_LEN, TOKENS)
     runs = []
-    run = cal._run
-    monkeypatch.setattr(cal, "_run", lambda layer, x, config, gather=None: runs.append(gather is None) or run(layer, x, config, gather))
+    run = cal.run_layer
+    monkeypatch.setattr(cal, "run_layer", lambda layer, x, config, gather=None: runs.append(gather is None) or run(layer, x, config, gather))
     table_only = dict(cal.calibrated_weights(iter_weights(ckpt), ckpt.config, calib.ids, {"embed_tokens.weight"},
                                              GRIDS["onnx"], {}))
     layers = ckpt.config.num_hidden_layers
@@ -223,13 +223,13 @@ def test_gathering_stops_once_every_linear_has_read_the_chunk(tiny_with_tokenize
     inputs, calib = _layer_inputs(ckpt, layer=0)
     weights = dict(iter_weights(ckpt))
     x = torch.nn.functional.embedding(calib.ids, weights["embed_tokens.weight"]) * ckpt.config.embedding_scale
-    layer = cal._build_layer(0, {n: w for n, w in weights.items() if n.startswith("layers.0.")}, ckpt.config, x.shape[1])
+    layer = cal.build_layer(0, {n: w for n, w in weights.items() if n.startswith("layers.0.")}, ckpt.config, x.shape[1])
     linears = {f"layers.0.{n}.weight": m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
     products = []
     layer.mlp.down_proj.register_forward_hook(lambda *args: products.append(args))
     gather = cal._Gather(linears)
     with torch.no_grad(), torch.profiler.profile(profile_memory=True) as profile:
-        assert cal._run(layer, x, ckpt.config, gather) is None
+        assert cal.run_layer(layer, x, ckpt.config, gather) is None
     gather.remove()
     assert products == []
     # down_proj's Hessian (the only one that wide) is made once for all the chunks, not a [cols, cols]
@@ -335,18 +335,28 @@ def test_recipes_are_checked():
     with pytest.raises(ConfigError, match="--recipe gptq calibrates 4-bit weights"):
         ExportSettings(format="pte", quant="int8", recipe="gptq")  # int8 throughout: nothing to calibrate
     ExportSettings(format="pte", quant="int8", embedding_quant="int4", recipe="gptq")  # the int4 table
-    with pytest.raises(ConfigError, match="--recipe rtn learns nothing; use --recipe gptq"):
-        ExportSettings(format="pte", recipe="rtn", calibration="text.txt")
-    with pytest.raises(ConfigError, match="no 4-bit weights to calibrate"):
+    # --calibration wherever something reads the text: GPTQ, the 4-bit table's hot rows, a .pte's smoothing
+    with pytest.raises(ConfigError, match="with --recipe rtn, --hot-tokens 0 and --smooth 0 nothing reads the text; use --recipe gptq"):
+        ExportSettings(format="pte", recipe="rtn", hot_tokens=0, smooth=0, calibration="text.txt")
+    with pytest.raises(ConfigError, match="with --recipe rtn, --hot-tokens 0 nothing reads the text"):
+        ExportSettings(format="onnx", recipe="rtn", hot_tokens=0, calibration="text.txt")
+    assert ExportSettings(format="pte", recipe="rtn", hot_tokens=0, calibration="t.txt").reads_calibration()  # smoothing
+    with pytest.raises(ConfigError, match="--format onnx --quant int8 --embedding-quant int8 reads no text"):
         ExportSettings(format="onnx", quant="int8", calibration="text.txt")
+    for reads in (ExportSettings(format="onnx", recipe="rtn", calibration="t.txt"),  # the table's hot rows
+                  ExportSettings(format="pte", quant="int8", embedding_quant="int4", recipe="rtn", calibration="t.txt"),
+                  ExportSettings(format="pte", quant="int8", calibration="t.txt")):  # the smoothing alone
+        assert reads.reads_calibration()
+    assert not ExportSettings(format="onnx", quant="int8").reads_calibration()
 
 
 def test_auto_takes_the_best_measured_recipe_where_calibration_costs_minutes():
     """--recipe auto (the default), resolved for a model (benchmarks/QUALITY.md's rows): GPTQ for 4-bit
     layers and for ONNX's 4-bit table without hot rows, rounding to nearest for a table under int8
     layers otherwise (ONNX: its hot rows 8-bit; .pte: the head's columns corrected),
-    nothing to calibrate without 4-bit weights; a calibration text always calibrates; from Gemma 3 1B
-    up, rounding to nearest unless asked (calibration takes tens of minutes there)."""
+    nothing to calibrate without 4-bit weights; a calibration text calibrates 4-bit layers at any size
+    (and leaves the phone recipes' rounding as measured best: it chooses their hot rows); from Gemma 3
+    1B up, rounding to nearest unless asked (calibration takes tens of minutes there)."""
     from gemma_edge.config import variant
     from gemma_edge.exporters.settings import best_recipe
 
@@ -360,7 +370,12 @@ def test_auto_takes_the_best_measured_recipe_where_calibration_costs_minutes():
     assert pick(small, format="onnx", quant="int8", embedding_quant="int4") == "rtn"  # with the hot rows (8-bit)
     assert pick(small, format="onnx", quant="int8", embedding_quant="int4", hot_tokens=0) == "gptq"
     assert pick(small, format="pte", quant="int8", embedding_quant="int4") == "rtn"
-    assert pick(small, format="pte", quant="int8", embedding_quant="int4", calibration="t.txt") == "gptq"
+    # a text of the user's keeps the phone recipes' best measured rounding: it chooses their hot rows (and smoothing)
+    for fmt in ("onnx", "pte"):
+        assert pick(small, format=fmt, quant="int8", embedding_quant="int4", calibration="t.txt") == "rtn"
+        assert "--calibration's rows of the table 8-bit" in best_recipe(
+            ExportSettings(format=fmt, quant="int8", embedding_quant="int4", calibration="t.txt"), small)[1]
+    assert pick(small, format="onnx", quant="int8", embedding_quant="int4", hot_tokens=0, calibration="t.txt") == "gptq"
     assert pick(small, format="onnx", quant="int8") == pick(small, format="pte", quant="fp32") == "rtn"
     for config in (one_b, large):
         assert pick(config, format="onnx") == pick(config, format="pte") == "rtn"
@@ -401,6 +416,34 @@ def test_rows_kept_out_of_the_tables_gptq_are_left_as_they_are():
     others[keep] = False
     assert torch.equal(kept[keep], table[keep]) and not torch.equal(plain[keep], table[keep])
     assert torch.equal(kept[others], plain[others])
+
+
+def test_an_export_loads_the_tokenizer_once_for_the_calibration_text(tiny_with_tokenizers, tmp_path, monkeypatch):
+    """The special tokens and the text's ids are asked for by the hot rows, the smoothing and GPTQ's
+    chunks (Gemma 3's tokenizer.json takes ~2 s to load): each is loaded once while the files stay
+    as they are, and again when a file changes."""
+    import tokenizers
+
+    from gemma_edge.exporters.manifest import special_tokens
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_with_tokenizers["tiny-gemma3"], folder)  # files of this test's own
+    ckpt = resolve(folder)
+    loads = []
+    from_file = tokenizers.Tokenizer.from_file
+    monkeypatch.setattr(tokenizers.Tokenizer, "from_file", lambda path: loads.append(path) or from_file(path))
+    text = tmp_path / "text.txt"
+    text.write_text("the cat sat on the mat")
+    first = [special_tokens(ckpt), cal.text_ids(ckpt, str(text))]
+    assert loads and [special_tokens(ckpt), cal.text_ids(ckpt, str(text))] == first
+    assert cal.hot_tokens(ckpt, str(text), 16384)[1]["rows"] > 0 and cal.calibration(ckpt, str(text), 64, 8).ids.shape[0] > 0
+    assert len(loads) == 2  # the end-of-turn id's lookup, the text's encoding
+    text.write_text("a dog ran past a dog")
+    ids, _, sha256 = cal.text_ids(ckpt, str(text))
+    assert ids != first[1][0] and sha256 != first[1][2] and len(loads) == 3  # the new text encoded
+    config = folder / "tokenizer.json"
+    config.write_text(config.read_text() + "\n")  # the tokenizer changed: both read it again
+    assert cal.text_ids(ckpt, str(text))[0] == ids and len(loads) == 5
 
 
 def test_hot_tokens_are_the_calibration_texts_most_frequent(tiny_with_tokenizers, tmp_path):

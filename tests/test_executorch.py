@@ -76,7 +76,7 @@ def exports(tiny_exports, tiny_checkpoints, tmp_path_factory) -> dict[tuple[str,
 def _source(name: str, quant: str, tiny_with_tokenizers, tiny_checkpoints) -> Path:
     """The checkpoint an export of CASES was made from: the same weights with or without a tokenizer,
     whose text (or, without one, random ids) calibrates the head's correction, the hot rows and the
-    int8 layers' smoothing. tiny-gemma int8 is exported through the command line, without one."""
+    layers' smoothing. tiny-gemma int8 is exported through the command line, without one."""
     return (tiny_checkpoints if (name, quant) == ("tiny-gemma", "int8") else tiny_with_tokenizers)[name]
 
 
@@ -238,7 +238,35 @@ def test_greedy_on_the_pte_equals_the_eager_model(name, quant, exports, tiny_wit
     reference = _eager_quantized(folder, quant) if quant != "fp32" else EagerBackend(load_model(folder, MAX_SEQ_LEN))
     prompt = _ids(reference.model.config.vocab_size, seed=3)[:PREFILL]
     expected = greedy(reference, prompt, 32).token_ids
-    assert greedy(ExecuTorchBackend(exports[(name, quant)]), prompt, 32).token_ids == expected
+    program = ExecuTorchBackend(exports[(name, quant)])
+    got = greedy(program, prompt, 32).token_ids
+    if got != expected and quant != "fp32":  # only at a near-tie of the eager model's two best tokens
+        _assert_parted_at_a_near_tie(reference, program, prompt, expected, got)
+    else:
+        assert got == expected
+
+
+def _assert_parted_at_a_near_tie(reference, program, prompt: list[int], expected: list[int], got: list[int]) -> None:
+    """Greedy decoding of a quantized program and of its eager model part where the eager model's
+    two best logits are nearer each other than the two sides' logits are apart: XNNPACK's 8-bit
+    per-token inputs round a value near a tie the other way (test_the_pte_computes_what_the_eager_
+    model_computes), which moves logits by a few hundredths; a gap wider than twice the largest move
+    cannot be crossed by it. Measured (tiny-gemma3 int4, smoothed, 2026-12-05): parted at the 21st
+    token, whose best two logits were 0.0053 apart, with the logits 0.029-0.059 apart at every step."""
+    step = next(i for i, (a, b) in enumerate(zip(expected, got)) if a != b)
+    ids = prompt + expected[:step]
+    reference.reset()
+    program.reset()
+    eager = reference.forward(ids, 0)[len(prompt) - 1:]  # the rows that chose expected[:step + 1]
+    ours = np.stack([program.forward_last(prompt, 0)] + [program.forward_last([t], len(prompt) + i)
+                                                          for i, t in enumerate(expected[:step])])
+    best_two = np.sort(eager[step])[-2:]
+    moved = np.abs(ours[step] - eager[step]).max()
+    assert ours[step].argmax() == got[step] and eager[step].argmax() == expected[step]  # the same sequence up to here
+    assert best_two[1] - best_two[0] < 2 * moved, (step, best_two, moved)
+    assert moved < 0.1, moved  # a few hundredths, as measured: a broken program would part anywhere
+    print(f"parted at token {step + 1} of {len(expected)}: the best two logits {best_two[1] - best_two[0]:.4f} apart, "
+          f"the two sides' logits {moved:.4f}")
 
 
 def test_manifest_describes_the_export(exports):
@@ -250,7 +278,7 @@ def test_manifest_describes_the_export(exports):
                                   "max_tokens_per_call": MAX_SEQ_LEN,  # the default: min(max_seq_len, 256)
                                   "recipe": "rtn", "calibration": None, "calibration_tokens": 16384,
                                   "template": None, "hot_tokens": None,  # hot_tokens: the default, 16384
-                                  "smooth": None}  # smooth: the default, none for int4 layers
+                                  "smooth": None}  # smooth: the default, 0.5 for int4 layers rounded to nearest
     assert manifest["config"]["attn_logit_softcapping"] == 5.0
     for name, info in manifest["files"].items():
         assert sha256_file(folder / name) == info["sha256"] and (folder / name).stat().st_size == info["bytes"]
@@ -260,6 +288,7 @@ def test_manifest_describes_the_export(exports):
     assert layers["embed_tokens"] == TABLE_INT4  # with offsets, clipped groups
     assert layers["lm_head"] == HEAD_OF_TABLE and manifest["quantization"]["head_reads_table"]  # tied: the table itself
     assert manifest["quantization"]["hot_tokens"]["rows"] == manifest["config"]["vocab_size"] // 16
+    assert manifest["quantization"]["smoothing"]["alpha"] == 0.5  # its int4 layers' inputs (smoothing.py)
     assert manifest["io"]["files"] == ["model.pte", DATA_FILE]  # the program, then its weights
     assert {"torch", "executorch", "torchao"} <= set(manifest["versions"])
 

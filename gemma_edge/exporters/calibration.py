@@ -27,9 +27,11 @@ with Python: never the Python reference manual (pydoc_data) that verify and the 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import itertools
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,16 +130,27 @@ def calibration(ckpt: Checkpoint, path: str | None, max_seq_len: int, tokens: in
 
 def text_ids(ckpt: Checkpoint, path: str | None) -> tuple[list[int], str, str]:
     """The calibration text's ids in ckpt's tokenizer (the file, else the default text), its source
-    and the SHA-256 of its bytes (the default text: of its UTF-8)."""
-    from gemma_edge.exporters.manifest import special_tokens
-    from gemma_edge.runtime.tokenizer import Tokenizer
-
+    and the SHA-256 of its bytes (the default text: of its UTF-8). An export asks up to three times
+    (hot rows, smoothing, GPTQ's chunks), and loading Gemma 3's tokenizer takes ~3 s: the last
+    answers are kept, keyed by the files' sizes and times of change."""
     if not ckpt.tokenizer_files:
         raise ConfigError(f"--calibration needs the checkpoint's tokenizer, and {ckpt.source} has none")
+    from gemma_edge.exporters.manifest import special_tokens
+
+    files = sorted(ckpt.tokenizer_files) + ([Path(path)] if path is not None else [])
+    stamps = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists())
+    ids, source, sha256 = _encoded(ckpt.hf_dir, json.dumps(special_tokens(ckpt), sort_keys=True), path, stamps)
+    return list(ids), source, sha256
+
+
+@functools.lru_cache(maxsize=2)
+def _encoded(hf_dir: Path, special: str, path: str | None, stamps: tuple) -> tuple[tuple[int, ...], str, str]:
+    from gemma_edge.runtime.tokenizer import Tokenizer
+
     text = read_text(Path(path)) if path is not None else default_text()
     source = str(path) if path is not None else "Python's documentation of " + ", ".join(DEFAULT_TEXT_MODULES[:3]) + ", ..."
     raw = Path(path).read_bytes() if path is not None else text.encode()
-    return Tokenizer(ckpt.hf_dir, special_tokens(ckpt)).encode(text), source, hashlib.sha256(raw).hexdigest()
+    return tuple(Tokenizer(hf_dir, json.loads(special)).encode(text)), source, hashlib.sha256(raw).hexdigest()
 
 
 def hot_tokens(ckpt: Checkpoint, path: str | None, limit: int) -> tuple[torch.Tensor, dict] | None:
@@ -182,14 +195,13 @@ def calibrated_weights(weights: Iterable[tuple[str, torch.Tensor]], config: Gemm
     name, table = next(stream)
     if name != "embed_tokens.weight":
         raise RuntimeError(f"calibration needs the embedding first in the weight stream, got {name}")
-    # [chunks, tokens, hidden]: as Gemma.hidden_states embeds (sqrt(hidden), float32)
-    x = F.embedding(ids, table).float() * torch.tensor(config.embedding_scale, dtype=torch.float32)
+    x = embed_chunks(ids, table, config)
     held = name in names and config.tie_word_embeddings
     if not held:
         yield name, table
     if not held or read_table is not None:
         table = None  # not held through the layers (Gemma 7B's: 1.5 GB in bf16)
-    for index, group in itertools.groupby(stream, key=lambda item: _layer_index(item[0])):
+    for index, group in itertools.groupby(stream, key=lambda item: layer_index(item[0])):
         tensors = dict(group)
         release_freed_memory()  # the previous layer's working blocks (streaming.release_freed_memory)
         if index is not None:
@@ -255,7 +267,14 @@ def _final_norm(x: torch.Tensor, weight: torch.Tensor, config: GemmaConfig) -> t
         return norm(x)
 
 
-def _layer_index(name: str) -> int | None:
+def embed_chunks(ids: torch.Tensor, table: torch.Tensor, config: GemmaConfig) -> torch.Tensor:
+    """The calibration chunks ids [chunks, tokens] embedded as Gemma.hidden_states embeds them
+    (scaled by sqrt(hidden), float32): the first layer's inputs [chunks, tokens, hidden]."""
+    return F.embedding(ids, table).float() * torch.tensor(config.embedding_scale, dtype=torch.float32)
+
+
+def layer_index(name: str) -> int | None:
+    """The decoder layer a weight of the stream belongs to (layers.N. ...), else None."""
     return int(name.split(".")[1]) if name.startswith("layers.") else None
 
 
@@ -265,13 +284,13 @@ def calibrate_layer(index: int, tensors: dict[str, torch.Tensor], x: torch.Tenso
     """Decoder layer `index` from its weights (full names): its calibrated weights (the others as
     they came) and its output on x [chunks, tokens, hidden] computed with them."""
     prefix = f"layers.{index}."
-    layer = _build_layer(index, tensors, config, x.shape[1])
+    layer = build_layer(index, tensors, config, x.shape[1])
     linears = {f"{prefix}{n}.weight": m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
     linears = {n: m for n, m in linears.items() if n in names}
     if not linears:  # nothing to learn here (the phone recipe calibrates the table alone): its output only
-        return tensors, _run(layer, x, config)
+        return tensors, run_layer(layer, x, config)
     gather = _Gather(linears)
-    _run(layer, x, config, gather)
+    run_layer(layer, x, config, gather)
     gather.remove()
     out = dict(tensors)
     for first, group in gather.groups().items():  # each Hessian factored once for the linears sharing it
@@ -282,7 +301,7 @@ def calibrate_layer(index: int, tensors: dict[str, torch.Tensor], x: torch.Tenso
             weight.copy_(gptq(weight, f, grids[n]))
             out[n] = weight.detach()  # the layer's own storage: no copy
         del f
-    return out, _run(layer, x, config)
+    return out, run_layer(layer, x, config)
 
 
 class _Gathered(Exception):
@@ -337,7 +356,7 @@ class _Gather:
         self._read.clear()  # the last chunk's inputs (down_proj's: 50 MB at 7B)
 
 
-def _build_layer(index: int, tensors: dict[str, torch.Tensor], config: GemmaConfig, tokens: int) -> DecoderLayer:
+def build_layer(index: int, tensors: dict[str, torch.Tensor], config: GemmaConfig, tokens: int) -> DecoderLayer:
     """Decoder layer `index` in float32, its parameters the tensors given themselves where they are
     float32 (not copies: calibrate_layer overwrites the linear weights with GPTQ's values), else
     float32 copies of them."""
@@ -355,7 +374,7 @@ def _build_layer(index: int, tensors: dict[str, torch.Tensor], config: GemmaConf
     return layer.eval()
 
 
-def _run(layer: DecoderLayer, x: torch.Tensor, config: GemmaConfig, gather: _Gather | None = None) -> torch.Tensor | None:
+def run_layer(layer: DecoderLayer, x: torch.Tensor, config: GemmaConfig, gather: _Gather | None = None) -> torch.Tensor | None:
     """The layer on each chunk of x [chunks, tokens, hidden] from position 0: [chunks, tokens, hidden];
     with gather, each chunk only until gather's linears have read it (their Hessians), and None."""
     tokens = x.shape[1]

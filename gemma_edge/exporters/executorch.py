@@ -110,7 +110,7 @@ def build_model(ckpt: Checkpoint, settings: ExportSettings, report: Callable[[Pr
     model.to_empty(device="cpu")
     model.init_buffers()
     alpha = settings.smoothing()
-    if alpha:  # the int8 layers' inputs rescaled (smoothing.py), on the calibration text
+    if alpha:  # the quantized layers' inputs rescaled (smoothing.py), on the calibration text
         text = calibration(ckpt, settings.calibration, settings.max_seq_len, SMOOTHING_TOKENS)
         weights = smoothed_weights(weights, ckpt.config, text.ids, alpha)
         model.smoothing = {"alpha": alpha, **text.manifest()}  # the manifest's

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import shutil
 from importlib import metadata
 from pathlib import Path
@@ -25,12 +26,19 @@ def special_tokens(ckpt: Checkpoint) -> dict[str, Any]:
     end_of_turn = None
     for f in ckpt.tokenizer_files:
         if f.name == "tokenizer.json":
-            from tokenizers import Tokenizer
-
-            end_of_turn = Tokenizer.from_file(str(f)).token_to_id(END_OF_TURN)
+            end_of_turn = _token_id(str(f), f.stat().st_size, f.stat().st_mtime_ns, END_OF_TURN)
     stop = list(config.eos_token_id) + ([end_of_turn] if end_of_turn is not None and end_of_turn not in config.eos_token_id else [])
     return {"bos_token_id": config.bos_token_id, "eos_token_ids": list(config.eos_token_id),
             "pad_token_id": config.pad_token_id, "end_of_turn_id": end_of_turn, "stop_token_ids": stop}
+
+
+@functools.lru_cache(maxsize=4)
+def _token_id(tokenizer_json: str, size: int, mtime_ns: int, token: str) -> int | None:
+    """A token's id in a tokenizer.json, kept for the file as it is (size, time of change): an export
+    asks several times, and loading Gemma 3's 33 MB tokenizer takes ~2 s each time."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(tokenizer_json).token_to_id(token)
 
 
 def cache_section(dtype, shapes, max_seq_len: int, layout: str) -> dict[str, Any]:

@@ -80,10 +80,10 @@ def expected_peak(config: GemmaConfig, settings: ExportSettings) -> int:
     extra = LARGEST * largest
     if settings.format == "pte":
         extra = max(extra, weight_bytes(config, settings))
-    if settings.recipe != "rtn":
-        extra = max(extra, calibration_bytes(config, settings.calibration_tokens))
-    if settings.smoothing():
-        extra = max(extra, smoothing_bytes(config))
+    # calibration and smoothing walk the layers in one pipeline (the smoothed stream feeds GPTQ): they add
+    walk = (calibration_bytes(config, settings.calibration_tokens) if settings.recipe != "rtn" else 0) + \
+        (smoothing_bytes(config) if settings.smoothing() else 0)
+    extra = max(extra, walk)
     return int(BASE + weight_bytes(config, settings, held=True) + extra + cache_bytes(config, settings.max_seq_len, KV_ITEMSIZE[settings.kv_dtype]))
 
 
@@ -107,7 +107,7 @@ def calibration_bytes(config: GemmaConfig, tokens: int) -> int:
 
 
 def smoothing_bytes(config: GemmaConfig) -> int:
-    """What smoothing a .pte's int8 layers holds beside the model being filled (exporters/smoothing.py):
+    """What smoothing a .pte's layers holds beside the model being filled (exporters/smoothing.py):
     a decoder layer in float32 and its smoothed copy, the calibration activations in and out, and a
     chunk's widest intermediates (gate, up and their product)."""
     from gemma_edge.exporters.calibration import CHUNK

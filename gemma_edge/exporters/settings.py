@@ -49,8 +49,10 @@ PTE_TOKENS_PER_CALL = 256
 # frequent (onnx_quant.HotRowsTable, pte_hot_rows.py; the default text has 4,555 distinct tokens),
 # at most a sixteenth of the vocabulary. 0: every row 4-bit.
 HOT_TOKENS = 16384
-# A .pte's int8 layers take their inputs rescaled per channel (exporters/smoothing.py, SmoothQuant):
-# s = max|x| ^ alpha / max|W| ^ (1 - alpha). 0: not rescaled.
+# A .pte's quantized layers take their inputs rescaled per channel (exporters/smoothing.py,
+# SmoothQuant): s = max|x| ^ alpha / max|W| ^ (1 - alpha). 0: not rescaled. By default the int8
+# layers and the int4 layers rounded to nearest (XNNPACK quantizes both kinds' inputs to 8 bits per
+# token); GPTQ's int4 layers are not (measured: better on prose, worse on code, smoothing()).
 SMOOTH_ALPHA = 0.5
 BFLOAT16_WHY = {
     "pte": "XNNPACK has no bfloat16 matmul, so attention would fall back to ExecuTorch's portable kernels "
@@ -74,7 +76,7 @@ class ExportSettings:
     calibration_tokens: int = 16384  # --recipe gptq: tokens of the text calibrated on (in chunks of up to 512)
     template: str | None = None  # the prompt format the model expects (runtime/templates.py): generate's, chat's and the app's default
     hot_tokens: int | None = None  # a 4-bit table: rows kept 8-bit for the calibration text's tokens (None: hot_rows()'s default; 0: none)
-    smooth: float | None = None  # .pte int8 layers: SmoothQuant's alpha (None: smoothing()'s default; 0: none)
+    smooth: float | None = None  # .pte quantized layers: SmoothQuant's alpha (None: smoothing()'s default; 0: none)
 
     def __post_init__(self) -> None:
         _one_of("format", self.format, FORMATS)
@@ -118,18 +120,20 @@ class ExportSettings:
                               f"{self.embedding_quant} has none: leave it out (or give 0)")
         if self.smooth is not None and not 0 <= self.smooth <= 1:
             raise ConfigError(f"--smooth is an exponent between 0 and 1 (0: no smoothing), got {self.smooth}")
-        if self.smooth and (self.format != "pte" or self.quant != "int8"):
-            raise ConfigError(f"--smooth rescales the inputs of a .pte's int8 layers (XNNPACK quantizes them per token); "
-                              f"--format {self.format} --quant {self.quant} has none: leave it out (or give 0)")
+        if self.smooth and (self.format != "pte" or self.quant == "fp32"):
+            raise ConfigError(f"--smooth rescales the inputs of a .pte's quantized layers (XNNPACK quantizes them to 8 "
+                              f"bits per token); --format {self.format} --quant {self.quant} has none: leave it out (or give 0)")
         if self.calibration_tokens < 2:
             raise ConfigError(f"--calibration-tokens must be at least 2, got {self.calibration_tokens}")
-        if self.calibration is not None:
+        if self.calibration is not None and not self.reads_calibration():
             if "int4" not in (self.quant, self.embedding_quant):
-                raise ConfigError(f"--calibration: --quant {self.quant} --embedding-quant {self.embedding_quant} has no "
-                                  "4-bit weights to calibrate; leave --calibration out, or choose int4 weights")
-            if self.recipe == "rtn":
-                raise ConfigError("--calibration is the text a calibrated recipe learns from, and --recipe rtn learns "
-                                  "nothing; use --recipe gptq (or auto), or leave --calibration out")
+                raise ConfigError(f"--calibration: --format {self.format} --quant {self.quant} --embedding-quant "
+                                  f"{self.embedding_quant} reads no text (it chooses the rounding of 4-bit weights, the "
+                                  "8-bit rows of a 4-bit table and the scales of a .pte's int8 inputs); leave "
+                                  "--calibration out, or choose int4 weights")
+            unsmoothed = " and --smooth 0" if self.format == "pte" else ""
+            raise ConfigError(f"--calibration: with --recipe rtn, --hot-tokens 0{unsmoothed} nothing reads the text; use "
+                              "--recipe gptq (or auto), keep the hot rows, or leave --calibration out")
         if self.format == "onnx" and self.kv_dtype != "float32" and self.ops == "standard":
             raise ConfigError("--kv-dtype float16 needs ONNX Runtime's GroupQueryAttention (--ops auto or contrib): "
                               "the standard graph's float16 matmuls have no CPU kernel of their own")
@@ -147,11 +151,24 @@ class ExportSettings:
             return self.hot_tokens
         return HOT_TOKENS if self.embedding_quant == "int4" else 0
 
+    def reads_calibration(self) -> bool:
+        """Whether anything this export does reads the calibration text: GPTQ (4-bit weights, recipe
+        gptq or auto), the 4-bit table's hot rows, the .pte's smoothed layer inputs."""
+        calibrates = self.recipe != "rtn" and "int4" in (self.quant, self.embedding_quant)
+        return calibrates or self.hot_rows() > 0 or self.smoothing() > 0
+
     def smoothing(self) -> float:
-        """--smooth as it applies: given, or SMOOTH_ALPHA for a .pte's int8 layers, else 0."""
+        """--smooth as it applies: given, or SMOOTH_ALPHA for a .pte's int8 layers and its int4 layers
+        rounded to nearest, else 0. Measured on the real Gemma 3 270M (eager, the manual / code, ratio
+        and KL against fp32): int8 layers with the hot-rows table KL 0.038 / 0.111 -> 0.024 / 0.081;
+        int4 rtn x1.347 / x2.000 (KL 0.254 / 0.681) -> x1.174 / x1.605 (0.170 / 0.508); int4 GPTQ
+        x1.067 / x1.329 (0.095 / 0.337) -> x1.031 / x1.454 (0.065 / 0.417): not by default. The recipe
+        as resolved (for_model): an unresolved auto counts as calibrated."""
         if self.smooth is not None:
             return self.smooth
-        return SMOOTH_ALPHA if self.format == "pte" and self.quant == "int8" else 0.0
+        if self.format != "pte":
+            return 0.0
+        return SMOOTH_ALPHA if self.quant == "int8" or (self.quant == "int4" and self.recipe == "rtn") else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -173,20 +190,23 @@ def best_recipe(settings: ExportSettings, config: GemmaConfig) -> tuple[str, str
     x1.002 / x1.049, in half the export time. A .pte whose only 4-bit weights are the table rounds it to nearest
     and corrects the head's worst columns (head_correction.py): x1.048 / x1.121 against GPTQ's x1.033
     / x1.154, in a third of the export time (with hot rows and smoothed int8 inputs: x0.998 / x1.060
-    against x1.003 / x1.122). Nothing 4-bit: nothing to calibrate. A calibration text
-    asks for calibration at any size; without one, a model with more than AUTO_GPTQ_MAX_LAYER_WEIGHTS
+    against x1.003 / x1.122). Nothing 4-bit: nothing to calibrate. Those choices hold with a text of
+    the user's (--calibration: it then chooses the hot rows and the smoothing); for 4-bit layers a
+    calibration text asks for calibration at any size; without one, a model with more than AUTO_GPTQ_MAX_LAYER_WEIGHTS
     in its layers is rounded to nearest (from Gemma 3 1B up: calibrating takes 21-38 minutes on 2 cores).
     Returns (recipe, why: a line for the user)."""
     if "int4" not in (settings.quant, settings.embedding_quant):
         return "rtn", "no 4-bit weights: nothing to calibrate"
+    text = "--calibration's" if settings.calibration is not None else "the calibration text's"
+    if settings.format == "pte" and settings.quant != "int4":
+        rows = f"{text} rows of the table 8-bit, " if settings.hot_rows() else ""
+        return "rtn", (f"rounded to nearest, {rows}the head's worst columns corrected: the best measured for a .pte "
+                       "with int8 layers (--recipe gptq calibrates the table)")
+    if settings.format == "onnx" and settings.quant != "int4" and settings.hot_rows():
+        return "rtn", (f"rounded to nearest, {text} rows of the table 8-bit: the best measured for ONNX "
+                       "with int8 layers (--recipe gptq calibrates the table)")
     if settings.calibration is not None:
         return "gptq", "GPTQ, calibrated on --calibration"
-    if settings.format == "pte" and settings.quant != "int4":
-        return "rtn", ("rounded to nearest, the head's worst columns corrected: the best measured for a .pte with "
-                       "int8 layers (--recipe gptq calibrates the table)")
-    if settings.format == "onnx" and settings.quant != "int4" and settings.hot_rows():
-        return "rtn", ("rounded to nearest, the calibration text's rows of the table 8-bit: the best measured for ONNX "
-                       "with int8 layers (--recipe gptq calibrates the table)")
     weights = layer_weights(config)
     if weights <= AUTO_GPTQ_MAX_LAYER_WEIGHTS:
         return "gptq", "GPTQ, the best measured for 4-bit weights; --recipe rtn skips the calibration"

@@ -1,4 +1,4 @@
-"""Smoothed inputs for a .pte's int8 layers (SmoothQuant): the checkpoint's weight stream with each
+"""Smoothed inputs for a .pte's quantized layers (SmoothQuant): the checkpoint's weight stream with each
 decoder layer's linear inputs rescaled per channel, exactly in float32, where they are made.
 
 XNNPACK quantizes a linear layer's input to 8 bits per token at run time (int8 dynamic activations),
@@ -20,8 +20,12 @@ Per-channel int8 weights (XNNPACK's) take the larger columns with little loss: a
 by what its largest column grew. Measured on the real Gemma 3 270M, int8 layers with the hot-rows
 int4 table (eager, the Python manual / transformers' modeling_gemma.py, 512 tokens each, KL against
 fp32): 0.038 / 0.111 without, 0.024 / 0.081 with alpha 0.5 (0.7: 0.023 / 0.081; 0.85: 0.024 /
-0.113); the int8 layers alone 0.021 / 0.048 -> 0.009 / 0.030. ONNX Runtime's int8 layers quantize
-their input per block of 32 (MatMulNBits, accuracy level 4), which no outlier rules: not smoothed.
+0.113); the int8 layers alone 0.021 / 0.048 -> 0.009 / 0.030. XNNPACK's int4 layers (8da4w) take
+8-bit per-token inputs too: all-int4 rounded to nearest x1.347 / x2.000 (KL 0.254 / 0.681) -> x1.174
+/ x1.605 (0.170 / 0.508) at alpha 0.5, though each column's scale also moves its 4-bit group's
+rounding; under GPTQ x1.067 / x1.329 -> x1.031 / x1.454 (better on prose, worse on code: not by
+default, settings.smoothing). ONNX Runtime's layers quantize their input per block of 32
+(MatMulNBits, accuracy level 4), which no outlier rules: not smoothed.
 """
 
 from __future__ import annotations
@@ -30,7 +34,6 @@ import itertools
 from typing import Iterable, Iterator
 
 import torch
-import torch.nn.functional as F
 
 from gemma_edge.config import GemmaConfig
 
@@ -42,16 +45,16 @@ def smoothed_weights(weights: Iterable[tuple[str, torch.Tensor]], config: GemmaC
     """The weight stream (checkpoints.iter_weights' order: the embedding first, then layer by layer)
     with each decoder layer smoothed (smooth_layer) on the calibration chunks ids [chunks, tokens],
     run through the float32 layers one at a time; the changed tensors in float32."""
-    from gemma_edge.exporters.calibration import _layer_index
+    from gemma_edge.exporters.calibration import embed_chunks, layer_index
 
     stream = iter(weights)
     name, table = next(stream)
     if name != "embed_tokens.weight":
         raise RuntimeError(f"smoothing needs the embedding first in the weight stream, got {name}")
-    x = F.embedding(ids, table).float() * torch.tensor(config.embedding_scale, dtype=torch.float32)
+    x = embed_chunks(ids, table, config)
     yield name, table
     del table
-    for index, group in itertools.groupby(stream, key=lambda item: _layer_index(item[0])):
+    for index, group in itertools.groupby(stream, key=lambda item: layer_index(item[0])):
         tensors = dict(group)
         if index is not None:
             tensors, x = smooth_layer(index, tensors, x, config, alpha)
@@ -63,10 +66,10 @@ def smooth_layer(index: int, tensors: dict[str, torch.Tensor], x: torch.Tensor, 
                  alpha: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Decoder layer `index`'s tensors (full names) smoothed, and its output on x [chunks, tokens,
     hidden] (the layer's function is unchanged: computed before smoothing)."""
-    from gemma_edge.exporters.calibration import _build_layer, _run
+    from gemma_edge.exporters.calibration import build_layer, run_layer
 
     p = f"layers.{index}."
-    layer = _build_layer(index, tensors, config, x.shape[1])
+    layer = build_layer(index, tensors, config, x.shape[1])
     inputs = {"q_proj": layer.attn.q_proj, "o_proj": layer.attn.o_proj, "gate_proj": layer.mlp.gate_proj,
               "down_proj": layer.mlp.down_proj}
     peak = {}
@@ -78,7 +81,7 @@ def smooth_layer(index: int, tensors: dict[str, torch.Tensor], x: torch.Tensor, 
         return hook
 
     handles = [m.register_forward_pre_hook(record(n)) for n, m in inputs.items()]
-    out = _run(layer, x, config)
+    out = run_layer(layer, x, config)
     for h in handles:
         h.remove()
     w = {n: tensors[p + n + ".weight"].float() for n in
