@@ -147,8 +147,9 @@ def test_the_exporter_stores_exactly_what_gptq_rounded(fmt, dtype, tiny_with_tok
     ckpt = resolve(folder)
     settings = ExportSettings(format=fmt, quant="int4", max_seq_len=MAX_SEQ_LEN, recipe="gptq", calibration_tokens=TOKENS)
     calib = cal.calibration(ckpt, None, MAX_SEQ_LEN, TOKENS)
-    names = {n for n in cal.linear_weights(ckpt.config)  # .pte: the layers at int4 (XNNPACK's 4-bit groups)
-             if fmt == "onnx" or dict(weight_shapes(ckpt.config))[n][1] % 32 == 0} | {"embed_tokens.weight"}
+    names = {n for n in cal.linear_weights(ckpt.config)  # the layers at int4 (not k, v: 8-bit; .pte: XNNPACK's 4-bit groups)
+             if settings.layer_quant(n) == "int4" and (fmt == "onnx" or dict(weight_shapes(ckpt.config))[n][1] % 32 == 0)}
+    names |= {"embed_tokens.weight"}
     grids = {}
     # a 4-bit table keeps 8-bit copies of its hot rows, which GPTQ leaves out (HotRowsTable, pte_hot_rows.py)
     hot = cal.hot_tokens(ckpt, None, settings.hot_rows())[0]
@@ -287,7 +288,8 @@ def _stored_weights(fmt: str, ckpt, settings) -> dict[str, torch.Tensor]:
 
         model, _ = build_model(ckpt, settings, "auto")
         weights = unfuse_weights(dequantized_weights(model), ckpt.config)
-        return {n: w for n, w in weights.items() if n.startswith("layers.") or n == "embed_tokens.weight"}
+        return {n: w for n, w in weights.items()  # the 4-bit ones
+                if (n.startswith("layers.") and settings.layer_quant(n) == "int4") or n == "embed_tokens.weight"}
     from gemma_edge.exporters.executorch import build_model
     from gemma_edge.exporters.int4_offsets import OffsetEmbedding, OffsetLinear
 

@@ -278,7 +278,8 @@ def test_manifest_describes_the_export(exports):
                                   "max_tokens_per_call": MAX_SEQ_LEN,  # the default: min(max_seq_len, 256)
                                   "recipe": "rtn", "calibration": None, "calibration_tokens": 16384,
                                   "template": None, "hot_tokens": None,  # hot_tokens: the default, 16384
-                                  "smooth": None}  # smooth: the default, 0.5 for int4 layers rounded to nearest
+                                  "smooth": None,  # smooth: the default, 0.5 for int4 layers rounded to nearest
+                                  "int8_layers": None}  # the default: none 8-bit in a .pte
     assert manifest["config"]["attn_logit_softcapping"] == 5.0
     for name, info in manifest["files"].items():
         assert sha256_file(folder / name) == info["sha256"] and (folder / name).stat().st_size == info["bytes"]

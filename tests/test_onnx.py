@@ -214,12 +214,14 @@ def test_quantized_weights_are_stored_once(ops, exports, tiny_checkpoints):
     model = load_model(tiny_checkpoints["tiny-gemma3"], MAX_SEQ_LEN)
     block = 32
     padded = lambda w: w.shape[0] * -(-w.shape[1] // block) * block  # MatMulNBits pads K to whole blocks
-    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    linears = sum(padded(w) for w in weights)
+    named = {n: m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    weights = list(named.values())
     table = model.embed_tokens.weight
     shapes = {tuple(w.shape) for w in weights + [table]} | {tuple(w.shape[::-1]) for w in weights + [table]}
-    # (case, bits of the decoder's layers, bits of the tied table)
+    # (case, bits of the decoder's layers, bits of the tied table); int4 keeps k and v 8-bit (--int8-layers)
     for quant, bits, table_bits in (("int8", 8, 8), ("int4", 4, 4), ("int8+e4", 8, 4)) if ops == "auto" else (("int4", 4, 4),):
+        settings = ExportSettings(format="onnx", quant=quant.removesuffix("+e4"))
+        linears = sum(padded(w) * (8 if settings.layer_quant(n) == "int8" else bits) for n, w in named.items())
         graph = onnx.load(str(exports[("tiny-gemma3", quant, ops)] / "model.onnx")).graph
         floats = [t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT and tuple(t.dims) in shapes]
         assert not floats  # no float copy of a weight, transposed or not
@@ -231,7 +233,7 @@ def test_quantized_weights_are_stored_once(ops, exports, tiny_checkpoints):
         hot = json.loads((exports[("tiny-gemma3", quant, ops)] / "gemma_edge.json").read_text())["quantization"].get("hot_tokens")
         hot_rows = hot["rows"] if hot else 0
         assert bool(hot_rows) == (table_bits == 4 and ops == "auto")  # the standard-ops export's source has none
-        assert stored * 8 == linears * bits + padded(table) * table_bits + hot_rows * table.shape[1] * 8
+        assert stored * 8 == linears + padded(table) * table_bits + hot_rows * table.shape[1] * 8
         gathers = [n for n in graph.node if n.op_type == "GatherBlockQuantized"]
         heads = {onnx.helper.get_node_attr_value(n, "N"): n for n in graph.node if n.op_type == "MatMulNBits"}
         parts = [table.shape[0], hot_rows] if hot_rows else [table.shape[0]]
@@ -279,8 +281,10 @@ def test_manifest_describes_the_export(exports):
     assert io["outputs"][1]["name"] == "present.0.key" and io["min_onnxruntime"] and io["opset"] == 23
     assert manifest["export"]["ops"] == "auto" and io["ops"] == "contrib"
     layers = manifest["quantization"]["layers"]
-    # every linear and the output projection; the contrib graph multiplies q, k, v as one and gate, up as one
-    assert len([k for k in layers if k != "embed_tokens"]) == 6 * 4 + 1
+    # every linear and the output projection; the contrib graph multiplies gate, up as one and k, v
+    # (8-bit by default in an int4 export: --int8-layers) as one beside q's 4-bit product
+    assert len([k for k in layers if k != "embed_tokens"]) == 6 * 5 + 1
+    assert layers["layers.2.attn.kv_proj"].startswith("MatMulNBits 8-bit") and layers["layers.2.attn.q_proj"].startswith("MatMulNBits 4-bit")
     assert {"torch", "onnx", "onnxruntime"} <= set(manifest["versions"])
 
 

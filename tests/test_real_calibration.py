@@ -33,6 +33,8 @@ RECIPES = {"int4": {"quant": "int4"}, "phone": {"quant": "int8", "embedding_quan
 #   .pte phone  rtn x0.998 / 0.926, x1.060 / 0.918   gptq x1.003 / 0.930, x1.122 / 0.902
 # and 2026-12-05 evening, the .pte's int4 layers rounded to nearest smoothed too (not GPTQ's):
 #   .pte int4   rtn x1.172 / 0.802, x1.564 / 0.757
+# and 2026-12-05 night, ONNX int4 with k and v 8-bit (--int8-layers' default for ONNX), 173.4 MiB:
+#   ONNX int4   rtn x1.287 / 0.767, x1.729 / 0.771   gptq x1.023 / 0.890, x1.322 / 0.840
 # (.pte rtn with the head's correction of its worst columns, gptq without: head_correction.py; so
 # the .pte gptq files are smaller, 162.1 and 200.8 MiB against 171.2 and 209.9)
 TARGETS = {("onnx", "int4"): (1.20, 0.80), ("pte", "int4"): (1.35, 0.0),

@@ -56,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
                               kv_dtype=args.kv_dtype, max_tokens_per_call=args.max_tokens_per_call,
                               recipe=args.recipe, calibration=args.calibration,
                               calibration_tokens=args.calibration_tokens, template=args.template,
-                              hot_tokens=args.hot_tokens, smooth=args.smooth)
+                              hot_tokens=args.hot_tokens, smooth=args.smooth,
+                              int8_layers=args.int8_layers)
     console = progress()
     out = Path(args.output)
     check_output_folder(out, args.overwrite)  # before minutes of work, not after them

@@ -44,10 +44,10 @@ def weight_bytes(config: GemmaConfig, settings: ExportSettings, held: bool = Fal
     table holds its own copy of the 4-bit values in memory, their column pairs swapped)."""
     shapes = weight_shapes(config)
     table = math.prod(shapes["embed_tokens.weight"])
-    linears = sum(math.prod(s) for name, s in shapes.items() if len(s) == 2 and name != "embed_tokens.weight")
+    linears = {name: math.prod(s) for name, s in shapes.items() if len(s) == 2 and name != "embed_tokens.weight"}
     tied_pte = settings.format == "pte" and config.tie_word_embeddings
     if tied_pte and settings.embedding_quant == "none" and settings.quant != "fp32":
-        linears += table  # the output projection, untied to be quantized as a linear layer
+        linears["lm_head.weight"] = table  # the output projection, untied to be quantized as a linear layer
     head_copy = table if tied_pte and held and settings.embedding_quant == "int4" else 0
 
     def size(quant: str) -> float:
@@ -56,7 +56,8 @@ def weight_bytes(config: GemmaConfig, settings: ExportSettings, held: bool = Fal
         per = HELD_PER_WEIGHT if held and (settings.format, quant) in HELD_PER_WEIGHT else PER_WEIGHT
         return per[(settings.format, quant)](settings.group_size)
 
-    return int(linears * size(settings.quant) + (table + head_copy) * size(settings.embedding_quant))
+    layers = sum(n * size(settings.layer_quant(name)) for name, n in linears.items())
+    return int(layers + (table + head_copy) * size(settings.embedding_quant))
 
 
 KV_ITEMSIZE = {"float32": 4, "float16": 2}

@@ -96,9 +96,10 @@ def build_model(ckpt: Checkpoint, settings: ExportSettings, ops: str,
                                 lambda name, w: block_grid(w, BITS["int4"], settings.group_size, CLIPS), grids, calib,
                                 keep=None if hot is None else hot[0])
     with torch.device("meta"):
-        model = use_ops(Gemma(ckpt.config, settings.max_seq_len, cache_dtype=getattr(torch, settings.kv_dtype)), ops)
+        model = use_ops(Gemma(ckpt.config, settings.max_seq_len, cache_dtype=getattr(torch, settings.kv_dtype)), ops,
+                        settings.layer_quant)
         plan = replace_weights_with_block_quantized(model, settings.quant, settings.embedding_quant, settings.group_size,
-                                                    0 if hot is None else len(hot[0]))
+                                                    0 if hot is None else len(hot[0]), layer_quant(settings))
     model.to_empty(device="cpu")  # the quantized sizes only
     model.init_buffers()
     share_rope_halves(model)
@@ -111,11 +112,19 @@ def build_model(ckpt: Checkpoint, settings: ExportSettings, ops: str,
     return model.eval().requires_grad_(False), plan
 
 
+def layer_quant(settings: ExportSettings) -> Callable[[str], str]:
+    """A linear layer's path in the rewritten model -> its quantization (a fused layer's: its parts')."""
+    def quant(path: str) -> str:
+        leaf = path.rpartition(".")[2]
+        return settings.layer_quant(FUSED.get(leaf, (leaf,))[0])
+    return quant
+
+
 def calibrated_onnx_weights(config, settings: ExportSettings) -> set[str]:
-    """The 4-bit weights --recipe calibrates: the decoder's linear layers at --quant int4, the output
-    projection where it is 4-bit (an untied head at --quant int4; the tied table, which the head
-    reads, at --embedding-quant int4)."""
-    names = linear_weights(config) if settings.quant == "int4" else set()
+    """The 4-bit weights --recipe calibrates: the decoder's 4-bit linear layers (--quant int4, but
+    the kinds kept 8-bit), the output projection where it is 4-bit (an untied head at --quant int4;
+    the tied table, which the head reads, at --embedding-quant int4)."""
+    names = {n for n in linear_weights(config) if settings.layer_quant(n) == "int4"}
     if (settings.embedding_quant if config.tie_word_embeddings else settings.quant) == "int4":
         names.add(head_weight(config))
     return names

@@ -11,7 +11,8 @@
   length it needs (seqlens_k, total_sequence_length) is derived from position_ids.
 
 - One matmul for q, k and v (GQA's packed input; Gemma 3 splits it for its QK-norm) and one for
-  gate and up: fewer, larger MatMulNBits calls.
+  gate and up: fewer, larger MatMulNBits calls. Only layers of one precision are fused: with k and
+  v kept 8-bit in a 4-bit export (--int8-layers), q is its own matmul and k, v one (kv_proj).
 
 Measured and left out: SkipSimplifiedLayerNormalization (the residual add fused into the next
 RMSNorm) decoded no faster on Gemma 3 270M int4 (84-90 vs 92-94 tok/s, same run).
@@ -20,6 +21,8 @@ RMSNorm) decoded no faster on Gemma 3 270M int4 (84-90 vs 92-94 tok/s, same run)
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -43,10 +46,8 @@ class FusedFeedForward(FeedForward):
 
 class GroupQueryAttention(Attention):
     """Attention as one com.microsoft GroupQueryAttention node after one q/k/v matmul (weight
-    [(heads + 2 kv) * head_dim, hidden]). Export only: in eager mode the symbolic node returns no
-    real values."""
-
-    qkv_proj: nn.Linear
+    [(heads + 2 kv) * head_dim, hidden]), or after q's and a k/v matmul (kv_proj) where k and v are
+    of another precision than q. Export only: in eager mode the symbolic node returns no real values."""
 
     rope_cos_half: torch.Tensor  # [max_seq_len, head_dim / 2]: GQA takes the non-repeated half
     rope_sin_half: torch.Tensor
@@ -54,20 +55,25 @@ class GroupQueryAttention(Attention):
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor, rotate: torch.Tensor) -> torch.Tensor:
         h, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = self.qkv_proj(x)  # [T, (heads + 2 kv) * d]: GQA's packed BSNH layout
-        if self.q_norm is None:
-            q, k, v = qkv, None, None
-        else:  # Gemma 3 normalizes each head before RoPE, which GQA applies: unpack, normalize
-            q, k, v = qkv.split([h * d, kv * d, kv * d], dim=-1)
+        if "kv_proj" in self._modules:  # q and k, v of two precisions: two matmuls
+            q, (k, v) = self.q_proj(x), self.kv_proj(x).split([kv * d, kv * d], dim=-1)
+        elif self.q_norm is None:
+            q, k, v = self.qkv_proj(x), None, None  # [T, (heads + 2 kv) * d]: GQA's packed BSNH layout
+        else:
+            q, k, v = self.qkv_proj(x).split([h * d, kv * d, kv * d], dim=-1)
+        if k is not None and self.q_norm is not None:
+            # Gemma 3 normalizes each head before RoPE, which GQA applies: unpacked, normalized, and
             # GQA's [1, T, ...] by the reshape back from the heads (not a reshape, then an Unsqueeze)
             q = self.q_norm(q.view(-1, h, d)).view(1, -1, h * d)
             k = self.k_norm(k.view(-1, kv, d)).view(1, -1, kv * d)
             v = v[None]
+        elif k is not None:
+            q, k, v = q[None], k[None], v[None]
         last = input_pos[-1:]  # consecutive positions: the last is the filled length - 1
         seqlens_k = last.to(torch.int32)  # [batch]
         total = (last + 1).to(torch.int32).reshape(())
         past_k, past_v = self.cache.k4, self.cache.v4  # [1, kv, max_seq_len, d]
-        inputs = [qkv[None]] if k is None else [q, k, v]
+        inputs = [q[None]] if k is None else [q, k, v]
         if past_k.dtype != x.dtype:  # a float16 cache: GQA computes in its inputs' type, which is the cache's
             inputs = [t.to(past_k.dtype) for t in inputs]
         inputs += [None, None] if k is None else []
@@ -97,14 +103,16 @@ def resolve_ops(config, ops: str) -> str:
     return ops
 
 
-def use_group_query_attention(model: nn.Module) -> nn.Module:
-    """Every layer's Attention -> GroupQueryAttention, with its layer type's RoPE tables."""
+def use_group_query_attention(model: nn.Module, same: Callable[[tuple[str, ...]], bool]) -> nn.Module:
+    """Every layer's Attention -> GroupQueryAttention, with its layer type's RoPE tables; q, k and v
+    fused where same((q_proj, k_proj, v_proj)) (they are quantized alike), else k and v."""
     for layer in model.layers:
         attn = layer.attn
         if type(attn) is not Attention:
             continue
         attn.__class__ = GroupQueryAttention
-        attn.qkv_proj = _fused(attn, FUSED["qkv_proj"])
+        fused = "qkv_proj" if same(FUSED["qkv_proj"]) else "kv_proj"
+        setattr(attn, fused, _fused(attn, FUSED[fused]))
     return share_rope_halves(model)
 
 
@@ -125,7 +133,9 @@ def share_rope_halves(model: nn.Module) -> nn.Module:
     return model
 
 
-def fuse_gate_up(model: nn.Module) -> nn.Module:
+def fuse_gate_up(model: nn.Module, same: Callable[[tuple[str, ...]], bool]) -> nn.Module:
+    if not same(FUSED["gate_up_proj"]):
+        return model
     for module in model.modules():
         if type(module) is FeedForward:
             module.__class__ = FusedFeedForward
@@ -133,15 +143,19 @@ def fuse_gate_up(model: nn.Module) -> nn.Module:
     return model
 
 
-def use_ops(model: nn.Module, ops: str) -> nn.Module:
-    """The model rewritten for `ops` (contrib or standard, as resolve_ops gives)."""
+def use_ops(model: nn.Module, ops: str, layer_quant: Callable[[str], str] = lambda kind: "") -> nn.Module:
+    """The model rewritten for `ops` (contrib or standard, as resolve_ops gives), fusing the linear
+    layers that layer_quant (kind -> quantization, ExportSettings.layer_quant) quantizes alike."""
     if ops == "contrib":
-        return fuse_gate_up(use_group_query_attention(model))
+        def same(kinds: tuple[str, ...]) -> bool:
+            return len({layer_quant(kind) for kind in kinds}) == 1
+
+        return fuse_gate_up(use_group_query_attention(model, same), same)
     return model
 
 
 # Fused linear layer -> the layers it concatenates (rows in this order).
-FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "kv_proj": ("k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 def _fused(module: nn.Module, names: tuple[str, ...]) -> nn.Linear:

@@ -23,6 +23,7 @@ twin in PyTorch (tests hold the graph to it).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -322,9 +323,10 @@ class HotRowsEmbedding(nn.Module):
                            gather_block_quantized(t.table, ids))
 
 
-def replace_weights_with_block_quantized(model: nn.Module, quant: str, embedding_quant: str,
-                                         block: int, hot_rows: int = 0) -> dict[str, str]:
-    """On a model still on the meta device: every nn.Linear -> MatMulNBits (quant), the embedding
+def replace_weights_with_block_quantized(model: nn.Module, quant: str, embedding_quant: str, block: int,
+                                         hot_rows: int = 0, layer_quant: Callable[[str], str] | None = None) -> dict[str, str]:
+    """On a model still on the meta device: every nn.Linear -> MatMulNBits (quant, or layer_quant(its
+    path) where given: int8 for the layers an int4 export keeps at 8 bits), the embedding
     -> GatherBlockQuantized (embedding_quant), and a tied output projection -> its own layer: the
     embedding's matrix where it is quantized alike, else a matrix (or fp32 weight) of its own. A
     tied 4-bit table of whole blocks with hot_rows > 0 is a HotRowsTable (its rows chosen later:
@@ -356,10 +358,10 @@ def replace_weights_with_block_quantized(model: nn.Module, quant: str, embedding
                                f"accuracy level {ACCURACY_LEVEL} (the tied embedding table)")
     if quant == "fp32":
         return plan
-    bits = BITS[quant]
     for name, module in list(model.named_modules()):
         if type(module) is nn.Linear:
             parent, _, leaf = name.rpartition(".")
+            bits = BITS[quant if layer_quant is None else layer_quant(name)]
             layer = MatMulNBits(QuantizedMatrix(module.out_features, module.in_features, bits, block))
             setattr(model.get_submodule(parent), leaf, layer)
             plan[name] = f"MatMulNBits {bits}-bit, block {block}, asymmetric, accuracy level {ACCURACY_LEVEL}"

@@ -54,6 +54,16 @@ HOT_TOKENS = 16384
 # layers and the int4 layers rounded to nearest (XNNPACK quantizes both kinds' inputs to 8 bits per
 # token); GPTQ's int4 layers are not (measured: better on prose, worse on code, smoothing()).
 SMOOTH_ALPHA = 0.5
+# The kinds of linear layer a model's decoder layers have, and those an ONNX all-int4 export keeps at
+# 8 bits (--int8-layers; eight_bit_layers()): the keys' and values' projections. Measured on the real
+# Gemma 3 270M (eager .pte, rounded to nearest, not smoothed, perplexity ratio on the manual / code):
+# all-int4 x1.347 / x2.000; with k and v at 8 bits x1.168 / x1.593, for 6% of the layers' weights
+# (+3 MiB): the most quality per byte of any kind or layer (each of the 18 layers alone x1.29-1.37 /
+# x1.64-1.99; down_proj x1.226 / x1.725 for 23%; gate and up x1.221 / x1.438 for 47%; benchmarks/
+# QUALITY.md). ONNX's program, GPTQ: x1.035 / x1.393 -> x1.023 / x1.322. llama.cpp's Q4_K_M keeps
+# attn_v at 6 bits for the same reason.
+LINEAR_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+INT8_LAYERS = ("k_proj", "v_proj")
 BFLOAT16_WHY = {
     "pte": "XNNPACK has no bfloat16 matmul, so attention would fall back to ExecuTorch's portable kernels "
            "(measured 25x slower than float16)",
@@ -77,6 +87,7 @@ class ExportSettings:
     template: str | None = None  # the prompt format the model expects (runtime/templates.py): generate's, chat's and the app's default
     hot_tokens: int | None = None  # a 4-bit table: rows kept 8-bit for the calibration text's tokens (None: hot_rows()'s default; 0: none)
     smooth: float | None = None  # .pte quantized layers: SmoothQuant's alpha (None: smoothing()'s default; 0: none)
+    int8_layers: tuple[str, ...] | None = None  # --quant int4: kinds of linear layer kept 8-bit (None: eight_bit_layers()'s default)
 
     def __post_init__(self) -> None:
         _one_of("format", self.format, FORMATS)
@@ -123,6 +134,14 @@ class ExportSettings:
         if self.smooth and (self.format != "pte" or self.quant == "fp32"):
             raise ConfigError(f"--smooth rescales the inputs of a .pte's quantized layers (XNNPACK quantizes them to 8 "
                               f"bits per token); --format {self.format} --quant {self.quant} has none: leave it out (or give 0)")
+        if self.int8_layers is not None:
+            object.__setattr__(self, "int8_layers", tuple(self.int8_layers))
+            for kind in self.int8_layers:
+                _one_of("--int8-layers kind", kind, LINEAR_KINDS)
+            if self.int8_layers and self.quant != "int4":
+                raise ConfigError(f"--int8-layers keeps some of an int4 export's linear layers at 8 bits; --quant "
+                                  f"{self.quant} has {'all of them at 8 bits' if self.quant == 'int8' else 'none quantized'}: "
+                                  "leave it out")
         if self.calibration_tokens < 2:
             raise ConfigError(f"--calibration-tokens must be at least 2, got {self.calibration_tokens}")
         if self.calibration is not None and not self.reads_calibration():
@@ -150,6 +169,26 @@ class ExportSettings:
         if self.hot_tokens is not None:
             return self.hot_tokens
         return HOT_TOKENS if self.embedding_quant == "int4" else 0
+
+    def eight_bit_layers(self) -> frozenset[str]:
+        """The kinds of linear layer (LINEAR_KINDS) kept at 8 bits in an int4 export: --int8-layers,
+        else INT8_LAYERS for ONNX and none for a .pte; none for --quant int8 or fp32 (every layer is
+        int8 or float there). Not yet the .pte's default, though it measured better there too (the
+        real 270M's program, gptq: x1.077 / x1.322 -> x1.052 / x1.243): with k and v at 8 bits the
+        rtn program's perplexity ratio on emulated arm64 and on the host came 5.2% apart (x1.233 /
+        x1.172, KL 0.148 / 0.147), over the 5% tests/test_real_verify.py holds them to; why the
+        int8 kernels differ more between the two than the 4-bit ones is not yet known."""
+        if self.quant != "int4":
+            return frozenset()
+        if self.int8_layers is None:
+            return frozenset(INT8_LAYERS) if self.format == "onnx" else frozenset()
+        return frozenset(self.int8_layers)
+
+    def layer_quant(self, name: str) -> str:
+        """The quantization of the linear layer `name` (a module path, a weight's name or a kind):
+        int8 for the kinds eight_bit_layers() keeps, else --quant."""
+        kind = name.removesuffix(".weight").rpartition(".")[2]
+        return "int8" if kind in self.eight_bit_layers() else self.quant
 
     def reads_calibration(self) -> bool:
         """Whether anything this export does reads the calibration text: GPTQ (4-bit weights, recipe

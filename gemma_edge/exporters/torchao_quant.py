@@ -60,9 +60,9 @@ def untie_output_projection(model: Gemma) -> Gemma:
 
 
 def quantization_plan(model: Gemma, settings: ExportSettings, tied: bool) -> dict[str, str]:
-    """{layer: scheme} for the (untied) model: --quant's for each linear layer, --embedding-quant's
-    for the table; a tied output projection reads the quantized table (HEAD_OF_TABLE), as in ONNX
-    exports. Real 270M, int8 layers, int4 table, perplexity ratio on the Python manual /
+    """{layer: scheme} for the (untied) model: --quant's for each linear layer (int8 for the kinds
+    settings.eight_bit_layers() keeps), --embedding-quant's for the table; a tied output projection
+    reads the quantized table (HEAD_OF_TABLE), as in ONNX exports. Real 270M, int8 layers, int4 table, perplexity ratio on the Python manual /
     modeling_gemma.py: the head at int8 of its own x1.033 / x1.015 (eager) in about 366 MiB; the
     head reading the table x1.118 / x1.126 (the .pte) in 197 MiB; with its worst columns corrected
     (head_correction.py, which build_model applies) x1.048 / x1.121 in 206 MiB."""
@@ -70,7 +70,7 @@ def quantization_plan(model: Gemma, settings: ExportSettings, tied: bool) -> dic
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and settings.quant != "fp32":
             fits = module.in_features % settings.group_size == 0
-            plan[name] = INT4 if settings.quant == "int4" and fits else INT8
+            plan[name] = INT4 if settings.layer_quant(name) == "int4" and fits else INT8
     if settings.embedding_quant != "none":
         int4 = settings.embedding_quant == "int4" and model.config.hidden_size % settings.group_size == 0
         plan["embed_tokens"] = TABLE_INT4 if int4 else TABLE_INT8
