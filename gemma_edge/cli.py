@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "v_proj, o_proj, gate_proj, up_proj, down_proj), or none: every layer 4-bit. The keys' "
                              "and values' projections are 6%% of Gemma 3 270M's layer weights and much of what 4 bits "
                              "cost it (ONNX, GPTQ: x1.393 -> x1.322 perplexity on code; rounded to nearest x2.132 -> "
-                             "x1.729; for 3 MiB) (default: k_proj,v_proj for ONNX, none for a .pte)")
+                             "x1.729; for 3 MiB) (default: k_proj,v_proj)")
     export.add_argument("--adapter", action="append", default=[], metavar="DIR",
                         help="a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) to merge into "
                              "MODEL before quantization; repeat to stack adapters in order")

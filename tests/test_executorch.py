@@ -279,13 +279,14 @@ def test_manifest_describes_the_export(exports):
                                   "recipe": "rtn", "calibration": None, "calibration_tokens": 16384,
                                   "template": None, "hot_tokens": None,  # hot_tokens: the default, 16384
                                   "smooth": None,  # smooth: the default, 0.5 for int4 layers rounded to nearest
-                                  "int8_layers": None}  # the default: none 8-bit in a .pte
+                                  "int8_layers": None}  # the default: k_proj, v_proj 8-bit
     assert manifest["config"]["attn_logit_softcapping"] == 5.0
     for name, info in manifest["files"].items():
         assert sha256_file(folder / name) == info["sha256"] and (folder / name).stat().st_size == info["bytes"]
     layers = manifest["quantization"]["layers"]
     # tiny-gemma2: hidden 96 = 3 groups of 32 -> int4; intermediate 200 is no multiple of 32 -> int8.
     assert layers["layers.0.attn.q_proj"] == INT4 and layers["layers.0.mlp.down_proj"] == INT8
+    assert layers["layers.0.attn.k_proj"] == layers["layers.0.attn.v_proj"] == INT8  # --int8-layers' default
     assert layers["embed_tokens"] == TABLE_INT4  # with offsets, clipped groups
     assert layers["lm_head"] == HEAD_OF_TABLE and manifest["quantization"]["head_reads_table"]  # tied: the table itself
     assert manifest["quantization"]["hot_tokens"]["rows"] == manifest["config"]["vocab_size"] // 16

@@ -24,7 +24,8 @@ from gemma_edge.model import Gemma
 
 
 def test_int4_exports_keep_the_keys_and_values_8_bit_unless_told():
-    assert ExportSettings(format="onnx").eight_bit_layers() == frozenset(INT8_LAYERS) == {"k_proj", "v_proj"}
+    for fmt in ("onnx", "pte"):
+        assert ExportSettings(format=fmt).eight_bit_layers() == frozenset(INT8_LAYERS) == {"k_proj", "v_proj"}
     assert ExportSettings(format="pte", int8_layers=()).eight_bit_layers() == frozenset()
     assert ExportSettings(format="pte", int8_layers=["down_proj"]).int8_layers == ("down_proj",)  # from a manifest's JSON
     for quant in ("int8", "fp32"):
@@ -33,9 +34,8 @@ def test_int4_exports_keep_the_keys_and_values_8_bit_unless_told():
     settings = ExportSettings(format="onnx")
     assert [settings.layer_quant(n) for n in ("layers.3.attn.v_proj.weight", "layers.3.attn.q_proj", "v_proj", "lm_head")] \
         == ["int8", "int4", "int8", "int4"]
-    # a .pte keeps every layer 4-bit unless told (its arm64 numbers with 8-bit k, v: settings.eight_bit_layers)
-    assert ExportSettings(format="pte").eight_bit_layers() == frozenset()
-    assert ExportSettings(format="pte", int8_layers=INT8_LAYERS).layer_quant("layers.0.attn.k_proj.weight") == "int8"
+    assert ExportSettings(format="pte").layer_quant("layers.0.attn.k_proj.weight") == "int8"
+    assert ExportSettings(format="pte", int8_layers=("down_proj",)).layer_quant("layers.0.attn.k_proj.weight") == "int4"
     with pytest.raises(ConfigError, match="unknown --int8-layers kind 'kv'; valid: q_proj, k_proj, v_proj"):
         ExportSettings(format="onnx", int8_layers=("kv",))
     with pytest.raises(ConfigError, match="--quant int8 has all of them at 8 bits: leave it out"):

@@ -63,11 +63,13 @@ BOUNDS = {
     # x1.033 in 366 MiB; int8 throughout x1.006, 92.4%, 0.026 in 262 MiB (its table stored once; 423 MiB
     # before). ppl_ratio and top1: issue 17's phone target (issue 16's ratio: 1.10).
     "phone": {"ppl_ratio": 1.05, "top1": 0.88, "kl": 0.05},
-    # measured x1.172, top-1 80.2%, KL 0.167 with its inputs smoothed (smoothing.py, 2026-12-05; x1.353,
+    # measured x1.136, top-1 81.6%, KL 0.132 with k and v 8-bit (--int8-layers' default, 2026-12-06;
+    # x1.476, 78.1%, 0.406 on modeling_gemma.py; 173.4 MiB); every layer 4-bit (--int8-layers none)
+    # x1.172, top-1 80.2%, KL 0.167 with its inputs smoothed (smoothing.py, 2026-12-05; x1.353,
     # 77.3%, 0.259 without, with hot rows; x1.357, 74.4%, 0.280 without those either); 2026-12-03: x1.380, top-1 75.1%, KL 0.284 with the head reading the table, corrected (x1.462,
     # 70.8%, 0.323 uncorrected); x1.435, 71.2%, 0.314 with a head of its own; x1.866, 63.2%, 0.651
     # with symmetric groups, the table's and the head's clipped; x1.932, 59.5%, 0.701 with none clipped
-    "int4": {"ppl_ratio": 1.24, "top1": 0.77, "kl": 0.21},
+    "int4": {"ppl_ratio": 1.18, "top1": 0.79, "kl": 0.16},
 }
 
 
@@ -120,7 +122,7 @@ def test_real_pte_is_within_10_percent_of_its_ideal_size(recipe, real, exports):
     ideal = ideal_bytes(real[0], manifest["quantization"]["layers"], manifest["export"]["group_size"],
                         manifest["quantization"].get("hot_tokens", {}).get("rows", 0))
     print(f"gemma-3-270m {recipe} .pte: {size / MIB:.1f} MiB, ideal {ideal / MIB:.1f} MiB (+{size / ideal - 1:.1%})")
-    assert ideal < size <= 1.10 * ideal  # measured: phone 209.9 MiB, ideal 205.1; int4 171.2, ideal 166.3
+    assert ideal < size <= 1.10 * ideal  # measured: phone 209.9 MiB, ideal 205.1; int4 171.2, ideal 166.3 (173.4 with k, v 8-bit)
     if recipe == "phone":
         assert size <= 230 * MIB  # the head at int8 beside the table: 366 MiB; int8 throughout 423
 

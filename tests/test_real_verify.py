@@ -35,10 +35,20 @@ def test_real_int4_pte_verifies_on_emulated_arm64(real, tmp_path):
     """The real model's int4 program through ExecuTorch's arm64 runtime and XNNPACK kernels, in our
     native runner under QEMU (Cortex-A76): about 3.5 minutes. Host and arm64 run the same program on
     other kernels (XNNPACK's NEON kernels against its x86 ones: other float summation orders, before
-    activations are rounded to int8 again at every layer): close, not equal. Compared on what verify judges,
-    each check's mean KL and the perplexity ratio over all 144 rows, not a check's own ratio: the
-    decode check's 16 rows are noise (measured 2026-12-02, clipped int4 table: decode x1.820 on the
-    host, x1.935 on arm64, 6% apart, from a KL 0.012 apart; the same checks over all rows: x2.130 / x2.156)."""
+    activations are rounded to int8 again at every layer): close, not equal. Compared on what verify
+    judges, each check's mean KL, and over all 144 rows the mean KL and the perplexity ratio.
+
+    How far apart they may be, measured 2026-12-06 on 256 tokens of the same text (two programs:
+    every layer 4-bit, and k, v 8-bit): host and arm64 are each as far from the eager model carrying
+    the same weights (KL 0.019-0.022; each token's log-likelihood moved by 0.22-0.25 nats, standard
+    deviation, half of the tokens up, half down: the rounding of the activations to int8 crossing
+    other boundaries), and by as much from each other (KL 0.019, 0.21 nats a token, uncorrelated
+    between the two programs). A ratio over 144 rows thus carries 0.21 / 12 = 1.8% of noise (one
+    standard deviation) between the two; held to 4 of them, 7%. The k, v 8-bit program measured 5.2%
+    apart here (x1.172 / x1.233: the host +2.2% luckier than its eager twin, arm64 1.4% less lucky),
+    0.7% apart in mean KL to the reference (0.1436 / 0.1455): KL, over the whole distribution of each
+    row, is the steadier measure, held to 5% apart. (The decode check's 16 rows alone are noise:
+    measured 2026-12-02, decode x1.820 on the host, x1.935 on arm64, from a KL 0.012 apart.)"""
     folder = cached_export(real[0], ExportSettings(format="pte", quant="int4", max_seq_len=REAL_MAX_SEQ_LEN, recipe="rtn"))
     reports = {}
     for target in ("host", "arm64"):
@@ -51,5 +61,8 @@ def test_real_int4_pte_verifies_on_emulated_arm64(real, tmp_path):
     for h, a in zip(host["checks"], arm["checks"]):
         print(f"{a['name']}: KL host {h['kl']:.3f} arm64 {a['kl']:.3f}, ppl x{h['ppl_ratio']:.3f} / x{a['ppl_ratio']:.3f}")
         assert (h["name"], h["rows"]) == (a["name"], a["rows"]) and abs(h["kl"] - a["kl"]) < 0.05
-    print(f"all {sum(c['rows'] for c in arm['checks'])} rows: ppl x{host['ppl_ratio']:.3f} / x{arm['ppl_ratio']:.3f}")
-    assert abs(host["ppl_ratio"] - arm["ppl_ratio"]) / host["ppl_ratio"] < 0.05
+    kl = {t: sum(c["kl"] * c["rows"] for c in r["checks"]) / sum(c["rows"] for c in r["checks"]) for t, r in (("host", host), ("arm64", arm))}
+    print(f"all {sum(c['rows'] for c in arm['checks'])} rows: KL {kl['host']:.4f} / {kl['arm64']:.4f}, "
+          f"ppl x{host['ppl_ratio']:.3f} / x{arm['ppl_ratio']:.3f}")
+    assert abs(kl["host"] - kl["arm64"]) / kl["host"] < 0.05
+    assert abs(host["ppl_ratio"] - arm["ppl_ratio"]) / host["ppl_ratio"] < 0.07

@@ -54,14 +54,14 @@ HOT_TOKENS = 16384
 # layers and the int4 layers rounded to nearest (XNNPACK quantizes both kinds' inputs to 8 bits per
 # token); GPTQ's int4 layers are not (measured: better on prose, worse on code, smoothing()).
 SMOOTH_ALPHA = 0.5
-# The kinds of linear layer a model's decoder layers have, and those an ONNX all-int4 export keeps at
+# The kinds of linear layer a model's decoder layers have, and those an all-int4 export keeps at
 # 8 bits (--int8-layers; eight_bit_layers()): the keys' and values' projections. Measured on the real
 # Gemma 3 270M (eager .pte, rounded to nearest, not smoothed, perplexity ratio on the manual / code):
 # all-int4 x1.347 / x2.000; with k and v at 8 bits x1.168 / x1.593, for 6% of the layers' weights
 # (+3 MiB): the most quality per byte of any kind or layer (each of the 18 layers alone x1.29-1.37 /
 # x1.64-1.99; down_proj x1.226 / x1.725 for 23%; gate and up x1.221 / x1.438 for 47%; benchmarks/
-# QUALITY.md). ONNX's program, GPTQ: x1.035 / x1.393 -> x1.023 / x1.322. llama.cpp's Q4_K_M keeps
-# attn_v at 6 bits for the same reason.
+# QUALITY.md). The programs, GPTQ: ONNX x1.035 / x1.393 -> x1.023 / x1.322, .pte x1.077 / x1.322 ->
+# x1.052 / x1.243. llama.cpp's Q4_K_M keeps attn_v at 6 bits for the same reason.
 LINEAR_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 INT8_LAYERS = ("k_proj", "v_proj")
 BFLOAT16_WHY = {
@@ -172,17 +172,11 @@ class ExportSettings:
 
     def eight_bit_layers(self) -> frozenset[str]:
         """The kinds of linear layer (LINEAR_KINDS) kept at 8 bits in an int4 export: --int8-layers,
-        else INT8_LAYERS for ONNX and none for a .pte; none for --quant int8 or fp32 (every layer is
-        int8 or float there). Not yet the .pte's default, though it measured better there too (the
-        real 270M's program, gptq: x1.077 / x1.322 -> x1.052 / x1.243): with k and v at 8 bits the
-        rtn program's perplexity ratio on emulated arm64 and on the host came 5.2% apart (x1.233 /
-        x1.172, KL 0.148 / 0.147), over the 5% tests/test_real_verify.py holds them to; why the
-        int8 kernels differ more between the two than the 4-bit ones is not yet known."""
+        else INT8_LAYERS, in both formats; none for --quant int8 or fp32 (every layer is int8 or float
+        there). The real 270M's .pte, gptq: x1.077 / x1.322 -> x1.052 / x1.243 (manual / code)."""
         if self.quant != "int4":
             return frozenset()
-        if self.int8_layers is None:
-            return frozenset(INT8_LAYERS) if self.format == "onnx" else frozenset()
-        return frozenset(self.int8_layers)
+        return frozenset(INT8_LAYERS if self.int8_layers is None else self.int8_layers)
 
     def layer_quant(self, name: str) -> str:
         """The quantization of the linear layer `name` (a module path, a weight's name or a kind):
