@@ -19,7 +19,7 @@ setup: $(STAMP)
 
 # The main job on the built-in real Gemma 3 270M: export it to ONNX (int8 layers, int4 table rounded to
 # nearest with the calibration text's rows 8-bit: x1.015 / x1.028 on prose / code) and to a .pte of the same
-# layers (the table rounded to nearest, the head's worst columns corrected: x1.048 / x1.121), each in the
+# recipe (the head's worst columns corrected, its int8 layers' inputs smoothed: x0.998 / x1.060), each in the
 # recipe --recipe auto picks (benchmarks/QUALITY.md), once (delete out/ to redo); verify each against
 # transformers, then generate with each, with speeds.
 DEMO_PROMPT := Photosynthesis is the process by which
