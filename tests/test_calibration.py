@@ -385,6 +385,14 @@ def test_auto_takes_the_best_measured_recipe_where_calibration_costs_minutes():
     assert pick(small, format="onnx", recipe="rtn") == "rtn"  # asked for: kept
     why = best_recipe(ExportSettings(format="onnx"), large)[1]
     assert "at 2.0 B weights in its layers" in why and "--recipe gptq calibrates" in why
+    assert "smoothed" not in why  # ONNX's layers quantize their inputs per block: nothing smoothed
+    # a .pte's inputs smoothed where its layers are rounded to nearest (settings.smoothing): the line says so
+    assert "the layers' inputs smoothed on the calibration text" in best_recipe(ExportSettings(format="pte"), large)[1]
+    assert "smoothed" not in best_recipe(ExportSettings(format="pte", smooth=0), large)[1]
+    phone = dict(format="pte", quant="int8", embedding_quant="int4")
+    assert "the int8 layers' inputs smoothed on the calibration text" in best_recipe(ExportSettings(**phone), small)[1]
+    assert "inputs smoothed on --calibration" in best_recipe(ExportSettings(**phone, calibration="t.txt"), small)[1]
+    assert "smoothed" not in best_recipe(ExportSettings(**phone, smooth=0), small)[1]
 
 
 def test_the_manifest_records_the_recipe_and_its_text(tiny_exports):

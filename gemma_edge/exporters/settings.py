@@ -230,11 +230,13 @@ def best_recipe(settings: ExportSettings, config: GemmaConfig) -> tuple[str, str
     Returns (recipe, why: a line for the user)."""
     if "int4" not in (settings.quant, settings.embedding_quant):
         return "rtn", "no 4-bit weights: nothing to calibrate"
-    text = "--calibration's" if settings.calibration is not None else "the calibration text's"
+    source = "--calibration" if settings.calibration is not None else "the calibration text"
+    text = f"{source}'s"
     if settings.format == "pte" and settings.quant != "int4":
         rows = f"{text} rows of the table 8-bit, " if settings.hot_rows() else ""
-        return "rtn", (f"rounded to nearest, {rows}the head's worst columns corrected: the best measured for a .pte "
-                       "with int8 layers (--recipe gptq calibrates the table)")
+        smoothed = f", the int8 layers' inputs smoothed on {source}" if settings.smoothing() else ""
+        return "rtn", (f"rounded to nearest, {rows}the head's worst columns corrected{smoothed}: the best measured "
+                       "for a .pte with int8 layers (--recipe gptq calibrates the table)")
     if settings.format == "onnx" and settings.quant != "int4" and settings.hot_rows():
         return "rtn", (f"rounded to nearest, {text} rows of the table 8-bit: the best measured for ONNX "
                        "with int8 layers (--recipe gptq calibrates the table)")
@@ -243,7 +245,9 @@ def best_recipe(settings: ExportSettings, config: GemmaConfig) -> tuple[str, str
     weights = layer_weights(config)
     if weights <= AUTO_GPTQ_MAX_LAYER_WEIGHTS:
         return "gptq", "GPTQ, the best measured for 4-bit weights; --recipe rtn skips the calibration"
-    return "rtn", (f"rounded to nearest: at {weights / 1e9:.1f} B weights in its layers calibration takes tens of minutes "
+    smoothed = dataclasses.replace(settings, recipe="rtn").smoothing()
+    how = f"rounded to nearest, the layers' inputs smoothed on {source}" if smoothed else "rounded to nearest"
+    return "rtn", (f"{how}: at {weights / 1e9:.1f} B weights in its layers calibration takes tens of minutes "
                    "(--recipe gptq calibrates)")
 
 
