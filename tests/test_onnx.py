@@ -199,8 +199,17 @@ def test_the_cache_is_static_and_the_graph_checks(exports):
             assert {"MatMulNBits", "GatherBlockQuantized"} <= op_types and "Gemm" not in op_types
         contrib = {n.op_type for n in model.graph.node if n.domain == "com.microsoft"} - {"MatMulNBits", "GatherBlockQuantized"}
         if ops == "auto" and name in CONTRIB:  # attention is one fused node per layer, cache written inside
-            assert contrib == {"GroupQueryAttention"} and not op_types & {"ScatterND", "Softmax"}
-            assert manifest["io"]["ops"] == "contrib"
+            assert contrib == {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"}
+            assert not op_types & {"ScatterND", "Softmax"} and manifest["io"]["ops"] == "contrib"
+            # the residual stream [1, T, hidden] (BatchedGemma): nothing unsqueezed into attention
+            # or reshaped out of it; each residual sum made and normed by one fused node, two a layer
+            producers = {out: n.op_type for n in model.graph.node for out in n.output}
+            for gqa in (n for n in model.graph.node if n.op_type == "GroupQueryAttention"):
+                assert "Unsqueeze" not in {producers.get(i) for i in gqa.input[:3] if i}, name
+                assert not any(n.op_type == "Reshape" and gqa.output[0] in n.input for n in model.graph.node), name
+            fused = [n for n in model.graph.node if n.op_type == "SkipSimplifiedLayerNormalization"]
+            assert len(fused) == 2 * c["num_hidden_layers"], name
+            assert not any(producers.get(n.input[0]) == "Add" for n in model.graph.node if n.op_type == "RMSNormalization")
         else:
             assert not contrib and "ScatterND" in op_types and manifest["io"]["ops"] == "standard"
 

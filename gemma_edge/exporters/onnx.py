@@ -36,7 +36,8 @@ from gemma_edge.exporters.calibration import (Calibration, calibrated_stream, he
                                               load_stage, recipe_calibration, recipe_record)
 from gemma_edge.exporters.gptq import cat_grids, take_grid
 from gemma_edge.exporters.manifest import cache_section, copy_tokenizer, special_tokens, versions, write_manifest
-from gemma_edge.exporters.onnx_contrib import FUSED, resolve_ops, share_rope_halves, unsupported, use_ops
+from gemma_edge.exporters.onnx_contrib import (FUSED, fuse_residual_norms, resolve_ops, share_rope_halves, unsupported,
+                                              use_ops)
 from gemma_edge.exporters.onnx_quant import (BITS, CLIPS, BlockGrid, HotRowsTable, QuantizedMatrix, block_grid,
                                              replace_weights_with_block_quantized)
 from gemma_edge.exporters.rewrites import TensorKVCache, pass_caches_as_tensors
@@ -192,9 +193,9 @@ def save_onnx(program, folder: Path) -> None:
     program.save(folder / ONNX_FILE, external_data=True)
 
 
-def finish_onnx(folder: Path) -> list[str]:
-    """The saved graph edited on its own (keep_last_logits), and for weights under SINGLE_FILE_LIMIT
-    folded into model.onnx; returns the files."""
+def finish_onnx(folder: Path, ops: str) -> list[str]:
+    """The saved graph edited on its own (keep_last_logits; in a contrib graph the residual norms
+    fused), and for weights under SINGLE_FILE_LIMIT folded into model.onnx; returns the files."""
     import onnx
 
     path = folder / ONNX_FILE
@@ -205,6 +206,8 @@ def finish_onnx(folder: Path) -> list[str]:
                 dim.dim_param = "sequence_length"
     keep_last_logits(proto)
     unfold_table_views(proto)
+    if ops == "contrib":
+        fuse_residual_norms(proto)
     if (folder / DATA_FILE).stat().st_size < SINGLE_FILE_LIMIT:
         onnx.load_external_data_for_model(proto, str(folder))
         for tensor in proto.graph.initializer:
@@ -416,7 +419,7 @@ def export_onnx(ckpt: Checkpoint, settings: ExportSettings, outdir: Path, overwr
         with timed("write"):
             save_onnx(program, tmp)
             del program  # and with it the model's weights
-            files = finish_onnx(tmp)
+            files = finish_onnx(tmp, ops)
             tokenizer = copy_tokenizer(ckpt, tmp)
             (tmp / GENAI_CONFIG).write_text(json.dumps(genai, indent=2) + "\n")
             manifest = write_manifest(tmp, ckpt, settings, special,
