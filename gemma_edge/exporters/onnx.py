@@ -36,8 +36,8 @@ from gemma_edge.exporters.calibration import (Calibration, calibrated_stream, he
                                               load_stage, recipe_calibration, recipe_record)
 from gemma_edge.exporters.gptq import cat_grids, take_grid
 from gemma_edge.exporters.manifest import cache_section, copy_tokenizer, special_tokens, versions, write_manifest
-from gemma_edge.exporters.onnx_contrib import (FUSED, fuse_residual_norms, resolve_ops, share_rope_halves, unsupported,
-                                              use_ops)
+from gemma_edge.exporters.onnx_contrib import (FUSED, BatchedGemma, fuse_residual_norms, resolve_ops, share_rope_halves,
+                                              unsupported, use_batched_stream, use_ops)
 from gemma_edge.exporters.onnx_quant import (BITS, CLIPS, BlockGrid, HotRowsTable, QuantizedMatrix, block_grid,
                                              replace_weights_with_block_quantized)
 from gemma_edge.exporters.rewrites import TensorKVCache, pass_caches_as_tensors
@@ -101,6 +101,7 @@ def build_model(ckpt: Checkpoint, settings: ExportSettings, ops: str,
                         settings.layer_quant)
         plan = replace_weights_with_block_quantized(model, settings.quant, settings.embedding_quant, settings.group_size,
                                                     0 if hot is None else len(hot[0]), layer_quant(settings))
+        use_batched_stream(model)
     model.to_empty(device="cpu")  # the quantized sizes only
     model.init_buffers()
     share_rope_halves(model)
@@ -193,9 +194,9 @@ def save_onnx(program, folder: Path) -> None:
     program.save(folder / ONNX_FILE, external_data=True)
 
 
-def finish_onnx(folder: Path, ops: str) -> list[str]:
-    """The saved graph edited on its own (keep_last_logits; in a contrib graph the residual norms
-    fused), and for weights under SINGLE_FILE_LIMIT folded into model.onnx; returns the files."""
+def finish_onnx(folder: Path, fuse_norms: bool) -> list[str]:
+    """The saved graph edited on its own (keep_last_logits; with fuse_norms, a BatchedGemma's residual
+    norms fused), and for weights under SINGLE_FILE_LIMIT folded into model.onnx; returns the files."""
     import onnx
 
     path = folder / ONNX_FILE
@@ -206,7 +207,7 @@ def finish_onnx(folder: Path, ops: str) -> list[str]:
                 dim.dim_param = "sequence_length"
     keep_last_logits(proto)
     unfold_table_views(proto)
-    if ops == "contrib":
+    if fuse_norms:
         fuse_residual_norms(proto)
     if (folder / DATA_FILE).stat().st_size < SINGLE_FILE_LIMIT:
         onnx.load_external_data_for_model(proto, str(folder))
@@ -413,13 +414,14 @@ def export_onnx(ckpt: Checkpoint, settings: ExportSettings, outdir: Path, overwr
                                   settings.max_seq_len, "past_key_values.N.key/value inputs, one [1, kv_heads, max_seq_len, "
                                   "head_dim] buffer each, bound to present.N as well")
             genai = genai_config(model, special, ONNX_FILE)
+            batched = isinstance(model, BatchedGemma)
         with timed("trace"):
             program = trace_to_onnx(model)
             del model
         with timed("write"):
             save_onnx(program, tmp)
             del program  # and with it the model's weights
-            files = finish_onnx(tmp, ops)
+            files = finish_onnx(tmp, fuse_norms=batched)
             tokenizer = copy_tokenizer(ckpt, tmp)
             (tmp / GENAI_CONFIG).write_text(json.dumps(genai, indent=2) + "\n")
             manifest = write_manifest(tmp, ckpt, settings, special,

@@ -14,8 +14,8 @@
   gate and up: fewer, larger MatMulNBits calls. Only layers of one precision are fused: with k and
   v kept 8-bit in a 4-bit export (--int8-layers), q is its own matmul and k, v one (kv_proj).
 
-- The residual stream kept [1, T, hidden] (BatchedGemma), as GQA takes and gives it: no Unsqueeze
-  and Reshape around each layer's attention.
+- The residual stream kept [1, T, hidden] (BatchedGemma) where the stack's linear layers are
+  block-quantized, as GQA takes and gives it: no Unsqueeze and Reshape around each layer's attention.
 
 - Each residual Add and the RMSNorm that reads its sum as one SkipSimplifiedLayerNormalization
   (fuse_residual_norms, on the saved graph), as ONNX Runtime GenAI's builder writes Gemma.
@@ -63,20 +63,26 @@ class GroupQueryAttention(Attention):
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor, rotate: torch.Tensor) -> torch.Tensor:
-        """x [1, T, hidden] (BatchedGemma's residual stream) -> [1, T, hidden]; cos, sin, mask and
-        rotate are not read (GQA rotates from its own tables and masks from the cache lengths)."""
+        """x [1, T, hidden] (BatchedGemma's stream) or [T, hidden] (Gemma's) -> the same shape; cos,
+        sin, mask and rotate are not read (GQA rotates from its own tables and masks from the cache
+        lengths)."""
         h, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        batched = x.dim() == 3
         if "kv_proj" in self._modules:  # q and k, v of two precisions: two matmuls
             q, (k, v) = self.q_proj(x), self.kv_proj(x).split([kv * d, kv * d], dim=-1)
         elif self.q_norm is None:
-            q, k, v = self.qkv_proj(x), None, None  # [1, T, (heads + 2 kv) * d]: GQA's packed BSNH layout
+            q, k, v = self.qkv_proj(x), None, None  # [(1,) T, (heads + 2 kv) * d]: GQA's packed BSNH layout
         else:
             q, k, v = self.qkv_proj(x).split([h * d, kv * d, kv * d], dim=-1)
         if k is not None and self.q_norm is not None:
             # Gemma 3 normalizes each head before RoPE, which GQA applies: unpacked, normalized, and
-            # reshaped back to GQA's [1, T, ...]
+            # GQA's [1, T, ...] by the reshape back from the heads (not a reshape, then an Unsqueeze)
             q = self.q_norm(q.view(-1, h, d)).view(1, -1, h * d)
             k = self.k_norm(k.view(-1, kv, d)).view(1, -1, kv * d)
+        elif k is not None and not batched:
+            q, k = q[None], k[None]
+        if not batched:  # Gemma's [T, ...] -> GQA's [1, T, ...]
+            q, v = (q[None], None) if k is None else (q, v[None])
         last = input_pos[-1:]  # consecutive positions: the last is the filled length - 1
         seqlens_k = last.to(torch.int32)  # [batch]
         total = (last + 1).to(torch.int32).reshape(())
@@ -89,17 +95,17 @@ class GroupQueryAttention(Attention):
             GQA, (*inputs, past_k, past_v, seqlens_k, total, self.rope_cos_half, self.rope_sin_half),
             {"num_heads": h, "kv_num_heads": kv, "scale": float(self.scale), "softcap": float(self.softcap or 0.0),
              "local_window_size": self.window or -1, "do_rotary": 1, "rotary_interleaved": 0},
-            dtypes=(past_k.dtype, past_k.dtype, past_v.dtype), shapes=((1, x.shape[1], h * d), past_k.shape, past_v.shape),
+            dtypes=(past_k.dtype, past_k.dtype, past_v.dtype), shapes=((1, x.shape[-2], h * d), past_k.shape, past_v.shape),
             version=1)
-        return self.o_proj(out.to(x.dtype))
+        return self.o_proj((out if batched else out.view(-1, h * d)).to(x.dtype))  # a Reshape, not a Gather (a copy)
 
 
 class BatchedGemma(Gemma):
     """The decoder stack with its residual stream [1, T, hidden] (batch 1) where Gemma's is [T, hidden]:
     GroupQueryAttention reads and writes [1, T, ...], so each layer needs no Unsqueeze of v before it
-    and no Reshape of its output after (38 nodes fewer on Gemma 3 270M). Export only: every layer's
-    attention is a GroupQueryAttention, which makes no use of the RoPE rows and masks Gemma's stack
-    computes for it."""
+    and no Reshape of its output after (38 nodes fewer on Gemma 3 270M). Export only, made by
+    use_batched_stream: every layer's attention is a GroupQueryAttention, which makes no use of the
+    RoPE rows and masks Gemma's stack computes for it."""
 
     def hidden_states(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         dtype = self.embed_scale.dtype
@@ -113,7 +119,7 @@ SKIP_NORM = "SkipSimplifiedLayerNormalization"
 
 
 def fuse_residual_norms(proto) -> int:
-    """In a saved contrib graph (onnx ModelProto, edited in place): each Add whose sum an
+    """In a saved BatchedGemma graph (onnx ModelProto, edited in place): each Add whose sum an
     RMSNormalization over the last axis reads (the residual stream: x + h, then the next sub-block's
     norm) -> one com.microsoft SkipSimplifiedLayerNormalization computing both, the norm as its
     first output and the sum, which the next residual Add reads, as its fourth. Its inputs must be
@@ -166,9 +172,20 @@ def use_group_query_attention(model: nn.Module, same: Callable[[tuple[str, ...]]
         attn.__class__ = GroupQueryAttention
         fused = "qkv_proj" if same(FUSED["qkv_proj"]) else "kv_proj"
         setattr(attn, fused, _fused(attn, FUSED[fused]))
-    if all(isinstance(layer.attn, GroupQueryAttention) for layer in model.layers):
-        model.__class__ = BatchedGemma  # its [1, T, hidden] stream is what GroupQueryAttention takes
     return share_rope_halves(model)
+
+
+def use_batched_stream(model: nn.Module) -> bool:
+    """model -> BatchedGemma where every layer's attention is a GroupQueryAttention and no float
+    linear layer is left in the stack (block-quantized layers, MatMulNBits, take [1, T, hidden] as
+    they are; a float one traces to a MatMul on a transposed copy of its weight there, where on
+    [T, hidden] it is a Gemm reading the weight itself). Returns whether it did."""
+    layers = model.layers
+    if not all(isinstance(layer.attn, GroupQueryAttention) for layer in layers) or any(
+            isinstance(m, nn.Linear) for m in layers.modules()):
+        return False
+    model.__class__ = BatchedGemma
+    return True
 
 
 def share_rope_halves(model: nn.Module) -> nn.Module:
@@ -241,4 +258,5 @@ def unfuse_weights(weights: dict, config) -> dict:
     return out
 
 
-__all__ = ["resolve_ops", "use_ops", "share_rope_halves", "unfuse_weights", "fuse_residual_norms", "FUSED"]
+__all__ = ["resolve_ops", "use_ops", "use_batched_stream", "share_rope_halves", "unfuse_weights", "fuse_residual_norms",
+           "FUSED"]
