@@ -173,11 +173,23 @@ def _writing(folder: Path) -> Iterator[None]:
     except OSError as e:
         named = Path(e.filename).absolute() if isinstance(e.filename, (str, os.PathLike)) else None
         ours = named is None or named == folder.absolute() or folder.absolute() in named.parents
-        if e.errno not in WRITE_ERRORS or not ours:
+        code = _disk_errno(e, folder)
+        if code not in WRITE_ERRORS or not ours:
             raise  # not the output's (an unreadable checkpoint says so itself)
-        raise OutputFolderError(f"cannot write the export in {folder}: {WRITE_ERRORS[e.errno]} "
-                                f"({e.filename or e.strerror}); free some space or choose another -o folder. "
+        raise OutputFolderError(f"cannot write the export in {folder}: {WRITE_ERRORS[code]} "
+                                f"({e.filename or e.strerror or e}); free some space or choose another -o folder. "
                                 "Nothing was left behind, and an earlier export there is unchanged") from None
+
+
+def _disk_errno(e: OSError, folder: Path) -> int | None:
+    """e's errno; where a writer lost it and the folder's disk has less than 1 MiB left, ENOSPC.
+    numpy's tofile, with which onnx_ir writes an ONNX export's weights, says only "problem writing
+    element N to file" when the disk fills up."""
+    if e.errno is None:
+        with contextlib.suppress(OSError):
+            if shutil.disk_usage(folder).free < 1 << 20:
+                return errno.ENOSPC
+    return e.errno
 
 
 @contextlib.contextmanager

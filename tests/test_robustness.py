@@ -288,6 +288,31 @@ def test_a_full_disk_or_a_read_only_folder_is_a_clear_error_and_loses_nothing(ca
         assert list(ro.iterdir()) == []
 
 
+def test_a_full_disk_a_writer_reports_without_an_errno_is_still_a_clear_error(tmp_path, monkeypatch):
+    """numpy's tofile (onnx_ir writes an ONNX export's weights with it) says only "problem writing
+    element N to file" when the disk fills up, with no errno: the disk's free space tells the cause
+    (a cold CI run's full-disk export once stopped there with a traceback)."""
+    from types import SimpleNamespace
+
+    from gemma_edge import files
+
+    target = tmp_path / "out"
+
+    def export_that_fails_to_write():
+        with files.staged_folder(target) as tmp:
+            (tmp / "model.onnx.data").write_bytes(b"weights")
+            raise OSError("problem writing element 29696 to file")
+
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda path: SimpleNamespace(total=1 << 30, used=1 << 30, free=4096))
+    with pytest.raises(OutputFolderError, match="the disk is full .problem writing element 29696 to file.; free some space"):
+        export_that_fails_to_write()
+    assert list(tmp_path.iterdir()) == []  # nothing left behind
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda path: SimpleNamespace(total=1 << 30, used=0, free=1 << 30))
+    with pytest.raises(OSError, match="problem writing element") as raised:  # room left: not the disk's, shown as it is
+        export_that_fails_to_write()
+    assert type(raised.value) is OSError and list(tmp_path.iterdir()) == []
+
+
 # ---------------------------------------------------------------------------------------------
 # Damaged and hostile export folders
 
