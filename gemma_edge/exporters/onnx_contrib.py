@@ -55,8 +55,9 @@ class FusedFeedForward(FeedForward):
 class GroupQueryAttention(Attention):
     """Attention as one com.microsoft GroupQueryAttention node after one q/k/v matmul (weight
     [(heads + 2 kv) * head_dim, hidden]), or after q's and a k/v matmul (kv_proj) where k and v are
-    of another precision than q, in BatchedGemma's stack. Export only: in eager mode the symbolic
-    node returns no real values."""
+    of another precision than q, in either stack: BatchedGemma's [1, T, hidden], or Gemma's [T,
+    hidden] where float linear layers remain (use_batched_stream). Export only: in eager mode the
+    symbolic node returns no real values."""
 
     rope_cos_half: torch.Tensor  # [max_seq_len, head_dim / 2]: GQA takes the non-repeated half
     rope_sin_half: torch.Tensor
@@ -130,8 +131,8 @@ def fuse_residual_norms(proto) -> int:
     initializers = {t.name for t in graph.initializer}
     producers = {out: n for n in graph.node for out in n.output}
     fused: set[str] = set()  # the sums made by a fused node
-    for norm in list(graph.node):
-        add = producers.get(norm.input[0]) if norm.op_type == "RMSNormalization" else None
+    for norm in [n for n in graph.node if n.op_type == "RMSNormalization"]:
+        add = producers.get(norm.input[0])
         attrs = {a.name: helper.get_attribute_value(a) for a in norm.attribute}
         if (add is None or add.op_type != "Add" or add.output[0] in fused or attrs.get("axis", -1) != -1
                 or attrs.get("stash_type", 1) != 1 or norm.input[1] not in initializers or initializers & set(add.input)):
