@@ -23,17 +23,17 @@ pytestmark = pytest.mark.slow
 RECIPES = {"phone": {"quant": "int8", "embedding_quant": "int4", "recipe": "rtn"}, "int4": {"quant": "int4", "recipe": "rtn"}}
 
 
-def verified(ckpt, fmt: str, quant: str, tmp_path: Path, target: str = "host") -> dict:
+def verified(ckpt, fmt: str, recipe: str, tmp_path: Path, target: str = "host") -> dict:
     """`gemma-edge verify`'s JSON report on `target` of the real model's export, which passed: every
     check, every file's checksum, verify's 128 prefill and 16 decode rows."""
-    folder = cached_export(ckpt, ExportSettings(format=fmt, max_seq_len=REAL_MAX_SEQ_LEN, **RECIPES[quant]))
+    folder = cached_export(ckpt, ExportSettings(format=fmt, max_seq_len=REAL_MAX_SEQ_LEN, **RECIPES[recipe]))
     report = tmp_path / f"{target}.json"
     result = subprocess.run([str(Path(sys.executable).with_name("gemma-edge")), "verify", str(folder), "--target", target,
                              "--json", str(report)], capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stdout + result.stderr[-2000:]
     data = json.loads(report.read_text())
     checks = {c["name"]: c for c in data["checks"]}
-    print(f"gemma-3-270m {fmt} {quant} on {target}: " + "; ".join(
+    print(f"gemma-3-270m {fmt} {recipe} on {target}: " + "; ".join(
         f"{k} top-1 {c['top1']:.1%} KL {c['kl']:.3f} ppl x{c['ppl_ratio']:.3f}" for k, c in checks.items()))
     assert data["passed"] and data["checksums_ok"], result.stdout
     assert checks["prefill"]["rows"] == 128 and checks["decode"]["rows"] == 16
@@ -41,9 +41,9 @@ def verified(ckpt, fmt: str, quant: str, tmp_path: Path, target: str = "host") -
 
 
 # (The .pte int4 on this CPU: test_real_int4_pte_verifies_on_emulated_arm64, beside arm64.)
-@pytest.mark.parametrize("fmt, quant", [("onnx", "phone"), ("onnx", "int4"), ("pte", "phone")])
-def test_real_exports_verify(fmt, quant, real, tmp_path):
-    verified(real[0], fmt, quant, tmp_path)
+@pytest.mark.parametrize("fmt, recipe", [("onnx", "phone"), ("onnx", "int4"), ("pte", "phone")])
+def test_real_exports_verify(fmt, recipe, real, tmp_path):
+    verified(real[0], fmt, recipe, tmp_path)
 
 
 def test_real_int4_pte_verifies_on_emulated_arm64(real, tmp_path):
