@@ -1,7 +1,8 @@
 """The real Gemma 3 270M all-int4 with its 4-bit weights rounded by GPTQ (--recipe gptq, calibrated
-on the default text: Python's module documentation), both formats, each against the same export
-rounded to nearest: quality on two real texts the calibration never saw (verify's, the CPython
-reference manual; and transformers' modeling_gemma.py, code); and the phone recipe's hot rows.
+on the default text: Python's module documentation), both formats, each against the same weights
+rounded to nearest (ONNX: that export; .pte: the eager model that export would compute): quality on
+two real texts the calibration never saw (verify's, the CPython reference manual; and transformers'
+modeling_gemma.py, code); and the phone recipe's hot rows.
 Exports are cached by content. (The phone recipe calibrated by GPTQ, not --recipe auto's choice, was
 measured here until 2026-12-06, below; its table's calibration is tested on the tiny models,
 tests/test_calibration.py: 12 minutes of a cold CI run for an option the defaults do not take.)"""
@@ -64,20 +65,29 @@ def test_gptq_keeps_the_real_model_where_rounding_to_nearest_loses_it(fmt, real,
     got = {}
     for rounding in ("rtn", "gptq"):
         settings = ExportSettings(format=fmt, quant="int4", max_seq_len=MAX_SEQ_LEN, recipe=rounding)
-        folder = cached_export(ckpt, settings)
-        backend = open_backend(folder)
-        manifest = json.loads((folder / "gemma_edge.json").read_text())
-        size = sum(f["bytes"] for n, f in manifest["files"].items() if n.startswith("model.")) / MIB
+        if fmt == "pte" and rounding == "rtn":
+            # The eager model the program rounded to nearest would compute (built as the exporter
+            # builds it, not lowered; tests/test_executorch.py holds programs to their eager models):
+            # that program, a real export of its own, is read by no other test.
+            from gemma_edge.exporters.executorch import build_model
+            from gemma_edge.runtime.eager import EagerBackend
+
+            backend, size = EagerBackend(build_model(ckpt, settings)[0]), None
+        else:
+            folder = cached_export(ckpt, settings)
+            backend = open_backend(folder)
+            manifest = json.loads((folder / "gemma_edge.json").read_text())
+            size = sum(f["bytes"] for n, f in manifest["files"].items() if n.startswith("model.")) / MIB
         got[rounding] = {"manual": quality(backend.forward(ids, 0), fp32, ids),
                          "code": quality(backend.forward(code_text[0], 0), code_text[1], code_text[0])}
-        print(f"gemma-3-270m {fmt} int4 {rounding} ({size:.1f} MiB): " + ", ".join(
+        print(f"gemma-3-270m {fmt} int4 {rounding} ({'eager' if size is None else f'{size:.1f} MiB'}): " + ", ".join(
             f"{text} x{q['ppl_ratio']:.3f} top-1 {q['top1']:.3f} KL {q['kl']:.3f}" for text, q in got[rounding].items()))
         got[rounding]["MiB"] = size
     gptq, rtn = got["gptq"], got["rtn"]
     ratio, top1 = TARGETS[fmt]
     assert gptq["manual"]["ppl_ratio"] <= ratio and gptq["manual"]["top1"] >= top1, gptq
-    # the same layers, other values (a .pte's head then needs no correction of its own: smaller)
-    assert gptq["MiB"] == rtn["MiB"] if fmt == "onnx" else gptq["MiB"] < rtn["MiB"]
+    if fmt == "onnx":  # the same layers, other values (the .pte's sizes: test_real_executorch.py's ideal size)
+        assert gptq["MiB"] == rtn["MiB"]
     for text in ("manual", "code"):  # GPTQ takes off at least a third of what rounding to nearest lost, on both texts
         assert gptq[text]["ppl_ratio"] - 1 <= (2 / 3) * (rtn[text]["ppl_ratio"] - 1), (text, gptq[text], rtn[text])
 

@@ -19,14 +19,17 @@ from gemma_edge.exporters.settings import ExportSettings
 pytestmark = pytest.mark.slow
 
 
-# The exports test_real_executorch.py and test_real_onnx.py make (the same settings: cached once).
+# The exports test_real_executorch.py and test_real_onnx.py make (the same settings: cached once); the
+# .pte all-int4 rounded by GPTQ, as --recipe auto makes it (test_real_executorch.ALL_INT4).
 RECIPES = {"phone": {"quant": "int8", "embedding_quant": "int4", "recipe": "rtn"}, "int4": {"quant": "int4", "recipe": "rtn"}}
+PTE_RECIPES = {**RECIPES, "int4": {"quant": "int4", "recipe": "gptq"}}
 
 
 def verified(ckpt, fmt: str, recipe: str, tmp_path: Path, target: str = "host") -> dict:
     """`gemma-edge verify`'s JSON report on `target` of the real model's export, which passed: every
     check, every file's checksum, verify's 128 prefill and 16 decode rows."""
-    folder = cached_export(ckpt, ExportSettings(format=fmt, max_seq_len=REAL_MAX_SEQ_LEN, **RECIPES[recipe]))
+    recipes = PTE_RECIPES if fmt == "pte" else RECIPES
+    folder = cached_export(ckpt, ExportSettings(format=fmt, max_seq_len=REAL_MAX_SEQ_LEN, **recipes[recipe]))
     report = tmp_path / f"{target}.json"
     result = subprocess.run([str(Path(sys.executable).with_name("gemma-edge")), "verify", str(folder), "--target", target,
                              "--json", str(report)], capture_output=True, text=True, timeout=1800)
