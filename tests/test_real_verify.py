@@ -50,23 +50,27 @@ def test_real_exports_verify(fmt, recipe, real, tmp_path):
 
 
 def test_real_int4_pte_verifies_on_emulated_arm64(real, tmp_path):
-    """The real model's int4 program through ExecuTorch's arm64 runtime and XNNPACK kernels, in our
+    """The real model's all-int4 program (GPTQ) through ExecuTorch's arm64 runtime and XNNPACK kernels, in our
     native runner under QEMU (Cortex-A76): about 3.5 minutes. Host and arm64 run the same program on
     other kernels (XNNPACK's NEON kernels against its x86 ones: other float summation orders, before
     activations are rounded to int8 again at every layer): close, not equal. Compared on what verify
     judges, each check's mean KL, and over all 144 rows the mean KL and the perplexity ratio.
 
-    How far apart they may be, measured 2026-12-06 on 256 tokens of the same text (two programs:
-    every layer 4-bit, and k, v 8-bit): host and arm64 are each as far from the eager model carrying
-    the same weights (KL 0.019-0.022; each token's log-likelihood moved by 0.22-0.25 nats, standard
-    deviation, half of the tokens up, half down: the rounding of the activations to int8 crossing
-    other boundaries), and by as much from each other (KL 0.019, 0.21 nats a token, uncorrelated
-    between the two programs). A ratio over 144 rows thus carries 0.21 / 12 = 1.8% of noise (one
-    standard deviation) between the two; held to 4 of them, 7%. The k, v 8-bit program measured 5.2%
-    apart here (x1.172 / x1.233: the host +2.2% luckier than its eager twin, arm64 1.4% less lucky),
-    1.6% apart in mean KL to the reference (0.1433 / 0.1456): KL, over the whole distribution of each
-    row, is the steadier measure, held to 5% apart. (The decode check's 16 rows alone are noise:
-    measured 2026-12-02, decode x1.820 on the host, x1.935 on arm64, from a KL 0.012 apart.)"""
+    How far apart they may be, measured on 256 tokens of the same text (Intel Xeon, 2026-12-06; the
+    all-int4 programs rounded to nearest and by GPTQ, each against the eager model carrying its
+    weights): the host's programs are KL 0.020 / 0.036 from their eager models (the rounding of the
+    activations to int8 crossing other boundaries; GPTQ's layers, not smoothed, round coarser; on
+    the AMD EPYC, host and arm64 measured each as far from the eager model as from each other), and
+    each row's KL to the reference moves by 0.049 / 0.051 with them (standard
+    deviation; each token's log-likelihood by 0.21 / 0.28 nats). Between two programs whose kernels
+    round independently, a mean over 144 rows thus carries 0.051 * 1.41 / 12 = 0.006 of noise in KL
+    and 0.28 * 1.41 / 12 = 3.4% in the perplexity ratio; held to 4 of them: 0.024 and 13%. Measured
+    host / arm64 on verify's 144 rows: GPTQ KL 0.0855 / 0.0722, x1.102 / x1.063 (2.2 and 1.1 of
+    them; Intel Xeon, 2026-12-06); rounded to nearest 0.1433 / 0.1456, x1.172 / x1.233 (AMD EPYC).
+    Until 2026-12-06 the KL was held to 5% of the host's, which measured ~1.2 of them for the program
+    rounded to nearest and 0.7 for GPTQ's, whose KL is lower: it failed by chance. (The decode
+    check's 16 rows alone are noise: measured 2026-12-02, decode x1.820 on the host, x1.935 on
+    arm64, from a KL 0.012 apart.)"""
     host = verified(real[0], "pte", "int4", tmp_path)
     arm = verified(real[0], "pte", "int4", tmp_path, target="arm64")
     assert (host["target"], arm["target"], arm["cpu"]) == ("host", "arm64", "cortex-a76")
@@ -76,5 +80,5 @@ def test_real_int4_pte_verifies_on_emulated_arm64(real, tmp_path):
     kl = {t: sum(c["kl"] * c["rows"] for c in r["checks"]) / sum(c["rows"] for c in r["checks"]) for t, r in (("host", host), ("arm64", arm))}
     print(f"all {sum(c['rows'] for c in arm['checks'])} rows: KL {kl['host']:.4f} / {kl['arm64']:.4f}, "
           f"ppl x{host['ppl_ratio']:.3f} / x{arm['ppl_ratio']:.3f}")
-    assert abs(kl["host"] - kl["arm64"]) / kl["host"] < 0.05
-    assert abs(host["ppl_ratio"] - arm["ppl_ratio"]) / host["ppl_ratio"] < 0.07
+    assert abs(kl["host"] - kl["arm64"]) < 0.024
+    assert abs(host["ppl_ratio"] - arm["ppl_ratio"]) / host["ppl_ratio"] < 0.13
