@@ -1,7 +1,7 @@
 """The real Gemma 3 270M exported to .pte as the phone recipe (int8 layers, an int4 table the
-output projection reads) and all-int4 (rounded by GPTQ, as --recipe auto does): quality on real English, size, and the stock ExecuTorch
-runner. (int8 throughout: the tiny models' tests.) Exports are cached by content
-(tests/export_cache.py): minutes each."""
+output projection reads) and all-int4 (rounded by GPTQ, as --recipe auto does): quality on real
+English, size, and the stock ExecuTorch runner. (int8 throughout: the tiny models' tests.) Exports
+are cached by content (tests/export_cache.py): minutes each."""
 
 from __future__ import annotations
 
@@ -98,9 +98,9 @@ def ideal_bytes(ckpt, plan: dict[str, str], group: int, hot: int = 0, corrected:
     """Weights at their nominal width plus their scales (bf16 per group for int4, fp32 per row for
     int8), each int4 layer's offsets (int8 per group, an fp32 scale per row), plus the float norm
     weights; a head reading the table adds only its correction if it has one (head_correction.py:
-    int8 per row on COLUMNS columns, an fp32 scale per row; an int4 table rounded to nearest), and `hot` 8-bit copies of
-    its rows (pte_hot_rows.py: an fp32 scale and an int64 id each, an int32 slot per id). Shapes come
-    from the model itself, built on the meta device (nothing allocated)."""
+    int8 per row on COLUMNS columns, an fp32 scale per row; an int4 table rounded to nearest), and
+    `hot` 8-bit copies of its rows (pte_hot_rows.py: an fp32 scale and an int64 id each, an int32
+    slot per id). Shapes come from the model itself, built on the meta device (nothing allocated)."""
     with torch.device("meta"):
         model = untie_output_projection(Gemma(ckpt.config, 8))
     total = 0
@@ -130,7 +130,8 @@ def test_real_pte_is_within_10_percent_of_its_ideal_size(recipe, real, exports):
     assert manifest["quantization"]["head_reads_table"]
     size = file_bytes(exports[recipe])
     ideal = ideal_bytes(real[0], manifest["quantization"]["layers"], manifest["export"]["group_size"],
-                        manifest["quantization"].get("hot_tokens", {}).get("rows", 0), "head_correction" in manifest["quantization"])
+                        manifest["quantization"].get("hot_tokens", {}).get("rows", 0),
+                        corrected="head_correction" in manifest["quantization"])
     # the phone recipe's table rounded to nearest, its head corrected; GPTQ's table needs no correction
     assert ("head_correction" in manifest["quantization"]) == (recipe == "phone")
     print(f"gemma-3-270m {recipe} .pte: {size / MIB:.1f} MiB, ideal {ideal / MIB:.1f} MiB (+{size / ideal - 1:.1%})")

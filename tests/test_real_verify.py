@@ -50,19 +50,20 @@ def test_real_exports_verify(fmt, recipe, real, tmp_path):
 
 
 def test_real_int4_pte_verifies_on_emulated_arm64(real, tmp_path):
-    """The real model's all-int4 program (GPTQ) through ExecuTorch's arm64 runtime and XNNPACK kernels, in our
-    native runner under QEMU (Cortex-A76): about 3.5 minutes. Host and arm64 run the same program on
-    other kernels (XNNPACK's NEON kernels against its x86 ones: other float summation orders, before
-    activations are rounded to int8 again at every layer): close, not equal. Compared on what verify
-    judges, each check's mean KL, and over all 144 rows the mean KL and the perplexity ratio.
+    """The real model's all-int4 program (GPTQ) through ExecuTorch's arm64 runtime and XNNPACK
+    kernels, in our native runner under QEMU (Cortex-A76): about 3.5 minutes. Host and arm64 run the
+    same program on other kernels (XNNPACK's NEON kernels against its x86 ones: other float summation
+    orders, before activations are rounded to int8 again at every layer): close, not equal. Compared
+    on what verify judges, each check's mean KL, and over all 144 rows the mean KL and the perplexity
+    ratio.
 
     How far apart they may be, measured on 256 tokens of the same text (Intel Xeon, 2026-12-06; the
     all-int4 programs rounded to nearest and by GPTQ, each against the eager model carrying its
     weights): the host's programs are KL 0.020 / 0.036 from their eager models (the rounding of the
     activations to int8 crossing other boundaries; GPTQ's layers, not smoothed, round coarser; on
     the AMD EPYC, host and arm64 measured each as far from the eager model as from each other), and
-    each row's KL to the reference moves by 0.049 / 0.051 with them (standard
-    deviation; each token's log-likelihood by 0.21 / 0.28 nats). Between two programs whose kernels
+    each row's KL to the reference moves by 0.049 / 0.051 with them (standard deviation; each
+    token's log-likelihood by 0.21 / 0.28 nats). Between two programs whose kernels
     round independently, a mean over 144 rows thus carries 0.051 * 1.41 / 12 = 0.006 of noise in KL
     and 0.28 * 1.41 / 12 = 3.4% in the perplexity ratio; held to 4 of them: 0.024 and 13%. Measured
     host / arm64 on verify's 144 rows: GPTQ KL 0.0855 / 0.0722, x1.102 / x1.063 (2.2 and 1.1 of
