@@ -304,8 +304,9 @@ def test_pages_of_a_mapped_weight_file_are_given_back_and_read_again(tmp_path):
     from gemma_edge.runtime.backend import release_mapped_pages
 
     def resident_mib(path: Path) -> float:
-        """The resident pages of this process's mappings of path (/proc/self/smaps; the process's whole
-        RssFile moved with other files' pages too: a cold CI run measured 56 of these 64 MiB by it)."""
+        """The resident pages of this process's mappings of path (/proc/self/smaps). The process's whole
+        RssFile, measured here until 2026-12-06, counts every file's pages: a cold CI run saw 56 of
+        these 64 MiB given back by it, once."""
         total, ours = 0, False
         for line in open("/proc/self/smaps"):
             if line[0] in "0123456789abcdef" and " " in line and "-" in line.split()[0]:  # a mapping's header
