@@ -13,6 +13,7 @@ import pytest
 from conftest import REAL_MAX_SEQ_LEN
 from export_cache import cached_export
 from gemma_edge.exporters.settings import ExportSettings
+from test_real_executorch import ALL_INT4
 
 pytestmark = pytest.mark.slow  # exports (cached across runs)
 
@@ -41,9 +42,9 @@ def check_folder(folder: Path, manifest: dict) -> None:
 
 @pytest.mark.parametrize("fmt", ["pte", "onnx"])
 def test_the_fixtures_are_what_the_real_export_writes(fmt, real):
-    # the .pte as test_real_executorch.ALL_INT4 (GPTQ), the ONNX as test_real_onnx.py makes it: made once
-    recipe = "gptq" if fmt == "pte" else "rtn"
-    folder = cached_export(real[0], ExportSettings(format=fmt, quant="int4", max_seq_len=REAL_MAX_SEQ_LEN, recipe=recipe))
+    # the all-int4 exports the real-model tests make: the .pte rounded by GPTQ, the ONNX to nearest (test_real_onnx.py)
+    settings = ALL_INT4 if fmt == "pte" else ExportSettings(format=fmt, quant="int4", max_seq_len=REAL_MAX_SEQ_LEN, recipe="rtn")
+    folder = cached_export(real[0], settings)
     fresh = json.loads((folder / "gemma_edge.json").read_text())
     for path in APP_FIELDS:
         assert field(fresh, path) == field(fixture(fmt), path), ".".join(path)

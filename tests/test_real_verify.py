@@ -15,21 +15,22 @@ import pytest
 from conftest import REAL_MAX_SEQ_LEN
 from export_cache import cached_export
 from gemma_edge.exporters.settings import ExportSettings
+from test_real_executorch import ALL_INT4
 
 pytestmark = pytest.mark.slow
 
 
 # The exports test_real_executorch.py and test_real_onnx.py make (the same settings: cached once); the
-# .pte all-int4 rounded by GPTQ, as --recipe auto makes it (test_real_executorch.ALL_INT4).
+# .pte all-int4 is test_real_executorch's, rounded by GPTQ as --recipe auto makes it.
 RECIPES = {"phone": {"quant": "int8", "embedding_quant": "int4", "recipe": "rtn"}, "int4": {"quant": "int4", "recipe": "rtn"}}
-PTE_RECIPES = {**RECIPES, "int4": {"quant": "int4", "recipe": "gptq"}}
 
 
 def verified(ckpt, fmt: str, recipe: str, tmp_path: Path, target: str = "host") -> dict:
     """`gemma-edge verify`'s JSON report on `target` of the real model's export, which passed: every
     check, every file's checksum, verify's 128 prefill and 16 decode rows."""
-    recipes = PTE_RECIPES if fmt == "pte" else RECIPES
-    folder = cached_export(ckpt, ExportSettings(format=fmt, max_seq_len=REAL_MAX_SEQ_LEN, **recipes[recipe]))
+    settings = ALL_INT4 if (fmt, recipe) == ("pte", "int4") else \
+        ExportSettings(format=fmt, max_seq_len=REAL_MAX_SEQ_LEN, **RECIPES[recipe])
+    folder = cached_export(ckpt, settings)
     report = tmp_path / f"{target}.json"
     result = subprocess.run([str(Path(sys.executable).with_name("gemma-edge")), "verify", str(folder), "--target", target,
                              "--json", str(report)], capture_output=True, text=True, timeout=1800)
