@@ -48,8 +48,10 @@ OURS = {  # folder name: gemma-edge export arguments (the best recipe of each, b
     "ours-onnx-int4": ["--format", "onnx", "--quant", "int4", "--recipe", "rtn"],
     "ours-onnx-int4-gptq": ["--format", "onnx", "--quant", "int4", "--recipe", "gptq"],
     "ours-onnx-phone": ["--format", "onnx", "--quant", "int8", "--embedding-quant", "int4", "--recipe", "rtn"],  # its hot rows 8-bit
-    "ours-pte-int4-gptq": ["--format", "pte", "--quant", "int4", "--recipe", "gptq"],
-    "ours-pte-phone": ["--format", "pte", "--quant", "int8", "--embedding-quant", "int4", "--recipe", "rtn"],  # make demo's
+    # the .pte rows with their prefill method (prompts at position 0: attention over the prompt's own keys)
+    "ours-pte-int4-gptq": ["--format", "pte", "--quant", "int4", "--recipe", "gptq", "--prefill-method"],
+    "ours-pte-phone": ["--format", "pte", "--quant", "int8", "--embedding-quant", "int4", "--recipe", "rtn",
+                       "--prefill-method"],  # make demo's
 }
 LLAMA_TYPES = {"Q4_0": 2, "Q8_0": 7}  # llama_ftype: LLAMA_FTYPE_MOSTLY_Q4_0, _Q8_0
 MIB = 2**20

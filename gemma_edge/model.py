@@ -124,61 +124,92 @@ class Attention(nn.Module):
         self.cache.update(input_pos, k, v)
         return self.o_proj(out.transpose(0, 1).reshape(-1, h * d))  # [T, hidden]
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Attend over two blocks: what the cache held before this call, then this call's keys.
+    def key_blocks(self, k: torch.Tensor, v: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The keys and values [kv, n, d] attention reads, in the mask's column order: what the
+        cache held before this call, then this call's.
 
         Reading the cache before writing it lets a prefill longer than a sliding layer's ring see
         every key it needs, and neither block is copied into the other.
         """
-        slots, t = self.cache.slots, k.shape[1]
+        return [(self.cache.k, self.cache.v), (k, v)]
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Attend over the key blocks (key_blocks): one softmax across them, one product per block."""
+        blocks = self.key_blocks(k, v)
         # Query heads sharing a kv head are stacked along the sequence axis, so the kv heads are
         # used as they are instead of being repeated: head h reads kv head h // groups.
         qg = q.contiguous().view(self.num_kv_heads, -1, self.head_dim)  # [kv, groups*T, d]
         if self.cache.k.dtype != q.dtype:
-            return self._attend_half(qg, k, v, mask).to(q.dtype).view(self.num_heads, -1, self.head_dim)
+            return self._attend_half(qg, blocks, mask).to(q.dtype).view(self.num_heads, -1, self.head_dim)
         # bmm, not @: matmul lowers to expand + view + bmm, and XNNPACK rejects views of a dynamic T.
-        scores = torch.cat((torch.bmm(qg, self.cache.k.transpose(1, 2)), torch.bmm(qg, k.transpose(1, 2))), dim=-1) * self.scale
-        if self.softcap is not None:  # [kv, groups*T, slots+T]
+        scores = _joined([torch.bmm(qg, bk.transpose(1, 2)) for bk, _ in blocks]) * self.scale
+        if self.softcap is not None:  # [kv, groups*T, keys]
             scores = torch.tanh(scores / self.softcap) * self.softcap
         scores = scores + mask  # 0 where visible, -inf elsewhere
         probs = torch.softmax(scores.float(), dim=-1).to(q.dtype) if q.dtype != torch.float32 else torch.softmax(scores, dim=-1)
-        p_cached, p_new = probs.split([slots, t], dim=-1)  # split, not slices: no shape guards in export
-        out = torch.bmm(p_cached, self.cache.v) + torch.bmm(p_new, v)  # [kv, groups*T, d]
+        out = _summed([torch.bmm(p, bv) for p, (_, bv) in zip(_parts(probs, blocks), blocks)])  # [kv, groups*T, d]
         return out.view(self.num_heads, -1, self.head_dim)
 
-    def _attend_half(self, qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _attend_half(self, qg: torch.Tensor, blocks: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> torch.Tensor:
         """The same attention over a cache kept in a narrower float (float16): both products in the
         cache's type, as the device's half-precision matmuls compute them, everything between them
         (soft-cap, mask, softmax) in float32. The queries are scaled first, so that no product of
         unscaled queries and keys can pass float16's 65504. Returns [kv, groups*T, d] in float32."""
-        half, slots, t = self.cache.k.dtype, self.cache.slots, k.shape[1]
+        half = self.cache.k.dtype
         qh = (qg * self.scale).to(half)
-        scores = torch.cat((torch.bmm(qh, self.cache.k.transpose(1, 2)), torch.bmm(qh, k.transpose(1, 2))), dim=-1).float()
-        if self.softcap is not None:  # [kv, groups*T, slots+T]
+        scores = _joined([torch.bmm(qh, bk.transpose(1, 2)) for bk, _ in blocks]).float()
+        if self.softcap is not None:  # [kv, groups*T, keys]
             scores = torch.tanh(scores / self.softcap) * self.softcap
         probs = torch.softmax(scores + mask.float(), dim=-1).to(half)
-        p_cached, p_new = probs.split([slots, t], dim=-1)
-        return torch.bmm(p_cached, self.cache.v).float() + torch.bmm(p_new, v).float()
+        return _summed([torch.bmm(p, bv).float() for p, (_, bv) in zip(_parts(probs, blocks), blocks)])
 
     def mask(self, input_pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """[groups*T, slots+T] additive mask in dtype: 0 for the keys each query may see, -inf elsewhere.
+        """[groups*T, keys] additive mask in dtype (keys: the key blocks' columns): 0 for the keys
+        each query may see, -inf elsewhere.
 
         The same for every layer of one type, so the model computes it once per type; additive,
         so that applying it is an add, which XNNPACK runs inside its delegated graph.
         """
+        visible = self.visible(input_pos)  # [T, keys]
+        mask = torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, float("-inf"))
+        return mask.repeat(self.num_heads // self.num_kv_heads, 1)  # one copy per query head of a group
+
+    def visible(self, input_pos: torch.Tensor) -> torch.Tensor:
+        """[T, slots+T] bool: the cached keys, then this call's, each query may see."""
         q_pos = input_pos[:, None]  # [T, 1]
         start = input_pos[0]
         cached = self.cache.positions(start)[None, :]  # [1, slots]
         # Only what precedes this call: re-prefilling from an earlier position (a rewound chat)
         # must not see the stale entries it is about to overwrite.
         old = (cached >= 0) & (cached < start)
-        new = input_pos[None, :] <= q_pos  # causal within the call
         if self.window is not None:  # a key is visible while q - key < window
             old = old & (cached > q_pos - self.window)
+        return torch.cat((old.expand(q_pos.shape[0], -1), self.visible_new(input_pos)), dim=-1)
+
+    def visible_new(self, input_pos: torch.Tensor) -> torch.Tensor:
+        """[T, T] bool: this call's keys each of its queries may see (causal, within the window)."""
+        q_pos = input_pos[:, None]  # [T, 1]
+        new = input_pos[None, :] <= q_pos
+        if self.window is not None:
             new = new & (input_pos[None, :] > q_pos - self.window)
-        visible = torch.cat((old.expand(q_pos.shape[0], -1), new), dim=-1)  # [T, slots+T]
-        mask = torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, float("-inf"))
-        return mask.repeat(self.num_heads // self.num_kv_heads, 1)  # one copy per query head of a group
+        return new
+
+
+def _joined(scores: list[torch.Tensor]) -> torch.Tensor:
+    """The key blocks' scores side by side (a block alone as it is: no copy)."""
+    return scores[0] if len(scores) == 1 else torch.cat(scores, dim=-1)
+
+
+def _parts(probs: torch.Tensor, blocks: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """The probabilities of each key block: split, not slices (no shape guards in export)."""
+    return [probs] if len(blocks) == 1 else list(probs.split([bk.shape[1] for bk, _ in blocks], dim=-1))
+
+
+def _summed(parts: list[torch.Tensor]) -> torch.Tensor:
+    out = parts[0]
+    for part in parts[1:]:
+        out = out + part
+    return out
 
 
 class DecoderLayer(nn.Module):

@@ -77,8 +77,9 @@ def cached_export(ckpt: Checkpoint, settings: ExportSettings, export=None) -> Pa
     calibration = "" if settings.calibration is None else f"-c{hashlib.sha256(settings.calibration.encode()).hexdigest()[:8]}"
     int8 = "" if settings.int8_layers is None else "-8" + ("+".join(k.removesuffix("_proj") for k in settings.int8_layers) or "none")
     adapters = "".join(f"-a{adapter.sha256[:8]}" for adapter in ckpt.adapters)
+    prefill = "-prefill" if settings.prefill_method else ""
     label = (f"{name}{adapters}-{fmt}{settings.quant}-g{settings.group_size}-e{settings.embedding_quant}-{settings.max_seq_len}"
-             f"{ops}{kv}{calls}{recipe}{calibration}{int8}")
+             f"{ops}{kv}{calls}{recipe}{calibration}{int8}{prefill}")
     root = cache_dir() / "test-exports"
     folder = root / f"{label}-{content_key(ckpt, settings)}"
     # Test processes running side by side (pytest -n) make each export once: the second waits for the first's.

@@ -279,7 +279,8 @@ def test_manifest_describes_the_export(exports):
                                   "recipe": "rtn", "calibration": None, "calibration_tokens": 16384,
                                   "template": None, "hot_tokens": None,  # hot_tokens: the default, 16384
                                   "smooth": None,  # smooth: the default, 0.5 for int4 layers rounded to nearest
-                                  "int8_layers": None}  # the default: k_proj, v_proj 8-bit
+                                  "int8_layers": None,  # the default: k_proj, v_proj 8-bit
+                                  "prefill_method": False}
     assert manifest["config"]["attn_logit_softcapping"] == 5.0
     for name, info in manifest["files"].items():
         assert sha256_file(folder / name) == info["sha256"] and (folder / name).stat().st_size == info["bytes"]
@@ -654,6 +655,35 @@ def test_offset_groups_fit_the_weights_better_than_symmetric_ones(table):
     assert torch.equal(in_blocks, clipped) and torch.equal(blocks.weight.qdata, whole.weight.qdata)
 
 
+def test_a_prefill_method_computes_forward_s_logits_from_position_0(exports, tiny_exports):
+    """--prefill-method: the program's second method, for calls at position 0, attends over the call's
+    own keys and writes the cache forward reads after it; the runtime sends it the prompt and nothing
+    else. tiny-gemma2 int4: a prompt of 20 tokens against sliding layers' rings of 9 slots (window 8:
+    the ring's spare slot taken), soft-capped scores, then 16 decode steps by forward; against the
+    same export without the method. The weights are stored once for both methods, and a constant the
+    lowering computes is each method's own (two methods' constants once took one name in the data
+    file, and prefill read forward's)."""
+    plain, folder = exports[("tiny-gemma2", "int4")], tiny_exports("tiny-gemma2", "pte", quant="int4", prefill_method=True)
+    manifest = json.loads((folder / "gemma_edge.json").read_text())
+    assert manifest["io"]["prefill_method"] == "prefill" and manifest["export"]["prefill_method"] is True
+    assert "prefill_method" not in json.loads((plain / "gemma_edge.json").read_text())["io"]
+    sizes = [(f / DATA_FILE).stat().st_size for f in (plain, folder)]
+    print(f"data files: {sizes[0]} bytes for forward alone, {sizes[1]} with prefill")
+    assert sizes[1] < 1.02 * sizes[0]  # not twice the weights
+
+    backend, reference = ExecuTorchBackend(folder), ExecuTorchBackend(plain)
+    assert backend._prefill is not backend._method and reference._prefill is reference._method
+    starts = []  # the first position of each call the prefill method gets
+    execute = backend._prefill.execute
+    backend._prefill.execute = lambda inputs: starts.append(int(inputs[1][0])) or execute(inputs)
+    ids = _ids(manifest["config"]["vocab_size"])
+    got, want = _rows(backend, ids), _rows(reference, ids)
+    assert starts == [0]  # the prompt; the decode steps went to forward
+    print(f"prefill, then {DECODE} decode steps: max |diff| {np.abs(got - want).max(-1).tolist()} "
+          f"of logits up to {np.abs(want).max():.1f}")
+    assert np.abs(got - want).max() <= 1e-5  # measured: 0 (the cached slots' masked terms add exact zeros)
+
+
 def test_unknown_settings_are_named():
     with pytest.raises(ConfigError, match="unknown quant 'int3'; valid: fp32, int8, int4"):
         ExportSettings(format="pte", quant="int3")
@@ -666,6 +696,8 @@ def test_unknown_settings_are_named():
         with pytest.raises(ConfigError, match="--format pte with int4 weights needs a --group-size that is a multiple of 32"):
             ExportSettings(format="pte", group_size=16, **settings)
     assert ExportSettings(format="pte", group_size=64).group_size == 64
+    with pytest.raises(ConfigError, match="--prefill-method adds a method to a .pte; --format onnx"):
+        ExportSettings(format="onnx", prefill_method=True)
 
 
 def _byte_level_tokenizer(path: Path) -> Path:
@@ -688,8 +720,11 @@ def _byte_level_tokenizer(path: Path) -> Path:
     return path
 
 
-def test_stock_executorch_runner_generates_what_our_runtime_generates(exports, tmp_path):
-    """ExecuTorch's own LLM runner (the engine behind Android's LlmModule) runs our .pte unchanged."""
+@pytest.mark.parametrize("prefill_method", [False, True])
+def test_stock_executorch_runner_generates_what_our_runtime_generates(prefill_method, exports, tiny_exports, tmp_path):
+    """ExecuTorch's own LLM runner (the engine behind Android's LlmModule) runs our .pte unchanged; with
+    --prefill-method it calls forward alone (the prompt too), where our runtime sends the prompt to
+    the prefill method: the same tokens."""
     import shutil
 
     import executorch.kernels.quantized  # noqa: F401  (the quantized embedding kernels, as Android's AAR has)
@@ -697,7 +732,8 @@ def test_stock_executorch_runner_generates_what_our_runtime_generates(exports, t
     from tokenizers import Tokenizer
 
     folder = tmp_path / "with-tokenizer"
-    shutil.copytree(exports[("tiny-gemma3", "int4")], folder)
+    shutil.copytree(tiny_exports("tiny-gemma2", "pte", quant="int4", prefill_method=True) if prefill_method
+                    else exports[("tiny-gemma3", "int4")], folder)
     tokenizer = Tokenizer.from_file(str(_byte_level_tokenizer(folder / "tokenizer.json")))
     prompt = "The capital of France is"
 

@@ -217,6 +217,26 @@ def test_the_arm64_runner_takes_a_thread_count(exports):
         NativeBackend(folder, runner, prefix, env, threads=0)
 
 
+def test_the_arm64_runner_sends_a_prompt_to_the_prefill_method(tiny_exports):
+    """A program with --prefill-method in the native runner (one Module, the methods' memory arenas
+    shared: the KV cache; XNNPACK's weight cache: one packed copy of the weights): the runner reports
+    the method, and a prompt through it, then decode steps through forward, give the logits of the
+    program without it."""
+    from gemma_edge.emulation import arm64_command, ensure_pte_runner
+    from gemma_edge.runtime.native_backend import NativeBackend
+
+    runner = ensure_pte_runner(progress=lambda message: None)
+    prefix, env = arm64_command("cortex-a76")
+    plain, folder = (tiny_exports("tiny-gemma2", "pte", "int4", **extra) for extra in ({}, {"prefill_method": True}))
+    backends = [NativeBackend(f, runner, prefix, env) for f in (plain, folder)]
+    assert [b.prefill_method for b in backends] == [False, True]
+    ids = list(range(7, 31))  # 20 prompt tokens past the sliding layers' ring of 9 slots, 4 decode steps
+    rows = [[b.forward_last(ids[:20], 0)] + [b.forward_last([t], 20 + i) for i, t in enumerate(ids[20:])] for b in backends]
+    print("max |diff| per row:", [float(np.abs(a - b).max()) for a, b in zip(*rows)])
+    np.testing.assert_allclose(np.stack(rows[1]), np.stack(rows[0]), rtol=0, atol=1e-5)
+    assert np.isfinite(rows[0]).all() and np.std(rows[0]) > 0
+
+
 def test_a_truncated_pte_is_reported_by_the_arm64_runner(exports, tiny_with_tokenizers, tmp_path):
     """A program the runtime cannot load: the runner's own reason, not a hang or a stack trace."""
     folder = tmp_path / "truncated"

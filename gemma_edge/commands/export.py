@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
                               recipe=args.recipe, calibration=args.calibration,
                               calibration_tokens=args.calibration_tokens, template=args.template,
                               hot_tokens=args.hot_tokens, smooth=args.smooth,
-                              int8_layers=args.int8_layers)
+                              int8_layers=args.int8_layers, prefill_method=args.prefill_method)
     console = progress()
     out = Path(args.output)
     check_output_folder(out, args.overwrite)  # before minutes of work, not after them

@@ -2,7 +2,10 @@
 
     OUTDIR/model.pte        forward(tokens [1, T], input_pos [T]) -> logits [1, vocab] of the last position,
                             T from 1 to max_tokens_per_call (a longer prompt is prefilled in chunks); the
-                            KV cache, max_seq_len positions, lives in the program's mutable buffers
+                            KV cache, max_seq_len positions, lives in the program's mutable buffers;
+                            with settings.prefill_method also prefill(tokens, input_pos), the same
+                            contract for calls at position 0 (attention over the call's own keys, the
+                            cache and weights shared with forward)
     OUTDIR/model.ptd        the weights (ExecuTorch's data file: the program's and XNNPACK's, identical
                             bytes stored once, so a tied table and the output projection reading it
                             are one copy); loaded beside the program (Module(pte, ptd), LlmModule's
@@ -38,7 +41,8 @@ from gemma_edge.exporters.head_correction import CorrectedHead, correct_head
 from gemma_edge.exporters.lowering_shortcuts import idle_steps_skipped
 from gemma_edge.exporters.manifest import cache_section, copy_tokenizer, special_tokens, versions, write_manifest
 from gemma_edge.exporters.pte_hot_rows import HotRowsHead, keep_hot_rows
-from gemma_edge.exporters.rewrites import replace_gelu_with_explicit_tanh_form, replace_rmsnorm_mean_with_linear
+from gemma_edge.exporters.rewrites import (attend_new_keys_only, replace_gelu_with_explicit_tanh_form,
+                                           replace_rmsnorm_mean_with_linear)
 from gemma_edge.exporters.settings import ExportSettings
 from gemma_edge.exporters.smoothing import TOKENS as SMOOTHING_TOKENS
 from gemma_edge.exporters.smoothing import smoothed_weights
@@ -55,6 +59,7 @@ from gemma_edge.progress import Progress
 PTE_FILE = "model.pte"
 DATA_TAG = "model"  # the weights' file: model.ptd
 DATA_FILE = DATA_TAG + ".ptd"
+PREFILL_METHOD = "prefill"  # calls at position 0 only: attention over the call's own keys
 RELEASE_BYTES = 1 << 20  # weights this large are freed as soon as XNNPACK has packed them
 
 
@@ -144,14 +149,19 @@ def build_model(ckpt: Checkpoint, settings: ExportSettings, report: Callable[[Pr
 
 
 def lower_to_executorch(model: Gemma, metadata: dict[str, object], max_tokens: int | None = None,
-                        report: Callable[[Progress], None] | None = None):
+                        report: Callable[[Progress], None] | None = None, prefill: bool = False):
     """The export-only rewrites, the runner's last-row contract, torch.export (calls of up to
     max_tokens, default max_seq_len), then lowering; returns executorch's program manager (write it
-    with write_to_file). Consumes the model: the weights XNNPACK has packed are freed (see
-    release_delegated_weights), and the model cannot run after."""
+    with write_to_file). prefill: a second method, PREFILL_METHOD, for calls at position 0 (attention
+    over the call's keys alone), sharing the weights and the KV cache with forward. Consumes the
+    model: the weights XNNPACK has packed are freed (see release_delegated_weights), and the model
+    cannot run after."""
     model = replace_gelu_with_explicit_tanh_form(replace_rmsnorm_mean_with_linear(model))
     drop_cache_contents(model)
-    return lower(export_model(LastTokenLogits(model), max_tokens), metadata, release=True, report=report, data_file=True)
+    programs = {"forward": export_model(LastTokenLogits(model), max_tokens)}
+    if prefill:  # traced second: the rewrite changes the model's attention in place
+        programs[PREFILL_METHOD] = export_model(LastTokenLogits(attend_new_keys_only(model)), max_tokens)
+    return lower(programs, metadata, release=True, report=report, data_file=True)
 
 
 def drop_cache_contents(model: Gemma) -> None:
@@ -163,9 +173,10 @@ def drop_cache_contents(model: Gemma) -> None:
         cache.k, cache.v = torch.empty_like(cache.k), torch.empty_like(cache.v)
 
 
-def lower(program: torch.export.ExportedProgram, metadata: dict[str, object], release: bool = False,
-          report: Callable[[Progress], None] | None = None, data_file: bool = False):
-    """An exported program -> edge dialect with XNNPACK delegation -> an ExecuTorch program manager,
+def lower(program: torch.export.ExportedProgram | dict[str, torch.export.ExportedProgram], metadata: dict[str, object],
+          release: bool = False, report: Callable[[Progress], None] | None = None, data_file: bool = False):
+    """An exported program (or {method: program}, methods sharing their weights and, by name, their
+    mutable buffers: the KV cache) -> edge dialect with XNNPACK delegation -> an ExecuTorch program manager,
     its serialized form a list of pieces (the delegates' packed weights among them) not yet joined.
     release: free the weights the delegates have packed once they have (the program's module and
     whatever shares its weights cannot run after). report: called as each XNNPACK partition is packed.
@@ -174,23 +185,30 @@ def lower(program: torch.export.ExportedProgram, metadata: dict[str, object], re
     program."""
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
 
+    programs = program if isinstance(program, dict) else {"forward": program}
+    shared = len(programs) > 1
     with idle_steps_skipped():  # (lowering_shortcuts: the steps of both stages that change nothing, left out)
         # IR validity checks re-trace the whole graph; export_llama skips them too.
-        with xnnpack_without_copies(single_use_storages(program) if release else set(), report):
-            edge = to_edge_transform_and_lower(program, partitioner=[xnnpack_partitioner(data_file)], constant_methods=metadata,
+        releasable = set.intersection(*map(single_use_storages, programs.values())) if release else set()
+        with xnnpack_without_copies(releasable, report):
+            edge = to_edge_transform_and_lower(programs, partitioner=[xnnpack_partitioner(data_file)], constant_methods=metadata,
                                                compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True))
         if release:
-            release_delegated_weights(edge.exported_program())
-        # Quant fusion turns torchao's dequantize + embedding into ExecuTorch's quantized embedding kernels.
-        # The reinplace pass writes the KV cache in place: without it index_copy_ on a buffer is a
-        # functional index_put copying the whole buffer, then a copy back, for every layer and call
-        # (measured on Gemma 3 270M int4: 4.8 of 25.5 ms per decode step). ExecuTorch's own cache op
-        # (llama::update_cache_with_indices) needs 4-D buffers, and the view back to the 3-D ones our
-        # attention multiplies by became a copy of its own (3 ms per step): this is the faster way.
-        config = ExecutorchBackendConfig(do_quant_fusion_and_const_prop=True, extract_delegate_segments=True,
-                                         run_reinplace_pass=True, memory_planning_pass=plan_returned_outputs_only(),
-                                         external_constants=(lambda node: DATA_TAG) if data_file else False)
-        return edge.to_executorch(config)
+            for method in programs:
+                release_delegated_weights(edge.exported_program(method))
+        with constants_named_by_content():
+            # Quant fusion turns torchao's dequantize + embedding into ExecuTorch's quantized embedding kernels.
+            # The reinplace pass writes the KV cache in place: without it index_copy_ on a buffer is a
+            # functional index_put copying the whole buffer, then a copy back, for every layer and call
+            # (measured on Gemma 3 270M int4: 4.8 of 25.5 ms per decode step). ExecuTorch's own cache op
+            # (llama::update_cache_with_indices) needs 4-D buffers, and the view back to the 3-D ones our
+            # attention multiplies by became a copy of its own (3 ms per step): this is the faster way.
+            config = ExecutorchBackendConfig(do_quant_fusion_and_const_prop=True, extract_delegate_segments=True,
+                                             run_reinplace_pass=True, memory_planning_pass=plan_returned_outputs_only(shared),
+                                             # methods share a mutable buffer by its name
+                                             emit_mutable_buffer_names=shared,
+                                             external_constants=(lambda node: DATA_TAG) if data_file else False)
+            return edge.to_executorch(config)
 
 
 def xnnpack_partitioner(data_file: bool):
@@ -221,7 +239,7 @@ def xnnpack_partitioner(data_file: bool):
     return WeightsInDataFile() if data_file else XnnpackPartitioner()
 
 
-def plan_returned_outputs_only():
+def plan_returned_outputs_only(share_mutable_buffers: bool = False):
     """ExecuTorch's memory planning, with the KV cache's updates planned where the cache is.
 
     The reinplace pass makes each cache update an in-place index_put_ on its buffer, and the
@@ -246,7 +264,7 @@ def plan_returned_outputs_only():
                 node.meta["spec"] = type(node.meta["spec"])(specs)
             return super().run(graph_module, graph_signature)
 
-    return PlanReturnedOutputsOnly(alloc_graph_input=False)
+    return PlanReturnedOutputsOnly(alloc_graph_input=False, share_mutable_buffers=share_mutable_buffers)
 
 
 def _writes_its_first_argument(node: torch.fx.Node) -> bool:
@@ -254,6 +272,39 @@ def _writes_its_first_argument(node: torch.fx.Node) -> bool:
     schema = getattr(node.target, "_schema", None)
     alias = schema.arguments[0].alias_info if schema is not None and schema.arguments else None
     return node.op == "call_function" and alias is not None and alias.is_write and isinstance(node.args[0], torch.fx.Node)
+
+
+@contextlib.contextmanager
+def constants_named_by_content():
+    """While a program manager is turned into an ExecuTorch program: each constant the lowering
+    computes (constant propagation, quant fusion's packed 4-bit table among them) named by its
+    contents, not ExecuTorch's _prop_tensor_constantN, which counts the method's constants: the data
+    file keys tensors by name, and two methods' Nth constants differ (a mask of forward's, a position
+    table of prefill's: prefill read the wrong tensor). By content, each method finds its own, and one
+    they share (the table) is stored once."""
+    import hashlib
+
+    from executorch.exir.program import _program
+    from torch.export.graph_signature import InputKind
+
+    original = _program.quant_fusion_and_const_prop_pass
+
+    def named_by_content(program):
+        program = original(program)
+        for spec in program.graph_signature.input_specs:
+            if spec.kind == InputKind.CONSTANT_TENSOR and spec.target.startswith("_prop_tensor_constant"):
+                tensor = program.constants.pop(spec.target)
+                digest = hashlib.sha256(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+                digest.update(tensor.detach().reshape(-1).contiguous().view(torch.uint8).numpy())
+                spec.target = f"_prop_tensor_{digest.hexdigest()[:24]}"
+                program.constants[spec.target] = tensor
+        return program
+
+    _program.quant_fusion_and_const_prop_pass = named_by_content
+    try:
+        yield
+    finally:
+        _program.quant_fusion_and_const_prop_pass = original
 
 
 @contextlib.contextmanager
@@ -280,6 +331,7 @@ def xnnpack_without_copies(releasable: set[int] = frozenset(), report: Callable[
         of each weight of releasable that only this partition reads freed: XNNPACK holds it packed now.
         Before, every unpacked weight waited for the last partition (Gemma 7B int4: 8.4 GiB beside the
         4.9 GiB packed)."""
+        # the partitions still to pack that read each storage (a weight read in forward and in prefill: two)
         readers = collections.Counter(ptr for programs in edge_programs.values() for program in programs
                                       for ptr in {s.data_ptr() for s in weight_storages(program)})
         total, start, results = sum(map(len, edge_programs.values())), time.perf_counter(), {}
@@ -287,8 +339,9 @@ def xnnpack_without_copies(releasable: set[int] = frozenset(), report: Callable[
             results[method] = []
             for program, spec in zip(programs, compile_specs[method]):
                 results[method].append(cls.preprocess(program, spec))
-                for storage in weight_storages(program):
-                    if storage.data_ptr() in releasable and readers[storage.data_ptr()] == 1 and storage.nbytes() >= RELEASE_BYTES:
+                for storage in {s.data_ptr(): s for s in weight_storages(program)}.values():
+                    readers[storage.data_ptr()] -= 1
+                    if storage.data_ptr() in releasable and readers[storage.data_ptr()] == 0 and storage.nbytes() >= RELEASE_BYTES:
                         storage.resize_(0)
                 if report is not None:
                     done = sum(map(len, results.values()))
@@ -402,7 +455,7 @@ def export_pte(ckpt: Checkpoint, settings: ExportSettings, outdir: Path, overwri
                               "and for values; a sliding layer keeps a ring of sliding_window + 1 slots")
         with timed("trace and lower"):
             program = lower_to_executorch(model, runner_metadata(model, settings, special["stop_token_ids"]),
-                                          settings.max_tokens_per_call, report)
+                                          settings.max_tokens_per_call, report, prefill=settings.prefill_method)
         with timed("write"):
             # Piece by piece: joining the program into one bytes object first (the manager's
             # .buffer) would hold a second copy of every weight, the file's size.
@@ -425,6 +478,8 @@ def export_pte(ckpt: Checkpoint, settings: ExportSettings, outdir: Path, overwri
                     "outputs": [{"name": "logits", "dtype": "float32", "shape": [1, model.config.vocab_size],
                                  "rows": "last position only"}],
                     "tokens_per_call": [1, settings.max_tokens_per_call],  # a longer prompt goes in chunks
+                    # the same inputs and outputs, for calls whose input_pos starts at 0 (forward's cache)
+                    **({"prefill_method": PREFILL_METHOD} if settings.prefill_method else {}),
                     # Python modules whose import registers the kernels the program calls.
                     "kernels": ["executorch.kernels.quantized"] if settings.embedding_quant != "none" else []},
                 cache=cache, tokenizer={"files": tokenizer},

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gemma_edge.cache import KVCache
-from gemma_edge.model import FeedForward, RMSNorm
+from gemma_edge.model import Attention, FeedForward, RMSNorm
 
 
 class LinearMeanRMSNorm(RMSNorm):
@@ -101,4 +101,25 @@ def pass_caches_as_tensors(model: nn.Module, max_seq_len: int) -> nn.Module:
             cache.size = cache.slots = max_seq_len
             cache.ring = False
             cache.k4 = cache.v4 = torch.zeros(1, kv, max_seq_len, d, dtype=dtype)  # shape examples; set per call
+    return model
+
+
+class NewKeysOnlyAttention(Attention):
+    """Attention for a call starting at position 0 (a fresh prefill): the cache holds nothing such a
+    call may see, so it reads this call's keys alone, where Attention also multiplies by every slot of
+    the cache and masks them all (a 128-token prompt at 1024 positions: 1024 slots of a full layer,
+    513 of a sliding one's ring, against 128 keys). It writes the cache as Attention does."""
+
+    def key_blocks(self, k: torch.Tensor, v: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(k, v)]
+
+    def visible(self, input_pos: torch.Tensor) -> torch.Tensor:
+        return self.visible_new(input_pos)
+
+
+def attend_new_keys_only(model: nn.Module) -> nn.Module:
+    """Each Attention as a NewKeysOnlyAttention: the model for calls at position 0 only."""
+    for module in model.modules():
+        if type(module) is Attention:
+            module.__class__ = NewKeysOnlyAttention
     return model

@@ -64,6 +64,16 @@ SMOOTH_ALPHA = 0.5
 # x1.052 / x1.243. llama.cpp's Q4_K_M keeps attn_v at 6 bits for the same reason.
 LINEAR_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 INT8_LAYERS = ("k_proj", "v_proj")
+# --prefill-method: a .pte's second method, "prefill", for calls at position 0 (a new prompt): attention
+# over the call's own keys, where forward multiplies by every slot of the cache and masks them all.
+# It shares forward's weights (stored once) and KV cache. Measured on the real Gemma 3 270M (the
+# phone recipe, a 128-token prompt, 2 threads, 2026-12-06): prefill 1.38-1.51x (ExecuTorch's Python
+# runtime 103 -> 70 ms, the native runner 100 -> 67-72 ms), decode unchanged. Its costs, why it is
+# asked for rather than made by default: a second lowering (the phone recipe's 62 -> 118 s, all-int4
+# GPTQ's export 174 -> 267 s), and in ExecuTorch's Python runtime, which packs each method's weights
+# for XNNPACK apart, a second copy of them in memory (+330 MiB at the 270M; the native runner shares
+# one through XNNPACK's weight cache; ExecuTorch's stock runner and Android's LlmModule call forward
+# alone).
 BFLOAT16_WHY = {
     "pte": "XNNPACK has no bfloat16 matmul, so attention would fall back to ExecuTorch's portable kernels "
            "(measured 25x slower than float16)",
@@ -88,6 +98,7 @@ class ExportSettings:
     hot_tokens: int | None = None  # a 4-bit table: rows kept 8-bit for the calibration text's tokens (None: hot_rows()'s default; 0: none)
     smooth: float | None = None  # .pte quantized layers: SmoothQuant's alpha (None: smoothing()'s default; 0: none)
     int8_layers: tuple[str, ...] | None = None  # --quant int4: kinds of linear layer kept 8-bit (None: eight_bit_layers()'s default)
+    prefill_method: bool = False  # .pte only: a second method for prompts at position 0 (--prefill-method, above)
 
     def __post_init__(self) -> None:
         _one_of("format", self.format, FORMATS)
@@ -142,6 +153,9 @@ class ExportSettings:
                 raise ConfigError(f"--int8-layers keeps some of an int4 export's linear layers at 8 bits; --quant "
                                   f"{self.quant} has {'all of them at 8 bits' if self.quant == 'int8' else 'none quantized'}: "
                                   "leave it out")
+        if self.prefill_method and self.format != "pte":
+            raise ConfigError(f"--prefill-method adds a method to a .pte; --format {self.format} has one graph for every "
+                              "call: leave it out")
         if self.calibration_tokens < 2:
             raise ConfigError(f"--calibration-tokens must be at least 2, got {self.calibration_tokens}")
         if self.calibration is not None and not self.reads_calibration():

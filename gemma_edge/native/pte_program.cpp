@@ -7,6 +7,8 @@
 
 #include <executorch/extension/module/module.h>
 #include <executorch/extension/tensor/tensor.h>
+#include <executorch/runtime/backend/interface.h>
+#include <executorch/runtime/backend/options.h>
 
 // ExecuTorch's thread pool (extension/threadpool/threadpool.h, which its wheels do not ship; the
 // library, libexecutorch_threadpool, exports these two).
@@ -51,6 +53,14 @@ void set_threads(uint32_t threads) {
   }
 }
 
+// XNNPACK's weight cache: a method's delegates take the packed weights another method already
+// packed from the same data (forward and prefill read one set), instead of each packing its own.
+void share_packed_weights() {
+  executorch::runtime::BackendOptions<1> options;
+  options.set_option("weight_cache_enabled", true);
+  check(executorch::runtime::set_option("XnnpackBackend", options.view()), "turning on XNNPACK's weight cache");
+}
+
 std::vector<std::string> data_files(const std::string& data_path) {
   return data_path.empty() ? std::vector<std::string>{} : std::vector<std::string>{data_path};
 }
@@ -59,9 +69,18 @@ std::vector<std::string> data_files(const std::string& data_path) {
 
 PteProgram::PteProgram(const std::string& path, const std::string& data_path, uint32_t threads) {
   set_threads(threads);
-  module_ = std::make_unique<Module>(path, data_files(data_path), Module::LoadMode::Mmap);
+  share_packed_weights();
+  // Shared memory arenas: the methods' mutable buffers (the KV cache) are one set.
+  module_ = std::make_unique<Module>(path, data_files(data_path), Module::LoadMode::Mmap, nullptr, nullptr, nullptr,
+                                     /*share_memory_arenas=*/true);
   check(module_->load(), "loading " + path + (data_path.empty() ? "" : " with " + data_path));
   check(module_->load_method("forward"), "loading the forward method of " + path);
+  auto names = module_->method_names();
+  check(names.error(), "listing the methods of " + path);
+  if (names->count(kPrefill)) {  // exports since the prefill method: calls at position 0
+    check(module_->load_method(kPrefill), std::string("loading the ") + kPrefill + " method of " + path);
+    prefill_ = kPrefill;
+  }
   vocab_size_ = constant(*module_, "get_vocab_size");
   max_seq_len_ = constant(*module_, "get_max_context_len");  // positions the cache holds
   max_tokens_per_call_ = constant(*module_, "get_max_seq_len");  // the longest call: prompts go in chunks
@@ -83,8 +102,9 @@ const std::vector<float>& PteProgram::forward_last(const std::vector<int64_t>& t
     // The tensors borrow the vectors' memory for the call: [1, T] and [T], int64 as exported.
     auto ids = from_blob(const_cast<int64_t*>(tokens.data() + start), {1, static_cast<int32_t>(count)}, ScalarType::Long);
     auto pos = from_blob(positions_.data() + start, {static_cast<int32_t>(count)}, ScalarType::Long);
-    auto outputs = module_->forward({*ids, *pos});
-    check(outputs.error(), "forward");
+    const std::string& method = start_pos + start == 0 ? prefill_ : forward_;
+    auto outputs = module_->execute(method, {*ids, *pos});
+    check(outputs.error(), method);
     const auto& logits = outputs->at(0).toTensor();  // [1, vocab], float32
     if (logits.scalar_type() != ScalarType::Float || logits.numel() != vocab_size_) {
       throw std::runtime_error("forward returned " + std::to_string(logits.numel()) + " values, expected [1, " +

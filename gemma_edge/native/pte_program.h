@@ -19,7 +19,9 @@ namespace gemma_edge {
 class PteProgram {
  public:
   // Loads model.pte and the data file holding its weights (model.ptd; none for programs that hold
-  // their own), both memory-mapped, and its "forward" method; throws std::runtime_error saying why not.
+  // their own), both memory-mapped, its "forward" method and, where the program has one, its
+  // "prefill" method (calls at position 0: attention over the call's own keys, the cache shared with
+  // forward); throws std::runtime_error saying why not.
   // threads > 0: the size of ExecuTorch's thread pool (XNNPACK's and the kernels'), set before the
   // program loads; 0: ExecuTorch's default (the performance cores it finds).
   explicit PteProgram(const std::string& path, const std::string& data_path = "", uint32_t threads = 0);
@@ -33,9 +35,13 @@ class PteProgram {
 
   int64_t vocab_size() const { return vocab_size_; }
   int64_t max_seq_len() const { return max_seq_len_; }  // positions the cache holds
+  bool has_prefill_method() const { return prefill_ != forward_; }
 
  private:
+  static constexpr const char* kPrefill = "prefill";
   std::unique_ptr<executorch::extension::module::Module> module_;
+  std::string forward_ = "forward";
+  std::string prefill_ = "forward";  // the method of calls at position 0
   int64_t vocab_size_ = 0;
   int64_t max_seq_len_ = 0;
   int64_t max_tokens_per_call_ = 1;

@@ -2,7 +2,8 @@
 // (gemma_edge/runtime/native_backend.py; under QEMU for the arm64 parity check).
 //
 // Binary, native byte order, one request at a time:
-//   ready:    "GERN" int32 version=1 int64 vocab_size int64 max_seq_len
+//   ready:    "GERN" int32 version=2 int64 vocab_size int64 max_seq_len int64 prefill (1: calls at position 0
+//             go to the program's prefill method)
 //   request:  int32 count (0 = quit) int64 start_pos int64 tokens[count]
 //   response: int32 0 float32 logits[vocab_size]   or   int32 1 int32 length char message[length]
 // A program that fails to load prints why on stderr and exits with 1.
@@ -40,9 +41,9 @@ int main(int argc, char** argv) {
   }
   try {
     gemma_edge::PteProgram program(argv[first], files == 2 ? argv[first + 1] : "", threads);
-    const int64_t header[2] = {program.vocab_size(), program.max_seq_len()};
+    const int64_t header[3] = {program.vocab_size(), program.max_seq_len(), program.has_prefill_method()};
     write("GERN", 4);
-    write_int32(1);
+    write_int32(2);
     write(header, sizeof header);
     std::fflush(stdout);
     std::vector<int64_t> tokens;

@@ -48,6 +48,9 @@ class ExecuTorchBackend:
             with native_log_captured() as log:  # ExecuTorch logs the reason; the exception has only a code
                 program = Runtime.get().load_program(folder / name, data_path=folder / data[0] if data else None)
                 self._method = program.load_method(self.manifest["io"]["method"])
+                # Calls at position 0 (exports since the prefill method; it shares forward's cache).
+                prefill = self.manifest["io"].get("prefill_method")
+                self._prefill = program.load_method(prefill) if prefill else self._method
         except RuntimeError as e:  # "Failed to load program, error: 0x23"
             reason = next((line.split("] ", 1)[-1] for line in reversed(log) if "] " in line), "")
             named = name + (f" (or its weights, {data[0]})" if data else "")
@@ -70,7 +73,8 @@ class ExecuTorchBackend:
         for start in range(0, len(ids), step):
             tokens = torch.tensor([ids[start:start + step]], dtype=torch.long)
             pos = torch.arange(start_pos + start, start_pos + start + tokens.shape[1], dtype=torch.long)
-            logits = self._method.execute([tokens, pos])[0][0]
+            method = self._prefill if start_pos + start == 0 else self._method
+            logits = method.execute([tokens, pos])[0][0]
         return logits.numpy()
 
     def forward(self, token_ids: Sequence[int], start_pos: int) -> np.ndarray:

@@ -20,9 +20,9 @@ from gemma_edge.errors import GemmaEdgeError
 from gemma_edge.manifest import program_files, read_manifest
 from gemma_edge.runtime.backend import can_rewind
 
-READY = struct.Struct("=4siqq")  # "GERN", version, vocab_size, max_seq_len
+READY = struct.Struct("=4siqqq")  # "GERN", version, vocab_size, max_seq_len, has a prefill method (0/1)
 REQUEST = struct.Struct("=iq")  # count, start_pos; then count int64 tokens
-PROTOCOL = 1
+PROTOCOL = 2
 
 
 class NativeBackend:
@@ -43,12 +43,15 @@ class NativeBackend:
         self._process = subprocess.Popen([*prefix, str(runner), *options, *map(str, files)],
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, env=env)
         self._closer = weakref.finalize(self, _close, self._process, self._log)
-        magic, version, self.vocab_size, runner_seq_len = READY.unpack(self._read(READY.size, "loading the program"))
+        magic, version, self.vocab_size, runner_seq_len, prefill = READY.unpack(self._read(READY.size, "loading the program"))
         if magic != b"GERN" or version != PROTOCOL:
             raise GemmaEdgeError(f"{runner} is not a gemma-edge runner of protocol {PROTOCOL}")
-        if runner_seq_len != self.max_seq_len or self.vocab_size != self.manifest["config"]["vocab_size"]:
+        self.prefill_method = bool(prefill)  # the runner sends calls at position 0 to the program's prefill method
+        if (runner_seq_len != self.max_seq_len or self.vocab_size != self.manifest["config"]["vocab_size"]
+                or self.prefill_method != bool(self.manifest["io"].get("prefill_method"))):
             raise GemmaEdgeError(f"{folder}: the program and its manifest disagree (max_seq_len {runner_seq_len} vs "
-                                 f"{self.max_seq_len}, vocab {self.vocab_size}); re-export the folder")
+                                 f"{self.max_seq_len}, vocab {self.vocab_size}, prefill method {self.prefill_method}); "
+                                 "re-export the folder")
 
     def forward_last(self, token_ids: Sequence[int], start_pos: int) -> np.ndarray:
         """Logits [vocab] of the last of token_ids, placed at start_pos..: one program call."""
