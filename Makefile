@@ -21,7 +21,7 @@ setup: $(STAMP)
 # nearest with the calibration text's rows 8-bit: x1.015 / x1.028 on prose / code) and to a .pte of the same
 # recipe (the head's worst columns corrected, its int8 layers' inputs smoothed: x0.998 / x1.060), each in the
 # recipe --recipe auto picks (benchmarks/QUALITY.md), once (delete out/ to redo); the .pte with its prefill
-# method (prompts 1.4-1.5x faster, for a minute more of export); verify each against transformers, then
+# method (prompts 1.4-1.75x faster, for a minute more of export); verify each against transformers, then
 # generate with each, with speeds.
 DEMO_PROMPT := Photosynthesis is the process by which
 demo: setup out/gemma3-onnx/gemma_edge.json out/gemma3-pte/gemma_edge.json

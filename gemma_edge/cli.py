@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--prefill-method", action="store_true",
                         help=".pte only: add a second method for prompts at position 0, attention over the prompt's "
                              "own keys rather than every slot of the cache, sharing forward's weights and cache: "
-                             "Gemma 3 270M prefills 1.4-1.5x faster, for a second lowering (about a minute more there) "
+                             "Gemma 3 270M prefills 1.3-1.75x faster, for a second lowering (1-2 minutes more there) "
                              "and, in ExecuTorch's Python runtime only, the weights packed twice in memory (+330 MiB "
                              "there). gemma-edge's runtimes call it; ExecuTorch's stock runner and Android's "
                              "LlmModule call forward alone")

@@ -67,10 +67,11 @@ INT8_LAYERS = ("k_proj", "v_proj")
 # --prefill-method: a .pte's second method, "prefill", for calls at position 0 (a new prompt): attention
 # over the call's own keys, where forward multiplies by every slot of the cache and masks them all.
 # It shares forward's weights (stored once) and KV cache. Measured on the real Gemma 3 270M (the
-# phone recipe, a 128-token prompt, 2 threads, 2026-12-06): prefill 1.38-1.51x (ExecuTorch's Python
-# runtime 103 -> 70 ms, the native runner 100 -> 67-72 ms), decode unchanged. Its costs, why it is
-# asked for rather than made by default: a second lowering (the phone recipe's 62 -> 118 s, all-int4
-# GPTQ's export 174 -> 267 s), and in ExecuTorch's Python runtime, which packs each method's weights
+# phone recipe, a 128-token prompt, 2 threads, 2026-12-06): prefill 1.38-1.75x (ExecuTorch's Python
+# runtime 103 -> 70 ms, the native runner 100 -> 67-72 ms; all-int4 GPTQ 1.32x), decode unchanged.
+# Its costs, why it is asked for rather than made by default: a second lowering (the same hour: the
+# phone recipe's export 75 -> 124-129 s, all-int4 GPTQ's 200 -> 267-320 s, past issue 16's 3
+# minutes), and in ExecuTorch's Python runtime, which packs each method's weights
 # for XNNPACK apart, a second copy of them in memory (+330 MiB at the 270M; the native runner shares
 # one through XNNPACK's weight cache; ExecuTorch's stock runner and Android's LlmModule call forward
 # alone).
