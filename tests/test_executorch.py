@@ -670,6 +670,8 @@ def test_a_prefill_method_computes_forward_s_logits_from_position_0(exports, tin
     sizes = [(f / DATA_FILE).stat().st_size for f in (plain, folder)]
     print(f"data files: {sizes[0]} bytes for forward alone, {sizes[1]} with prefill")
     assert sizes[1] < 1.02 * sizes[0]  # not twice the weights
+    shown = subprocess.run([GEMMA_EDGE, "inspect", str(folder)], capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0 and "forward; prefill (a prompt's first call" in shown.stdout, shown.stdout
 
     backend, reference = ExecuTorchBackend(folder), ExecuTorchBackend(plain)
     assert backend._prefill is not backend._method and reference._prefill is reference._method

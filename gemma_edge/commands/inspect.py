@@ -30,6 +30,9 @@ def run(args: argparse.Namespace) -> int:
           for i, a in enumerate(m.get("adapters") or [])),
         ("prompt format", e.get("template") or "not given (generate: plain, chat: gemma)"),
         ("max_seq_len", str(m["max_seq_len"])),
+        # (gemma-edge's runtimes call the prefill method; ExecuTorch's stock runner and LlmModule forward alone)
+        *((("methods", f"forward; {m['io']['prefill_method']} (a prompt's first call, at position 0)"),)
+          if m.get("io", {}).get("prefill_method") else ()),
         ("on the device", _device_memory(m)),
         ("special tokens", ", ".join(f"{k} {v}" for k, v in m["special_tokens"].items())),
         ("versions", ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items())),
