@@ -122,7 +122,9 @@ class Attention(nn.Module):
             k, v = k.to(self.cache.k.dtype), v.to(self.cache.k.dtype)
         out = self._attend(q, k, v, mask)  # [heads, T, d]
         self.cache.update(input_pos, k, v)
-        return self.o_proj(out.transpose(0, 1).reshape(-1, h * d))  # [T, hidden]
+        # contiguous, then a view with -1: reshape of the transposed tensor traces as a view with
+        # T's symbol, which XNNPACK rejects, so each layer's lowered graph ended there.
+        return self.o_proj(out.transpose(0, 1).contiguous().view(-1, h * d))  # [T, hidden]
 
     def key_blocks(self, k: torch.Tensor, v: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The keys and values [kv, n, d] attention reads, in the mask's column order: what the
@@ -147,7 +149,7 @@ class Attention(nn.Module):
             scores = torch.tanh(scores / self.softcap) * self.softcap
         scores = scores + mask  # 0 where visible, -inf elsewhere
         probs = torch.softmax(scores.float(), dim=-1).to(q.dtype) if q.dtype != torch.float32 else torch.softmax(scores, dim=-1)
-        out = _summed([torch.bmm(p, bv) for p, (_, bv) in zip(_parts(probs, blocks), blocks)])  # [kv, groups*T, d]
+        out = self.weighted_values(probs, blocks, q.dtype)  # [kv, groups*T, d]
         return out.view(self.num_heads, -1, self.head_dim)
 
     def _attend_half(self, qg: torch.Tensor, blocks: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> torch.Tensor:
@@ -161,7 +163,13 @@ class Attention(nn.Module):
         if self.softcap is not None:  # [kv, groups*T, keys]
             scores = torch.tanh(scores / self.softcap) * self.softcap
         probs = torch.softmax(scores + mask.float(), dim=-1).to(half)
-        return _summed([torch.bmm(p, bv).float() for p, (_, bv) in zip(_parts(probs, blocks), blocks)])
+        return self.weighted_values(probs, blocks, torch.float32)
+
+    def weighted_values(self, probs: torch.Tensor, blocks: list[tuple[torch.Tensor, torch.Tensor]],
+                        dtype: torch.dtype) -> torch.Tensor:
+        """probs [kv, groups*T, keys] times the key blocks' values: each block's own product (in
+        the values' type), summed in dtype. [kv, groups*T, d]."""
+        return _summed([torch.bmm(p, bv).to(dtype) for p, (_, bv) in zip(_parts(probs, blocks), blocks)])
 
     def mask(self, input_pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """[groups*T, keys] additive mask in dtype (keys: the key blocks' columns): 0 for the keys
@@ -206,10 +214,7 @@ def _parts(probs: torch.Tensor, blocks: list[tuple[torch.Tensor, torch.Tensor]])
 
 
 def _summed(parts: list[torch.Tensor]) -> torch.Tensor:
-    out = parts[0]
-    for part in parts[1:]:
-        out = out + part
-    return out
+    return sum(parts[1:], parts[0])
 
 
 class DecoderLayer(nn.Module):

@@ -457,19 +457,24 @@ def _program_and_data(manager) -> bytes:
         return manager.buffer + (Path(folder) / DATA_FILE).read_bytes()
 
 
-def test_each_partition_s_weights_are_freed_once_it_is_packed(tiny_checkpoints, monkeypatch):
+def test_each_partition_s_weights_are_freed_once_it_is_packed(tiny_checkpoints, monkeypatch, tmp_path):
     """XNNPACK preprocesses one partition after another; the unpacked weights only that partition
     reads are freed as soon as it is packed (exporters/executorch.py: preprocess_and_free; Gemma 7B
     int4: 8.4 GiB that waited for the last partition), but not a tied table, which the embedding
-    reads outside XNNPACK (an fp32 export's). The program is the same, byte for byte, as the one
-    lowered with every weight kept to the end and every step of the lowering taken (the steps with
-    nothing to change are left out otherwise: exporters/lowering_shortcuts.py)."""
+    reads outside XNNPACK (an fp32 export's). The decoder, one partition at this size, is cut here
+    at every layer (PARTITION_BYTES, as at full size), and computes what the uncut program does. The
+    program is the same, byte for byte, as the one lowered with every weight kept to the end and
+    every step of the lowering taken (the steps with nothing to change are left out otherwise:
+    exporters/lowering_shortcuts.py)."""
     import executorch.kernels.quantized  # noqa: F401  (the quantized embedding kernels)
     from executorch.backends.xnnpack import _passes as xnn
     from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
     from executorch.exir.pass_base import ExportPass
 
+    from executorch.runtime import Runtime
+
     import gemma_edge.exporters.executorch as pte
+    import gemma_edge.exporters.xnnpack_partitions as partitions
 
     original, shortcuts = XnnpackBackend.preprocess, pte.idle_steps_skipped
     steps = collections.Counter()  # of the last lowering: XNNPACK passes run, decompositions of the whole program
@@ -491,10 +496,12 @@ def test_each_partition_s_weights_are_freed_once_it_is_packed(tiny_checkpoints, 
 
     monkeypatch.setattr(ExportPass, "call", counted_retrace)
 
-    def lowered(quant: str, release_bytes: int, every_step: bool = False):
-        """(the program's bytes, linear weights freed before each partition, the table's bytes before and after)"""
+    def lowered(quant: str, release_bytes: int, every_step: bool = False, partition_bytes: int = 1):
+        """(the program's bytes, linear weights freed before each partition, the table's bytes before and
+        after, the number of linear weights, the logits of a prompt)"""
         steps.clear()
         monkeypatch.setattr(pte, "RELEASE_BYTES", release_bytes)  # 0: the tiny weights are under the full-size threshold
+        monkeypatch.setattr(partitions, "PARTITION_BYTES", partition_bytes)  # 1: a partition per decoder layer
         monkeypatch.setattr(pte, "idle_steps_skipped", contextlib.nullcontext if every_step else shortcuts)
         model, _ = build_model(resolve(tiny_checkpoints["tiny-gemma"]), ExportSettings(format="pte", quant=quant, max_seq_len=MAX_SEQ_LEN, recipe="rtn"))
         part = (lambda w: w.qdata) if quant == "int4" else (lambda w: w)
@@ -508,15 +515,24 @@ def test_each_partition_s_weights_are_freed_once_it_is_packed(tiny_checkpoints, 
 
         monkeypatch.setattr(XnnpackBackend, "preprocess", staticmethod(preprocess))
         table_bytes = table.untyped_storage().nbytes()
-        buffer = _program_and_data(pte.lower_to_executorch(model, {}))
+        manager = pte.lower_to_executorch(model, {})
         monkeypatch.setattr(XnnpackBackend, "preprocess", original)
-        return buffer, freed, (table_bytes, table.untyped_storage().nbytes()), len(linears)
+        folder = tmp_path / str(len(list(tmp_path.iterdir())))  # one per lowering
+        folder.mkdir()
+        (folder / "model.pte").write_bytes(manager.buffer)
+        manager.write_tensor_data_to_file(str(folder))
+        method = Runtime.get().load_program(folder / "model.pte", data_path=folder / DATA_FILE).load_method("forward")
+        logits = method.execute([torch.tensor([_ids(1001)[:PREFILL]]), torch.arange(PREFILL)])[0]
+        return _program_and_data(manager), freed, (table_bytes, table.untyped_storage().nbytes()), len(linears), logits
 
-    early, freed, _, linears = lowered("int4", 0)
+    whole = lowered("int4", 0, partition_bytes=1 << 30)
+    early, freed, _, linears, logits = lowered("int4", 0)
+    # the decoder as one partition, or cut at each of its 3 layers: the same logits
+    assert len(freed) == len(whole[1]) + 2 and torch.equal(logits, whole[-1]), (len(freed), len(whole[1]))
     # freed partition by partition: none before the first, more before each later one
     assert freed[0] == 0 and freed == sorted(freed) and len(set(freed)) > 2 and freed[-1] <= linears, freed
     early_steps = steps.copy()
-    late, freed_late, _, _ = lowered("int4", 1 << 62, every_step=True)
+    late, freed_late, *_ = lowered("int4", 1 << 62, every_step=True)
     assert set(freed_late) == {0} and early == late
     # the steps left out: two decompositions of three, most of XNNPACK's 17 passes per partition
     assert early_steps["decompositions"] == steps["decompositions"] - 2 == 1, (early_steps, steps)
@@ -529,7 +545,7 @@ def test_each_partition_s_weights_are_freed_once_it_is_packed(tiny_checkpoints, 
         assert early_steps[merged] == 1 and [steps[p] for p in each] == [1, 1] and not {*each} & set(early_steps)
     assert steps["LegalizePortableDimOrderPass"] == 1 and steps["ConstPropPass"] == len(freed_late) > 1
     assert not {"LegalizePortableDimOrderPass", "ConstPropPass"} & set(early_steps), early_steps
-    _, freed, (table_before, table_after), _ = lowered("fp32", 0)
+    _, freed, (table_before, table_after), *_ = lowered("fp32", 0)
     assert freed[-1] > 0 and table_after == table_before > 0  # the tied table is kept
 
 
@@ -676,8 +692,8 @@ def test_a_prefill_method_computes_forward_s_logits_from_position_0(exports, tin
     backend, reference = ExecuTorchBackend(folder), ExecuTorchBackend(plain)
     assert backend._prefill is not backend._method and reference._prefill is reference._method
     starts = []  # the first position of each call the prefill method gets
-    execute = backend._prefill.execute
-    backend._prefill.execute = lambda inputs: starts.append(int(inputs[1][0])) or execute(inputs)
+    prefill = backend._prefill
+    backend._prefill = lambda inputs, **options: starts.append(int(inputs[1][0])) or prefill(inputs, **options)
     ids = _ids(manifest["config"]["vocab_size"])
     got, want = _rows(backend, ids), _rows(reference, ids)
     assert starts == [0]  # the prompt; the decode steps went to forward

@@ -41,7 +41,7 @@ from gemma_edge.exporters.head_correction import CorrectedHead, correct_head
 from gemma_edge.exporters.lowering_shortcuts import idle_steps_skipped
 from gemma_edge.exporters.manifest import cache_section, copy_tokenizer, special_tokens, versions, write_manifest
 from gemma_edge.exporters.pte_hot_rows import HotRowsHead, keep_hot_rows
-from gemma_edge.exporters.rewrites import (attend_new_keys_only, replace_gelu_with_explicit_tanh_form,
+from gemma_edge.exporters.rewrites import (attend_new_keys_only, join_value_blocks, replace_gelu_with_explicit_tanh_form,
                                            replace_rmsnorm_mean_with_linear)
 from gemma_edge.exporters.settings import ExportSettings
 from gemma_edge.exporters.smoothing import TOKENS as SMOOTHING_TOKENS
@@ -52,6 +52,7 @@ from gemma_edge.exporters.torchao_quant import (HEAD_OF_TABLE, INT4, TABLE_INT4,
                                                 quantization_targets, replace_with_quantized_layers,
                                                 untie_output_projection)
 from gemma_edge.exporters.tracing import export_model
+from gemma_edge.exporters.xnnpack_partitions import xnnpack_partitioner
 from gemma_edge.files import staged_folder
 from gemma_edge.model import Gemma
 from gemma_edge.progress import Progress
@@ -156,7 +157,7 @@ def lower_to_executorch(model: Gemma, metadata: dict[str, object], max_tokens: i
     over the call's keys alone), sharing the weights and the KV cache with forward. Consumes the
     model: the weights XNNPACK has packed are freed (see release_delegated_weights), and the model
     cannot run after."""
-    model = replace_gelu_with_explicit_tanh_form(replace_rmsnorm_mean_with_linear(model))
+    model = join_value_blocks(replace_gelu_with_explicit_tanh_form(replace_rmsnorm_mean_with_linear(model)))
     drop_cache_contents(model)
     programs = {"forward": export_model(LastTokenLogits(model), max_tokens)}
     if prefill:  # traced second: the rewrite changes the model's attention in place
@@ -191,7 +192,8 @@ def lower(program: torch.export.ExportedProgram | dict[str, torch.export.Exporte
         # IR validity checks re-trace the whole graph; export_llama skips them too.
         releasable = set.intersection(*map(single_use_storages, programs.values())) if release else set()
         with xnnpack_without_copies(releasable, report):
-            edge = to_edge_transform_and_lower(programs, partitioner=[xnnpack_partitioner(data_file)], constant_methods=metadata,
+            partitioner = xnnpack_partitioner(DATA_TAG if data_file else None)
+            edge = to_edge_transform_and_lower(programs, partitioner=[partitioner], constant_methods=metadata,
                                                compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True))
         if release:
             for method in programs:
@@ -209,34 +211,6 @@ def lower(program: torch.export.ExportedProgram | dict[str, torch.export.Exporte
                                              emit_mutable_buffer_names=shared,
                                              external_constants=(lambda node: DATA_TAG) if data_file else False)
             return edge.to_executorch(config)
-
-
-def xnnpack_partitioner(data_file: bool):
-    """XNNPACK's partitioner; with data_file, each weight it delegates is tagged for the data file
-    (XNNPACK writes a weight whose node carries a delegate_constant_tag to that file of the store).
-    Tagged here, on the program the partitioner is given, as no earlier graph has the nodes of
-    torchao's quantized tensors' parts. (Made here, not at import: build_model needs no executorch.)"""
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.backends.xnnpack.utils.quant_utils import is_dequant, is_quant
-
-    class WeightsInDataFile(XnnpackPartitioner):
-        def partition(self, exported_program):
-            signature = exported_program.graph_signature
-            mutated = set(signature.buffers_to_mutate.values())  # the KV cache
-            held = {**signature.inputs_to_parameters, **signature.inputs_to_buffers,
-                    **signature.inputs_to_lifted_tensor_constants}
-            for node in exported_program.graph.nodes:
-                if node.op == "placeholder" and node.name in held and held[node.name] not in mutated:
-                    node.meta.setdefault("custom", {})["delegate_constant_tag"] = DATA_TAG
-                # What XNNPACK's PropagateCustomMetaPass does to each partition, done once here: a
-                # quantize/dequantize node carries its input's tag. The pass then has nothing to do
-                # and is left out (lowering_shortcuts: each run of it re-traced its partition).
-                elif (is_quant(node) or is_dequant(node)) and node.args and isinstance(node.args[0], torch.fx.Node) \
-                        and "custom" in node.args[0].meta:
-                    node.meta["custom"] = node.args[0].meta["custom"]
-            return super().partition(exported_program)
-
-    return WeightsInDataFile() if data_file else XnnpackPartitioner()
 
 
 def plan_returned_outputs_only(share_mutable_buffers: bool = False):
