@@ -109,8 +109,8 @@ class JoinedValuesAttention(Attention):
     (a copy of the cache's values per call), where Attention splits the probabilities by block and
     sums the blocks' products. XNNPACK takes no split of a dynamic size, so in a .pte each layer's ran
     outside it and cut the delegated graph in two there: 36 of the 40 XNNPACK calls of a Gemma 3 270M
-    step. Joined, the decoder's layers lower as one graph (lower_to_executorch then cuts it by weight
-    bytes, executorch.py's PARTITION_BYTES)."""
+    step. Joined, the decoder's layers lower as one graph (then cut between layers by weight bytes:
+    xnnpack_partitions.PARTITION_BYTES)."""
 
     def weighted_values(self, probs: torch.Tensor, blocks: list[tuple[torch.Tensor, torch.Tensor]],
                         dtype: torch.dtype) -> torch.Tensor:

@@ -23,18 +23,20 @@ _LAYER = re.compile(r"\blayers\.(\d+)\b")
 
 def xnnpack_partitioner(data_tag: str | None, limit: int | None = None):
     """XNNPACK's partitioner, its partitions cut between decoder layers at `limit` bytes of weights
-    (cut_between_layers; default PARTITION_BYTES). data_tag: each weight it delegates is tagged for that data file (XNNPACK
-    writes a weight whose node carries a delegate_constant_tag to that file of the store), tagged on
-    the program the partitioner is given, as no earlier graph has the nodes of torchao's quantized
-    tensors' parts. (Made here, not at import: building a model needs no executorch.)"""
+    (cut_between_layers; default PARTITION_BYTES). data_tag: each weight it delegates is tagged for
+    that data file (XNNPACK writes a weight whose node carries a delegate_constant_tag to that file of
+    the store), tagged on the program the partitioner is given, as no earlier graph has the nodes of
+    torchao's quantized tensors' parts. (Made here, not at import: building a model needs no
+    executorch.)"""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.backends.xnnpack.utils.quant_utils import is_dequant, is_quant
 
     class GemmaPartitioner(XnnpackPartitioner):
         def partition(self, exported_program):
             if data_tag is not None:
+                weights = weights_by_placeholder(exported_program)
                 for node in exported_program.graph.nodes:
-                    if node.op == "placeholder" and weight_of(exported_program, node) is not None:
+                    if node.op == "placeholder" and node.name in weights:
                         node.meta.setdefault("custom", {})["delegate_constant_tag"] = data_tag
                     # What XNNPACK's PropagateCustomMetaPass does to each partition, done once here: a
                     # quantize/dequantize node carries its input's tag. The pass then has nothing to do
@@ -50,14 +52,13 @@ def xnnpack_partitioner(data_tag: str | None, limit: int | None = None):
     return GemmaPartitioner()
 
 
-def weight_of(program: torch.export.ExportedProgram, node: torch.fx.Node) -> torch.Tensor | None:
-    """The weight (parameter, constant or buffer other than the KV cache) a placeholder stands for."""
+def weights_by_placeholder(program: torch.export.ExportedProgram) -> dict[str, torch.Tensor]:
+    """{placeholder name: the weight it stands for}: parameters, constants and buffers but the KV cache."""
     signature = program.graph_signature
-    name = {**signature.inputs_to_parameters, **signature.inputs_to_buffers,
-            **signature.inputs_to_lifted_tensor_constants}.get(node.name)
-    if name is None or name in signature.buffers_to_mutate.values():
-        return None
-    return program.state_dict.get(name, program.constants.get(name))
+    mutated = set(signature.buffers_to_mutate.values())
+    tensors = {**program.state_dict, **program.constants}
+    held = {**signature.inputs_to_parameters, **signature.inputs_to_buffers, **signature.inputs_to_lifted_tensor_constants}
+    return {node: tensors[name] for node, name in held.items() if name not in mutated and name in tensors}
 
 
 def layer_of(node: torch.fx.Node) -> int | None:
@@ -80,6 +81,7 @@ def cut_between_layers(partitions: list, program: torch.export.ExportedProgram, 
     from torch.fx.passes.infra.partitioner import Partition
 
     order = {node: i for i, node in enumerate(program.graph.nodes)}
+    weights = weights_by_placeholder(program)
     pieces = []
     for partition in partitions:
         members = set(partition.nodes)
@@ -95,9 +97,7 @@ def cut_between_layers(partitions: list, program: torch.export.ExportedProgram, 
                 pieces.append(piece)
                 piece, held = [], 0
             layer = now if now is not None else layer
-            for node in home.get(op, []):
-                weight = weight_of(program, node)
-                held += 0 if weight is None else _nbytes(weight)
+            held += sum(_nbytes(weights[node.name]) for node in home.get(op, []) if node.name in weights)
             piece += [*home.get(op, []), op]
         pieces.append(piece)
     return [Partition(id=i, nodes=piece) for i, piece in enumerate(pieces)]
