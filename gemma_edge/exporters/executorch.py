@@ -52,7 +52,7 @@ from gemma_edge.exporters.torchao_quant import (HEAD_OF_TABLE, INT4, TABLE_INT4,
                                                 quantization_targets, replace_with_quantized_layers,
                                                 untie_output_projection)
 from gemma_edge.exporters.tracing import export_model
-from gemma_edge.exporters.xnnpack_partitions import xnnpack_partitioner
+from gemma_edge.exporters.xnnpack_partitions import storages, weights_by_placeholder, xnnpack_partitioner
 from gemma_edge.files import staged_folder
 from gemma_edge.model import Gemma
 from gemma_edge.progress import Progress
@@ -361,29 +361,21 @@ def pack_int4_by_rows(values: torch.Tensor, rows: int = 4096) -> torch.Tensor:
 
 def weight_storages(program: torch.export.ExportedProgram):
     """The storages of a program's weights and constants, a quantized tensor's parts each."""
-    return list(_storages([*program.state_dict.values(), *program.constants.values()]))
-
-
-def _storages(tensors):
-    for t in tensors:
-        names = getattr(type(t), "tensor_data_names", None)  # torchao's quantized tensors
-        yield from (_storages(getattr(t, n) for n in names) if names else [t.untyped_storage()])
+    return list(storages([*program.state_dict.values(), *program.constants.values()]))
 
 
 def single_use_storages(program: torch.export.ExportedProgram) -> set[int]:
     """The storages (data pointers) of the weights exactly one node of the program reads: a tied table
     (read by the embedding, outside XNNPACK, and by the output projection, inside) is not one."""
-    by_input = {**program.graph_signature.inputs_to_parameters, **program.graph_signature.inputs_to_buffers,
-                **program.graph_signature.inputs_to_lifted_tensor_constants}
-    tensors = {**program.state_dict, **program.constants}
+    weights = weights_by_placeholder(program)
     readers = collections.Counter()
     for node in program.graph.nodes:
-        if node.op == "placeholder" and node.name in by_input:
+        if node.op == "placeholder" and node.name in weights:
             # A quantized tensor's placeholder is read through one access node per part (its qdata,
             # its scales, ...): the readers are theirs.
             parts = [user for user in node.users if "access_subclass_inner_tensor" in str(user.target)]
             n = max([len(node.users) - len(parts)] + [len(part.users) for part in parts])
-            for storage in _storages([tensors[by_input[node.name]]]):
+            for storage in storages([weights[node.name]]):
                 readers[storage.data_ptr()] += n
     return {ptr for ptr, n in readers.items() if n == 1}
 

@@ -97,15 +97,15 @@ def cut_between_layers(partitions: list, program: torch.export.ExportedProgram, 
                 pieces.append(piece)
                 piece, held = [], 0
             layer = now if now is not None else layer
-            held += sum(_nbytes(weights[node.name]) for node in home.get(op, []) if node.name in weights)
+            held += sum(part.nbytes() for node in home.get(op, []) if node.name in weights
+                        for part in storages([weights[node.name]]))
             piece += [*home.get(op, []), op]
         pieces.append(piece)
     return [Partition(id=i, nodes=piece) for i, piece in enumerate(pieces)]
 
 
-def _nbytes(tensor: torch.Tensor) -> int:
-    """Bytes of a weight: a quantized tensor's parts (torchao subclasses) summed."""
-    if hasattr(tensor, "__tensor_flatten__"):
-        names, _ = tensor.__tensor_flatten__()
-        return sum(_nbytes(getattr(tensor, name)) for name in names)
-    return tensor.numel() * tensor.element_size()
+def storages(tensors):
+    """The storages of tensors, a quantized tensor's parts (torchao's) each."""
+    for t in tensors:
+        names = getattr(type(t), "tensor_data_names", None)
+        yield from (storages(getattr(t, n) for n in names) if names else [t.untyped_storage()])
