@@ -74,12 +74,12 @@ PteProgram::PteProgram(const std::string& path, const std::string& data_path, ui
   module_ = std::make_unique<Module>(path, data_files(data_path), Module::LoadMode::Mmap, nullptr, nullptr, nullptr,
                                      /*share_memory_arenas=*/true);
   check(module_->load(), "loading " + path + (data_path.empty() ? "" : " with " + data_path));
-  check(module_->load_method("forward"), "loading the forward method of " + path);
+  check(module_->load_method(kForward), std::string("loading the ") + kForward + " method of " + path);
   auto names = module_->method_names();
   check(names.error(), "listing the methods of " + path);
   if (names->count(kPrefill)) {  // exports since the prefill method: calls at position 0
     check(module_->load_method(kPrefill), std::string("loading the ") + kPrefill + " method of " + path);
-    prefill_ = kPrefill;
+    has_prefill_ = true;
   }
   vocab_size_ = constant(*module_, "get_vocab_size");
   max_seq_len_ = constant(*module_, "get_max_context_len");  // positions the cache holds
@@ -102,7 +102,7 @@ const std::vector<float>& PteProgram::forward_last(const std::vector<int64_t>& t
     // The tensors borrow the vectors' memory for the call: [1, T] and [T], int64 as exported.
     auto ids = from_blob(const_cast<int64_t*>(tokens.data() + start), {1, static_cast<int32_t>(count)}, ScalarType::Long);
     auto pos = from_blob(positions_.data() + start, {static_cast<int32_t>(count)}, ScalarType::Long);
-    const std::string& method = start_pos + start == 0 ? prefill_ : forward_;
+    const std::string method = start_pos + start == 0 && has_prefill_ ? kPrefill : kForward;
     auto outputs = module_->execute(method, {*ids, *pos});
     check(outputs.error(), method);
     const auto& logits = outputs->at(0).toTensor();  // [1, vocab], float32

@@ -35,13 +35,13 @@ class PteProgram {
 
   int64_t vocab_size() const { return vocab_size_; }
   int64_t max_seq_len() const { return max_seq_len_; }  // positions the cache holds
-  bool has_prefill_method() const { return prefill_ != forward_; }
+  bool has_prefill_method() const { return has_prefill_; }
 
  private:
-  static constexpr const char* kPrefill = "prefill";
+  static constexpr const char* kForward = "forward";
+  static constexpr const char* kPrefill = "prefill";  // calls at position 0, where the program has it
   std::unique_ptr<executorch::extension::module::Module> module_;
-  std::string forward_ = "forward";
-  std::string prefill_ = "forward";  // the method of calls at position 0
+  bool has_prefill_ = false;
   int64_t vocab_size_ = 0;
   int64_t max_seq_len_ = 0;
   int64_t max_tokens_per_call_ = 1;
