@@ -1,7 +1,9 @@
 """Where an export's runtime memory goes: resident memory after loading and after each generation,
 split into anonymous memory (the runtime's own copies, the KV cache, activations) and file pages;
 for an ONNX export, which initializers of its external data file are resident after the runs
-(found page by page in /proc/self/pagemap). Linux only; prints figures, asserts nothing.
+(found page by page in /proc/self/pagemap); a .pte in ExecuTorch's Python bindings, in this process (the
+native runner's memory is its own process's: `gemma-edge bench` counts it). Linux only; prints figures,
+asserts nothing.
 
     .venv/bin/python benchmarks/runtime_memory.py OUTDIR [--prompt-tokens 64] [--new-tokens 32] [--runs 2] [--threads 2]
 
@@ -79,7 +81,7 @@ def main() -> None:
     from gemma_edge.runtime.generation import greedy
 
     report("imports")
-    backend = open_backend(args.folder, threads=args.threads)
+    backend = open_backend(args.folder, threads=args.threads, runtime="python")  # in this process, where it is measured
     report("loaded")
     manifest = backend.manifest
     prompt = bench_prompt(manifest["config"]["vocab_size"], args.prompt_tokens)

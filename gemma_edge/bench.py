@@ -13,6 +13,7 @@ a fraction of that ceiling.
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import resource
@@ -40,7 +41,13 @@ class ExportBench:
     weights_read_per_token: int  # bytes a decode step reads (approximately: see weights_read_per_token())
     load_s: float = 0.0
     runs: list[dict] = field(default_factory=list)  # Stats.as_dict() of each run, warm-up excluded
-    peak_rss_bytes: int = 0  # of the export's own process, after every run
+    peak_rss_bytes: int = 0  # of the export's own process (and its native runner's), after every run
+    runtime: str = "python"  # how a .pte ran (backend.RUNTIMES)
+
+    @property
+    def name(self) -> str:
+        """The row's name: the folder, and the runtime where it is not the default."""
+        return self.folder if self.runtime == "python" else f"{self.folder} ({self.runtime} runner)"
 
     def median(self, key: str) -> float:
         return statistics.median(r[key] for r in self.runs)
@@ -86,13 +93,25 @@ def memory_bandwidth(threads: int, megabytes: int = 512, repeats: int = 5) -> fl
 
 
 def _peak_rss() -> int:
-    """This process's peak resident memory: VmHWM, its own memory map's high-water mark. Linux carries
-    getrusage's ru_maxrss across fork and exec, so a worker would start at its parent's size."""
+    """The peak resident memory of this process and of its live children (a native runner): each one's
+    VmHWM, its own memory map's high-water mark, summed (the sum of peaks: an upper bound of the
+    peak of the sum). Linux carries getrusage's ru_maxrss across fork and exec, so a worker would
+    start at its parent's size."""
     try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+        return sum(_high_water_mark(pid) for pid in ["self", *_children()])
     except (OSError, StopIteration):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _high_water_mark(pid) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def _children() -> list[str]:
+    """The pids of this process's live children (each thread's list, /proc/PID/task/TID/children)."""
+    tasks = Path("/proc/self/task")
+    return [pid for task in tasks.iterdir() for pid in (task / "children").read_text().split()]
 
 
 def serve(conn, load: Callable[[], object], run: Callable[[object, list[int], int], dict]) -> None:
@@ -112,7 +131,7 @@ def serve(conn, load: Callable[[], object], run: Callable[[object, list[int], in
         conn.send({"error": f"{type(e).__name__}: {e}"})
 
 
-def _worker(folder: str, threads: int | None, conn) -> None:
+def _worker(folder: str, threads: int | None, conn, runtime: str = "python") -> None:
     """One export in its own process (the runtime's log lines kept out of the parent's terminal)."""
     import contextlib
     import io
@@ -121,7 +140,7 @@ def _worker(folder: str, threads: int | None, conn) -> None:
     from gemma_edge.runtime.generation import greedy
 
     with contextlib.redirect_stderr(io.StringIO()):
-        serve(conn, lambda: open_backend(folder, threads=threads),
+        serve(conn, lambda: open_backend(folder, threads=threads, runtime=runtime),
               lambda backend, prompt, new_tokens: greedy(backend, prompt, new_tokens).stats.as_dict())
 
 
@@ -136,12 +155,34 @@ class Subject:
     source: str  # what the worker loads
 
 
-def export_subject(folder: Path) -> Subject:
-    """Our export folder, as bench measures it."""
+def export_subject(folder: Path, runtime: str = "python") -> Subject:
+    """Our export folder, as bench measures it, run by runtime (a .pte's: backend.RUNTIMES)."""
     m = read_manifest(folder)
     result = ExportBench(str(folder), m["format"], f"{m['export']['quant']}/{m['export']['embedding_quant']}",
-                         sum(f["bytes"] for f in m["files"].values()), cache_bytes(m), weights_read_per_token(m))
-    return Subject(result, int(m["config"]["vocab_size"]), int(m["max_seq_len"]), _worker, str(folder))
+                         sum(f["bytes"] for f in m["files"].values()), cache_bytes(m), weights_read_per_token(m),
+                         runtime=runtime)
+    return Subject(result, int(m["config"]["vocab_size"]), int(m["max_seq_len"]), functools.partial(_worker, runtime=runtime),
+                   str(folder))
+
+
+def export_subjects(folders: Sequence[Path], runtimes: Sequence[str] = ("auto",),
+                    progress: Callable[[str], None] = lambda message: None) -> list[Subject]:
+    """A row for each folder run by each runtime it has: a .pte by each of runtimes (auto resolved to
+    the one it picks here, backend.choose_runtime), an ONNX export by ONNX Runtime, once."""
+    from gemma_edge.runtime.backend import choose_runtime
+
+    subjects = []
+    for folder in folders:
+        fmt = read_manifest(folder).get("format")
+        if fmt == "pte":
+            mine = list(dict.fromkeys(choose_runtime(r, progress) for r in runtimes))
+        else:
+            mine = ["python"] if {"auto", "python"} & set(runtimes) else []
+        if not mine:
+            raise GemmaEdgeError(f"--runtime {' '.join(runtimes)} runs .pte exports; {folder} is {fmt}, which runs in "
+                                 "ONNX Runtime: add auto or python to --runtime")
+        subjects += [export_subject(folder, r) for r in mine]
+    return subjects
 
 
 def bench_prompt(vocab_size: int, n: int) -> list[int]:
@@ -151,12 +192,12 @@ def bench_prompt(vocab_size: int, n: int) -> list[int]:
 
 def bench(folders: list[Path], prompt_tokens: int = 128, new_tokens: int = 128, threads: int | None = None,
           runs: int = 5, progress: Callable[[str], None] = lambda message: None,
-          others: Sequence[Subject] = ()) -> tuple[list[ExportBench], float]:
-    """Measure every export, then `others` (see the module's docstring); returns their results in that
-    order and the bandwidth in bytes/s."""
+          others: Sequence[Subject] = (), runtimes: Sequence[str] = ("auto",)) -> tuple[list[ExportBench], float]:
+    """Measure every export (each .pte by each of runtimes), then `others` (see the module's
+    docstring); returns their results in that order and the bandwidth in bytes/s."""
     if runs < 1 or prompt_tokens < 1 or new_tokens < 2:
         raise GemmaEdgeError("--runs and --prompt-tokens must be at least 1, --new-tokens at least 2 (decode speed)")
-    subjects = [export_subject(folder) for folder in folders] + list(others)
+    subjects = export_subjects(folders, runtimes, progress) + list(others)  # (a native runner built here, once)
     for s in subjects:
         if prompt_tokens + new_tokens > s.max_tokens:
             raise GemmaEdgeError(f"{s.result.folder}: --prompt-tokens + --new-tokens ({prompt_tokens + new_tokens}) exceed its "
@@ -165,17 +206,17 @@ def bench(folders: list[Path], prompt_tokens: int = 128, new_tokens: int = 128, 
     workers = []
     try:
         for s in subjects:
-            progress(f"loading {s.result.folder}")
+            progress(f"loading {s.result.name}")
             parent, child = context.Pipe()
             process = context.Process(target=s.worker, args=(s.source, threads, child), daemon=True)
             process.start()
             workers.append((parent, process))
-            s.result.load_s = _answer(parent, s.result.folder)["load_s"]
+            s.result.load_s = _answer(parent, s.result.name)["load_s"]
         for run in range(runs + 1):  # run 0 warms up
             for s, (conn, _) in zip(subjects, workers):
-                progress(f"run {run}/{runs} ({'warm-up' if run == 0 else 'measured'}): {s.result.folder}")
+                progress(f"run {run}/{runs} ({'warm-up' if run == 0 else 'measured'}): {s.result.name}")
                 conn.send((bench_prompt(s.vocab_size, prompt_tokens), new_tokens))
-                answer = _answer(conn, s.result.folder)
+                answer = _answer(conn, s.result.name)
                 s.result.peak_rss_bytes = answer["peak_rss_bytes"]
                 if run:
                     s.result.runs.append({**answer["stats"], "finished_at": time.time()})

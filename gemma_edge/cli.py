@@ -64,6 +64,20 @@ def _sampling_flags(verb: argparse.ArgumentParser, max_new_tokens: int) -> None:
     verb.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
     verb.add_argument("--stop", action="append", metavar="TEXT", help="stop when the text contains TEXT (repeatable); eos and <end_of_turn> always stop")
     verb.add_argument("--threads", type=int, default=None, help="CPU threads (default: the runtime's choice)")
+    _runtime_flag(verb)
+
+
+RUNTIMES = ("auto", "native", "python")  # runtime/backend.RUNTIMES, listed here so --help needs no import
+
+
+def _runtime_flag(verb: argparse.ArgumentParser, many: bool = False) -> None:
+    how = ("how a .pte runs: gemma-edge's native runner (built on first use with a C++ compiler; no torch, half the "
+           "memory or less), ExecuTorch's Python bindings, or auto: native where it can be built")
+    if many:
+        verb.add_argument("--runtime", choices=RUNTIMES, nargs="+", default=["auto"],
+                          help=how + "; several: a row for each .pte in each (default: auto)")
+    else:
+        verb.add_argument("--runtime", choices=RUNTIMES, default="auto", help=how + " (default: %(default)s)")
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -273,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="host: this CPU; arm64: the phones' kernels on an emulated arm64 CPU (QEMU user mode, set up on "
                              "first use): ONNX Runtime's arm64 build, or for a .pte our native runner on ExecuTorch's "
                              "arm64 runtime and XNNPACK; keep --prefill/--decode short (default: %(default)s)")
+    _runtime_flag(verify)  # --target host's
     verify.add_argument("--cpu", choices=("cortex-a76", "neoverse-n2"), default="cortex-a76",
                         help="the emulated CPU: cortex-a76 (NEON, dot product, fp16: most phones) or neoverse-n2 "
                              "(adds i8mm) (default: %(default)s)")
@@ -288,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompt-tokens", type=int, default=128, help="prefill length (default: %(default)s)")
     bench.add_argument("--new-tokens", type=int, default=128, help="greedy tokens per run (default: %(default)s)")
     bench.add_argument("--threads", type=int, default=None, help="CPU threads per export (default: the runtime's choice)")
+    _runtime_flag(bench, many=True)
     bench.add_argument("--runs", type=int, default=5, help="measured runs per export, after one warm-up (default: %(default)s)")
     bench.add_argument("--json", metavar="FILE", help="also write every run's figures as JSON")
     bench.add_argument("--plot", metavar="FILE.png", help="also draw speed and memory per export (matplotlib)")

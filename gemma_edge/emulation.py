@@ -21,7 +21,6 @@ which has no usable aarch64 CPU wheel). The host process drives it under QEMU
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -30,6 +29,7 @@ from pathlib import Path
 
 from gemma_edge.errors import GemmaEdgeError
 from gemma_edge.files import exclusive, write_atomic
+from gemma_edge.native_build import build_runner, runner_path
 
 # NEON, dot product and fp16, as in most phones since 2019 (Cortex-A76). neoverse-n2 adds i8mm.
 DEFAULT_CPU = "cortex-a76"
@@ -39,14 +39,6 @@ QEMU_SUITE = "trixie"  # QEMU 10
 PACKAGES = ("onnxruntime", "numpy", "tokenizers", "rich")
 PLATFORMS = ("manylinux_2_28_aarch64", "manylinux_2_17_aarch64", "manylinux2014_aarch64")
 CROSS_CXX = "aarch64-linux-gnu-g++"
-NATIVE_SOURCES = ("pte_program.cpp", "runner_main.cpp", "pte_program.h")
-# What executorch's CMake config gives its consumers: the vendored c10 headers without PyTorch's
-# generated cmake_macros.h, and the class layouts the shipped libraries were compiled with.
-ET_DEFINES = ("C10_USING_CUSTOM_GENERATED_MACROS", "ET_EVENT_TRACER_ENABLED", "ET_USE_THREADPOOL")
-# Linked whether or not the runner names a symbol of theirs: their static initializers register the
-# kernels (optimized + portable, quantized embeddings) and the XNNPACK delegate.
-ET_LIBS = ("executorch_kernels_optimized", "executorch_kernels_quantized", "executorch_backend_xnnpack",
-           "executorch_threadpool", "executorch")
 
 
 def arm64_dir() -> Path:
@@ -119,39 +111,20 @@ def _wheels(base: Path) -> None:
 
 
 def ensure_pte_runner(progress=print) -> Path:
-    """The native .pte runner for arm64 (bin/gemma-edge-runner in the kit), built once per
-    executorch version and runner source."""
+    """The native .pte runner for arm64 (bin/gemma-edge-runner-* in the kit), built once per
+    executorch version and runner source (native_build.py)."""
     from importlib.metadata import version
 
     base = ensure_arm64(progress)
     et_version = version("executorch")  # the runtime must read what this exporter writes
-    source = Path(__file__).with_name("native")
-    digest = hashlib.sha256(et_version.encode() + b"".join((source / f).read_bytes() for f in NATIVE_SOURCES)).hexdigest()[:16]
-    runner = base / "bin" / f"gemma-edge-runner-{digest}"
+    runner = runner_path(base / "bin", et_version)
     if runner.is_file():
         return runner
     if shutil.which(CROSS_CXX) is None:
         raise GemmaEdgeError(f"building the arm64 .pte runner needs {CROSS_CXX}: apt-get install g++-aarch64-linux-gnu")
-    with exclusive(base / ".runner.lock"):  # another process may be building the same one
-        if not runner.is_file():
-            _build_pte_runner(base, et_version, source, runner, progress)
-    return runner
-
-
-def _build_pte_runner(base: Path, et_version: str, source: Path, runner: Path, progress) -> None:
-    et = _executorch_wheel(base, et_version, progress)
-    progress("cross-compiling the native .pte runner for arm64")
-    runner.parent.mkdir(exist_ok=True)
-    tmp = runner.with_suffix(".partial")
-    _run([CROSS_CXX, "-std=c++17", "-O2", "-Wno-deprecated-declarations", *(f"-D{d}" for d in ET_DEFINES),
-          f"-I{et / 'include'}", f"-I{et / 'include/executorch/runtime/core/portable_type/c10'}",
-          "-o", str(tmp), *(str(source / f) for f in NATIVE_SOURCES if f.endswith(".cpp")),
-          f"-L{et / 'lib'}", "-Wl,--no-as-needed", *(f"-l{lib}" for lib in ET_LIBS), f"-Wl,-rpath,{et / 'lib'}"],
-         "compiling the .pte runner")
-    for old in runner.parent.glob("gemma-edge-runner-*"):  # other versions' builds
-        if old != tmp:
-            old.unlink()
-    tmp.rename(runner)
+    with exclusive(base / ".wheel.lock"):  # another process may be unpacking it
+        et = _executorch_wheel(base, et_version, progress)
+    return build_runner(CROSS_CXX, et, runner, progress, "for arm64")
 
 
 def _executorch_wheel(base: Path, et_version: str, progress) -> Path:

@@ -21,8 +21,10 @@ def test_bench_measures_exports_side_by_side(tiny_exports, tiny_with_tokenizers,
                  "--threads", "1", "--json", str(report), "--plot", str(plot)])
     out = capsys.readouterr().out
     assert code == 0
-    assert f"{pte} vs {onnx}: decode x" in out and "memory read bandwidth" in out
     data = json.loads(report.read_text())
+    # --runtime auto: the .pte in the native runner where it can be built (named so), else the bindings
+    name = f"{pte} (native runner)" if data["exports"][1]["runtime"] == "native" else str(pte)
+    assert f"{name} vs {onnx}: decode x" in out and "memory read bandwidth" in out
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert data["bandwidth_bytes_per_s"] > 1e8  # any machine reads more than 100 MB/s
     first, second = data["exports"]
@@ -71,3 +73,35 @@ def test_bench_measures_other_runtimes_beside_ours(tiny_exports):
     assert all(r["first_id"] == bench_prompt(1005, 8)[1] for r in peer.runs)
     assert ours.runs[0]["finished_at"] < peer.runs[0]["finished_at"] < ours.runs[1]["finished_at"] < peer.runs[1]["finished_at"]
     assert peer.load_s >= 0 and peer.peak_rss_bytes > 0 and peer.median("decode_tokens_per_s") == 2.5
+
+
+def test_bench_runs_a_pte_in_both_runtimes_and_counts_the_native_runner_s_memory(tiny_exports):
+    """`--runtime python native`: a row for the .pte in each (the ONNX export once, in ONNX Runtime),
+    taken in turns; the native row's memory is its worker's and its runner's (a child process), and
+    still below the Python bindings' row, which loads torch (measured on the real 270M's phone recipe
+    with its prefill method: 593 against 1,164 MiB)."""
+    import subprocess
+    import sys
+    import time
+
+    from gemma_edge.bench import _peak_rss, bench
+
+    onnx, pte = tiny_exports("tiny-gemma3", "onnx", "fp32"), tiny_exports("tiny-gemma3", "pte", "fp32")
+    measured, _ = bench([onnx, pte], prompt_tokens=8, new_tokens=4, threads=1, runs=1, runtimes=("python", "native"))
+    assert [(e.folder, e.runtime) for e in measured] == [(str(onnx), "python"), (str(pte), "python"), (str(pte), "native")]
+    assert measured[2].name == f"{pte} (native runner)" and measured[1].name == str(pte)
+    python, native = measured[1:]
+    assert all(r["generated_tokens"] == 4 and r["decode_tokens_per_s"] > 0 for e in measured for r in e.runs)
+    print(f"peak RSS: python {python.peak_rss_bytes / 2**20:.0f} MiB, native {native.peak_rss_bytes / 2**20:.0f} MiB")
+    assert native.peak_rss_bytes < python.peak_rss_bytes
+
+    # a child's memory counts: one that holds 200 MB more than this process
+    before = _peak_rss()
+    child = subprocess.Popen([sys.executable, "-c", "import sys; b = bytearray(200 << 20); print(1, flush=True); sys.stdin.read()"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert child.stdout.readline().strip() == b"1"
+    during = _peak_rss()
+    child.stdin.close()
+    child.wait(timeout=60)
+    time.sleep(0.1)
+    assert during - before > 200 << 20

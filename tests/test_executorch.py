@@ -859,3 +859,89 @@ def test_a_prompt_longer_than_a_call_is_prefilled_in_chunks(half_cache_in_chunks
         prompt, GenerationConfig(echo=False, max_new_tokens=12, temperature=0.0, num_bos=1), token_callback=pieces.append)
     ours = greedy(ExecuTorchBackend(folder), ids, 12, stop_ids=[1]).token_ids
     assert len(pieces) == len(ours) > 1 and "".join(pieces) == tokenizer.decode(ours)
+
+
+@pytest.mark.parametrize("case", ["forward", "prefill method"])
+def test_the_native_runner_computes_what_the_python_bindings_compute(case, exports, tiny_exports):
+    """--runtime native (gemma_edge/native/ built for this machine against the installed executorch
+    package's runtime: the same libraries the Python bindings call) returns the same logits, bit for
+    bit, as ExecuTorch's Python bindings: a prompt, then decode steps, on tiny-gemma3 int4 and on
+    tiny-gemma2 int4 with the prefill method (the runner sends the prompt to it, as ours does)."""
+    from gemma_edge.runtime.backend import open_backend
+    from gemma_edge.runtime.native_backend import NativeBackend
+
+    folder = exports[("tiny-gemma3", "int4")] if case == "forward" else tiny_exports("tiny-gemma2", "pte", quant="int4", prefill_method=True)
+    native, python = open_backend(folder, runtime="native"), open_backend(folder, runtime="python")
+    assert isinstance(native, NativeBackend) and isinstance(python, ExecuTorchBackend)
+    assert native.prefill_method == (case == "prefill method")
+    ids = _ids(json.loads((folder / "gemma_edge.json").read_text())["config"]["vocab_size"])
+    got, want = _rows(native, ids), _rows(python, ids)
+    print(f"{case}: max |diff| {np.abs(got - want).max():.3g} of logits up to {np.abs(want).max():.1f}")
+    assert np.array_equal(got, want)
+    native.close()
+
+
+def test_generate_with_the_native_runner_says_the_same_and_only_our_lines(exports, tiny_exports):
+    """`gemma-edge generate --runtime native`: the same text as the Python bindings', stderr our lines
+    only (the runner's own log is kept); an ONNX export is refused with what to do; a .pte ExecuTorch
+    cannot load is named as the Python runtime names it."""
+    import shutil
+
+    folder = exports[("tiny-gemma3", "int4")]
+    runs = {runtime: subprocess.run([GEMMA_EDGE, "generate", str(folder), "The capital of France is", "-n", "12",
+                                     "--runtime", runtime], capture_output=True, text=True, timeout=600)
+            for runtime in ("python", "native")}
+    for runtime, run in runs.items():
+        assert run.returncode == 0 and not_ours(run.stderr) == [], (runtime, run.stderr)
+    assert runs["native"].stdout == runs["python"].stdout and runs["native"].stdout.strip()
+
+    onnx = tiny_exports("tiny-gemma3", "onnx", "int4")
+    refused = subprocess.run([GEMMA_EDGE, "generate", str(onnx), "Hello", "--runtime", "native"],
+                             capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and "--runtime native runs .pte exports" in refused.stderr
+    assert "leave --runtime out" in refused.stderr and "Traceback" not in refused.stderr
+
+    from gemma_edge.errors import DamagedExportError
+    from gemma_edge.runtime.backend import open_backend
+
+    broken = Path(shutil.copytree(folder, Path(str(folder) + "-header-zeroed"), dirs_exist_ok=True))
+    program = broken / "model.pte"
+    data = bytearray(program.read_bytes())
+    data[:64] = bytes(64)  # same size (the manifest's check passes), no longer a program
+    program.write_bytes(bytes(data))
+    with pytest.raises(DamagedExportError) as python_error:
+        open_backend(broken)
+    with pytest.raises(DamagedExportError) as native_error:
+        open_backend(broken, runtime="native")
+    for error in (python_error, native_error):
+        assert "model.pte (or its weights, model.ptd) is damaged (ExecuTorch cannot load it" in str(error.value)
+        assert "ET12" in str(error.value)  # ExecuTorch's reason: the program's identifier
+    shutil.rmtree(broken)
+
+
+def test_the_native_runner_is_built_once_and_a_missing_compiler_says_what_to_do(tmp_path, monkeypatch):
+    """The runner for this machine is compiled on first use into the cache (a few seconds), then
+    reused; a build killed halfway (.partial) is not used. Without a compiler, the error names the
+    fix and the other runtime."""
+    import shutil
+
+    from gemma_edge import native_build
+    from gemma_edge.errors import MissingDependencyError
+
+    monkeypatch.setenv("GEMMA_EDGE_CACHE", str(tmp_path))
+    messages = []
+    (tmp_path / "native").mkdir()
+    (tmp_path / "native" / "gemma-edge-runner-0123456789abcdef.partial").write_bytes(b"\x7fELF half")
+    runner = native_build.host_runner(messages.append)
+    assert messages == ["compiling the native .pte runner for this machine"] and runner.parent == tmp_path / "native"
+    assert subprocess.run([str(runner), "--help"], capture_output=True, text=True).returncode == 0
+    assert [p.name for p in runner.parent.glob("gemma-edge-runner-*")] == [runner.name]  # the half build removed
+    built = runner.stat().st_mtime_ns
+    assert native_build.host_runner(messages.append) == runner and runner.stat().st_mtime_ns == built
+    assert len(messages) == 1  # not compiled again
+
+    runner.unlink()
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(MissingDependencyError, match=r"needs a C\+\+17 compiler: apt-get install g\+\+ .*--runtime python"):
+        native_build.host_runner(messages.append)

@@ -22,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
     console = progress()
     with console.status("starting") as status:
         exports, bandwidth = bench([Path(f) for f in args.outdir], args.prompt_tokens, args.new_tokens, args.threads,
-                                   args.runs, progress=status.update)
+                                   args.runs, progress=status.update, runtimes=args.runtime)
     table = Table(title=f"{args.prompt_tokens}-token prompt, {args.new_tokens} greedy tokens, median of {args.runs} "
                         f"runs (± spread), threads {args.threads or 'default'}")
     for col in ("export", "format", "quant", "load s", "first token ms", "prefill tok/s", "decode tok/s",
@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
         table.add_column(col, justify="left" if col in ("export", "format", "quant") else "right")
     for e in exports:
         ceiling = bandwidth / max(e.weights_read_per_token, 1)
-        table.add_row(e.folder, e.format, e.quant, f"{e.load_s:.1f}", f"{e.median('ttft_s') * 1000:.0f}",
+        table.add_row(e.name, e.format, e.quant, f"{e.load_s:.1f}", f"{e.median('ttft_s') * 1000:.0f}",
                       f"{e.median('prefill_tokens_per_s'):.1f} ±{e.spread('prefill_tokens_per_s'):.0%}",
                       f"{e.median('decode_tokens_per_s'):.1f} ±{e.spread('decode_tokens_per_s'):.0%}",
                       f"{e.median('decode_tokens_per_s') / ceiling:.0%}", f"{e.peak_rss_bytes / MIB:,.0f}",
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
               soft_wrap=True)
     first = exports[0]
     for e in exports[1:]:
-        out.print(f"{e.folder} vs {first.folder}: decode x{e.median('decode_tokens_per_s') / first.median('decode_tokens_per_s'):.2f}, "
+        out.print(f"{e.name} vs {first.name}: decode x{e.median('decode_tokens_per_s') / first.median('decode_tokens_per_s'):.2f}, "
                   f"prefill x{e.median('prefill_tokens_per_s') / first.median('prefill_tokens_per_s'):.2f}, "
                   f"peak RSS x{e.peak_rss_bytes / first.peak_rss_bytes:.2f}", soft_wrap=True)
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.machine(), "processor": platform.processor(),
@@ -65,7 +65,8 @@ def plot(report: dict, path: Path) -> None:
     from gemma_edge.files import write_atomic
 
     exports = report["exports"]
-    names = [Path(e["folder"]).name for e in exports]
+    # a .pte run by both runtimes is two bars (the same label would be one)
+    names = [Path(e["folder"]).name + ("" if e.get("runtime", "python") == "python" else f" ({e['runtime']})") for e in exports]
     fig, axes = plt.subplots(3, 1, figsize=(max(6.0, 2 + 1.1 * len(exports)), 11))  # one panel above the other
     for ax, key, title in ((axes[0], "decode_tokens_per_s", "decode tok/s"), (axes[1], "prefill_tokens_per_s", "prefill tok/s")):
         medians = [e[f"median_{key}"] for e in exports]

@@ -19,7 +19,7 @@ def run(args: argparse.Namespace) -> int:
     options = sampling_options(args)  # checked before anything loads
     console = progress()
     with console.status(f"loading {args.outdir}"):
-        gen = Generator.load(args.outdir, threads=args.threads, verify_checksums=args.verify_checksums)
+        gen = Generator.load(args.outdir, threads=args.threads, verify_checksums=args.verify_checksums, runtime=args.runtime)
     args.template = args.template or prompt_template(gen.backend.manifest, "gemma")
     console.print(f"[bold]gemma-edge chat[/bold] with {args.outdir} ({args.template} template). {HELP}")
     messages: list[dict] = []

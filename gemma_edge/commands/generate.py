@@ -44,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
     check_request(ids, int(manifest["max_seq_len"]), args.max_new_tokens, args.truncate)
     console = progress()
     with console.status(f"loading {args.outdir}"):
-        gen = Generator(open_backend(args.outdir, threads=args.threads), tokenizer)
+        gen = Generator(open_backend(args.outdir, threads=args.threads, runtime=args.runtime,
+                                     progress=lambda message: console.print(f"[dim]{message}[/dim]")), tokenizer)
     pieces = gen.stream(ids, args.max_new_tokens, **options, truncate=args.truncate)
     if args.json:
         text = "".join(pieces)

@@ -69,7 +69,7 @@ def _backend(args, folder: Path, console):
 
     if args.target == "host":
         with console.status(f"loading {folder}"):
-            return open_backend(folder)
+            return open_backend(folder, runtime=args.runtime, progress=lambda message: console.print(f"[dim]{message}[/dim]"))
     from gemma_edge.emulation import arm64_command, ensure_pte_runner
     from gemma_edge.runtime.native_backend import NativeBackend
 

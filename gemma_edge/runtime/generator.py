@@ -51,10 +51,12 @@ class Generator:
         self._depth = 0
 
     @classmethod
-    def load(cls, folder: str | Path, threads: int | None = None, verify_checksums: bool = False) -> "Generator":
-        """The export in folder, its files checked first (sizes; SHA-256 with verify_checksums)."""
+    def load(cls, folder: str | Path, threads: int | None = None, verify_checksums: bool = False,
+             runtime: str = "auto") -> "Generator":
+        """The export in folder, its files checked first (sizes; SHA-256 with verify_checksums); runtime:
+        how a .pte runs (backend.open_backend)."""
         _, tokenizer = open_export(folder, verify_checksums)
-        return cls(open_backend(folder, threads=threads), tokenizer)
+        return cls(open_backend(folder, threads=threads, runtime=runtime), tokenizer)
 
     @property
     def max_seq_len(self) -> int:
