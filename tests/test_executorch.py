@@ -945,3 +945,26 @@ def test_the_native_runner_is_built_once_and_a_missing_compiler_says_what_to_do(
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(MissingDependencyError, match=r"needs a C\+\+17 compiler: apt-get install g\+\+ .*--runtime python"):
         native_build.host_runner(messages.append)
+
+
+def test_auto_runs_a_pte_in_the_python_bindings_where_the_native_runner_cannot_be_built(exports, monkeypatch):
+    """--runtime auto (the default): the native runner where it builds, else ExecuTorch's Python
+    bindings, said nowhere as an error; --runtime native then fails with the build's reason."""
+    from gemma_edge import native_build
+    from gemma_edge.errors import MissingDependencyError
+    from gemma_edge.runtime.backend import choose_runtime, open_backend
+    from gemma_edge.runtime.native_backend import NativeBackend
+
+    folder = exports[("tiny-gemma3", "int4")]
+    auto = open_backend(folder)
+    assert isinstance(auto, NativeBackend) and choose_runtime("auto") == "native"  # this machine has a compiler
+    auto.close()
+
+    def no_compiler(progress=None):
+        raise MissingDependencyError("building the native runner needs a C++17 compiler: apt-get install g++")
+    monkeypatch.setattr(native_build, "host_runner", no_compiler)
+    assert choose_runtime("auto") == "python" and isinstance(open_backend(folder), ExecuTorchBackend)
+    with pytest.raises(MissingDependencyError, match="C\\+\\+17 compiler"):
+        open_backend(folder, runtime="native")
+    with pytest.raises(GemmaEdgeError, match="unknown runtime 'jit'; valid: auto, native, python"):
+        open_backend(folder, runtime="jit")
