@@ -388,7 +388,7 @@ def write_outputs(report: dict, args) -> None:
         shown.add_row(*cells)
     results().print(shown)
     write_atomic(args.out / "peers.json", json.dumps(report, indent=1).encode())
-    plot({**report, "exports": [{**e, "folder": e["name"]} for e in report["exports"]]}, args.out / "peers.png")
+    plot(report, args.out / "peers.png")  # each row under its name
     body = markdown(report)
     text = (f"# gemma-edge and its peers, side by side\n\nWritten by `{report['command']}` on {report['date']}\n"
             f"({report['machine']}; memory read bandwidth {report['bandwidth_bytes_per_s'] / 2**30:.1f} GiB/s).\n\n"

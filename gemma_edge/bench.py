@@ -59,7 +59,8 @@ class ExportBench:
 
     def as_dict(self) -> dict:
         keys = ("ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s")
-        return {**asdict(self), **{f"median_{k}": self.median(k) for k in keys}, **{f"spread_{k}": self.spread(k) for k in keys}}
+        return {**asdict(self), "name": self.name, **{f"median_{k}": self.median(k) for k in keys},
+                **{f"spread_{k}": self.spread(k) for k in keys}}
 
 
 def weights_read_per_token(manifest: dict) -> int:

@@ -881,7 +881,7 @@ def test_the_native_runner_computes_what_the_python_bindings_compute(case, expor
     native.close()
 
 
-def test_generate_with_the_native_runner_says_the_same_and_only_our_lines(exports, tiny_exports):
+def test_generate_with_the_native_runner_says_the_same_and_only_our_lines(exports, tiny_exports, tmp_path):
     """`gemma-edge generate --runtime native`: the same text as the Python bindings', stderr our lines
     only (the runner's own log is kept); an ONNX export is refused with what to do; a .pte ExecuTorch
     cannot load is named as the Python runtime names it."""
@@ -904,7 +904,7 @@ def test_generate_with_the_native_runner_says_the_same_and_only_our_lines(export
     from gemma_edge.errors import DamagedExportError
     from gemma_edge.runtime.backend import open_backend
 
-    broken = Path(shutil.copytree(folder, Path(str(folder) + "-header-zeroed"), dirs_exist_ok=True))
+    broken = Path(shutil.copytree(folder, tmp_path / "header-zeroed"))
     program = broken / "model.pte"
     data = bytearray(program.read_bytes())
     data[:64] = bytes(64)  # same size (the manifest's check passes), no longer a program
@@ -916,7 +916,6 @@ def test_generate_with_the_native_runner_says_the_same_and_only_our_lines(export
     for error in (python_error, native_error):
         assert "model.pte (or its weights, model.ptd) is damaged (ExecuTorch cannot load it" in str(error.value)
         assert "ET12" in str(error.value)  # ExecuTorch's reason: the program's identifier
-    shutil.rmtree(broken)
 
 
 def test_the_native_runner_is_built_once_and_a_missing_compiler_says_what_to_do(tmp_path, monkeypatch):

@@ -65,8 +65,7 @@ def plot(report: dict, path: Path) -> None:
     from gemma_edge.files import write_atomic
 
     exports = report["exports"]
-    # a .pte run by both runtimes is two bars (the same label would be one)
-    names = [Path(e["folder"]).name + ("" if e.get("runtime", "python") == "python" else f" ({e['runtime']})") for e in exports]
+    names = [Path(e["name"]).name for e in exports]  # a .pte run by both runtimes: two bars, two names
     fig, axes = plt.subplots(3, 1, figsize=(max(6.0, 2 + 1.1 * len(exports)), 11))  # one panel above the other
     for ax, key, title in ((axes[0], "decode_tokens_per_s", "decode tok/s"), (axes[1], "prefill_tokens_per_s", "prefill tok/s")):
         medians = [e[f"median_{key}"] for e in exports]
