@@ -6,6 +6,7 @@ the real 270M in test_real_calibration.py.)"""
 
 from __future__ import annotations
 
+import collections
 import json
 import shutil
 
@@ -177,24 +178,42 @@ def test_the_exporter_stores_exactly_what_gptq_rounded(fmt, dtype, tiny_with_tok
     assert (error <= steps[..., None] / 2 + 1e-6).all()
 
 
+def _products(monkeypatch) -> list[collections.Counter]:
+    """Each layer cal.build_layer builds from now on: how many products each of its linear layers
+    computed (completed forwards: a forward stopped before its product is not one)."""
+    counts = []
+    build = cal.build_layer
+
+    def counted(*args, **kwargs):
+        layer = build(*args, **kwargs)
+        counts.append(collections.Counter())
+        for name, module in layer.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                module.register_forward_hook(lambda m, a, o, name=name, c=counts[-1]: c.update([name.split(".")[-1]]))
+        return layer
+
+    monkeypatch.setattr(cal, "build_layer", counted)
+    return counts
+
+
 def test_the_table_alone_is_calibrated_on_the_float_models_final_norm_running_each_layer_once(tiny_with_tokenizers,
                                                                                              monkeypatch):
     """The phone recipe calibrates the table only: each decoder layer then runs once over the
-    calibration chunks (no Hessians to gather before its output), twice where it has 4-bit linears
-    (test_gathering_stops_once_every_linear_has_read_the_chunk);
+    calibration chunks (no Hessians to gather before its output); with 4-bit linears it runs once
+    too, gate's and up's products twice (test_each_linear_is_calibrated_on_its_input_in_the_calibrated_layer);
     the table is GPTQ's on the float model's final-norm outputs (Gemma's own stack, each chunk from
     position 0), the layers' weights pass unchanged."""
     from gemma_edge.checkpoints import load_model
 
     ckpt = resolve(tiny_with_tokenizers["tiny-gemma3"])
     calib = cal.calibration(ckpt, None, MAX_SEQ_LEN, TOKENS)
-    runs = []
-    run = cal.run_layer
-    monkeypatch.setattr(cal, "run_layer", lambda layer, x, config, gather=None: runs.append(gather is None) or run(layer, x, config, gather))
+    chunks, layers = calib.ids.shape[0], ckpt.config.num_hidden_layers
+    products = _products(monkeypatch)
     table_only = dict(cal.calibrated_weights(iter_weights(ckpt), ckpt.config, calib.ids, {"embed_tokens.weight"},
                                              GRIDS["onnx"], {}))
-    layers = ckpt.config.num_hidden_layers
-    assert runs == [True] * layers  # each layer's output, no Hessians gathered
+    once = {"q_proj": chunks, "k_proj": chunks, "v_proj": chunks, "o_proj": chunks, "gate_proj": chunks,
+            "up_proj": chunks, "down_proj": chunks}
+    assert products == [once] * layers  # each layer's output, no Hessians gathered
     plain = dict(iter_weights(ckpt))
     assert all(torch.equal(table_only[n], w) for n, w in plain.items() if n != "embed_tokens.weight")
 
@@ -210,44 +229,68 @@ def test_the_table_alone_is_calibrated_on_the_float_models_final_norm_running_ea
     torch.testing.assert_close(table_only["embed_tokens.weight"], expected)
     assert not torch.allclose(expected, table, atol=1e-3)
 
-    runs.clear()
+    products.clear()
     list(cal.calibrated_weights(iter_weights(ckpt), ckpt.config, calib.ids, cal.linear_weights(ckpt.config),
                                 GRIDS["onnx"], {}))
-    assert runs == [False, True] * layers  # each layer's Hessians, then its output with GPTQ's weights
+    # the layer once, and gate's and up's products again for down's input (not held for all the chunks)
+    assert products == [{**once, "gate_proj": 2 * chunks, "up_proj": 2 * chunks}] * layers
 
 
-def test_gathering_stops_once_every_linear_has_read_the_chunk(tiny_with_tokenizers):
-    """A layer's Hessians: one per distinct input (q's for k and v, gate's for up), each the sum of
-    x x^T over that input as the whole forward gives it; down_proj, the last to read its input,
-    never computes its product."""
-    ckpt = resolve(tiny_with_tokenizers["tiny-gemma3"])
-    inputs, calib = _layer_inputs(ckpt, layer=0)
+class _Unrounded:
+    """A grid that rounds nothing (gptq.Grid): GPTQ then returns the weight as it is."""
+
+    def round(self, w: torch.Tensor, col: int) -> torch.Tensor:
+        return w
+
+
+@pytest.mark.parametrize("variant", ["tiny-gemma", "tiny-gemma3"])
+def test_each_linear_is_calibrated_on_its_input_in_the_calibrated_layer(variant, tiny_with_tokenizers, monkeypatch):
+    """True-sequential GPTQ: the Hessian each group of linears (q, k, v; o; gate, up; down) is rounded
+    on is the sum of x x^T over its input as the layer with its calibrated weights computes it (the
+    linears before it already rounded); the layer's output is the calibrated layer's; with a grid that
+    rounds nothing, it is the plain layer's, bit for bit (Gemma 1 without the post-norms, Gemma 3
+    with them). Each Hessian is made once for all the chunks."""
+    ckpt = resolve(tiny_with_tokenizers[variant])
+    calib = cal.calibration(ckpt, None, MAX_SEQ_LEN, TOKENS)
     weights = dict(iter_weights(ckpt))
-    x = torch.nn.functional.embedding(calib.ids, weights["embed_tokens.weight"]) * ckpt.config.embedding_scale
-    layer = cal.build_layer(0, {n: w for n, w in weights.items() if n.startswith("layers.0.")}, ckpt.config, x.shape[1])
-    linears = {f"layers.0.{n}.weight": m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
-    products = []
-    layer.mlp.down_proj.register_forward_hook(lambda *args: products.append(args))
-    gather = cal._Gather(linears)
-    with torch.no_grad(), torch.profiler.profile(profile_memory=True) as profile:
-        assert cal.run_layer(layer, x, ckpt.config, gather) is None
-    gather.remove()
-    assert products == []
-    # down_proj's Hessian (the only one that wide) is made once for all the chunks, not a [cols, cols]
-    # of zeros per chunk (2.4 GB each at Gemma 7B, dropped at once: 2.2 GiB over the export's peak
-    # until 2026-12-05). The narrower ones share their sizes with some of a chunk's activations.
-    made = [e.self_cpu_memory_usage for e in profile.events() if e.self_cpu_memory_usage > 0]
-    down = gather.hessians["layers.0.mlp.down_proj.weight"]
-    assert x.shape[0] == 32 and made.count(down.numel() * down.element_size()) == 1
-    name = "layers.0.{}.weight".format
-    assert gather.groups() == {name("attn.q_proj"): [name("attn.q_proj"), name("attn.k_proj"), name("attn.v_proj")],
-                               name("attn.o_proj"): [name("attn.o_proj")],
-                               name("mlp.gate_proj"): [name("mlp.gate_proj"), name("mlp.up_proj")],
-                               name("mlp.down_proj"): [name("mlp.down_proj")]}
-    assert set(gather.hessians) == set(gather.groups())
-    for first, group in gather.groups().items():
-        for n in group:
-            torch.testing.assert_close(gather.hessians[first], inputs[n][1].T @ inputs[n][1], rtol=1e-4, atol=1e-4)
+    x = cal.embed_chunks(calib.ids, weights["embed_tokens.weight"], ckpt.config)
+    tensors = {n: w for n, w in weights.items() if n.startswith("layers.0.")}
+    names = {n for n in tensors if n.endswith("_proj.weight")}
+    hessians = []
+    made = cal.factor
+    monkeypatch.setattr(cal, "factor", lambda h: hessians.append(h.clone()) or made(h))
+
+    def copies() -> dict[str, torch.Tensor]:  # calibrate_layer rounds a float32 weight in its own storage
+        return {n: w.clone() for n, w in tensors.items()}
+
+    plain = cal.run_layer(cal.build_layer(0, copies(), ckpt.config, x.shape[1]), x, ckpt.config)
+    unrounded, out = cal.calibrate_layer(0, copies(), x.clone(), ckpt.config, names, lambda n, w: _Unrounded(), {})
+    assert torch.equal(out, plain)
+    assert all(torch.equal(unrounded[n], tensors[n].float()) for n in names)
+
+    hessians.clear()
+    summed = []  # the Hessian each chunk's input was added to (held: their ids stay theirs)
+    add = cal.add_gram
+    monkeypatch.setattr(cal, "add_gram", lambda h, chunk: summed.append(h) or add(h, chunk))
+    rounded, out = cal.calibrate_layer(0, copies(), x.clone(), ckpt.config, names, GRIDS["onnx"], {})
+    inputs = {}
+    layer = cal.build_layer(0, {**tensors, **rounded}, ckpt.config, x.shape[1])
+    for name, module in layer.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_pre_hook(lambda m, args, name=name: inputs.setdefault(name, []).append(args[0]))
+    with torch.no_grad():
+        torch.testing.assert_close(out, cal.run_layer(layer, x, ckpt.config), rtol=1e-5, atol=1e-5)
+    assert all(not torch.allclose(rounded[n], tensors[n].float(), atol=1e-3) for n in names)
+    assert len(hessians) == 4
+    for hessian, group in zip(hessians, (["attn.q_proj", "attn.k_proj", "attn.v_proj"], ["attn.o_proj"],
+                                         ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"])):
+        for name in group:
+            read = torch.cat(inputs[name])
+            torch.testing.assert_close(hessian, read.T @ read, rtol=1e-4, atol=1e-4)
+    # one Hessian per group for all the chunks, not one per chunk (a [cols, cols] of zeros each: 2.4 GB at
+    # Gemma 7B's down_proj)
+    assert x.shape[0] == 32 and collections.Counter(map(id, summed)) == {id(h): 32 for h in dict.fromkeys(summed)}
+    assert len(set(map(id, summed))) == 4
 
 
 @pytest.mark.parametrize("fmt", list(GRIDS))

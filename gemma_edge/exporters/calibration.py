@@ -3,18 +3,18 @@
 then the 4-bit output projection (the tied table the head reads):
 
     x = embed(calibration ids)                       # [chunks, tokens, hidden], float32
-    for each decoder layer, as the stream reaches it:
-        H of each linear's input = sum of x x^T      # a float32 forward over the chunks, as far as
-                                                     # down_proj's input (one H for q, k, v; one for gate, up)
-        W' = gptq(W, H, grid chosen by the exporter from W); yield W'
-        x = layer(x) with W'                         # what the next layer will see on the device
-                                                     # (the only forward of a layer with nothing to calibrate)
+    for each decoder layer, as the stream reaches it (true-sequential, calibrate_layer):
+        for each group of linears reading one input, in forward order (q, k, v; o; gate, up; down):
+            H = sum of x x^T over the group's input  # the layer's forward over the chunks up to it,
+                                                     # with the groups before it already rounded
+            W' = gptq(W, H, grid chosen by the exporter from W); yield W'
+        x = the layer's output with W'               # what the next layer will see on the device
     table' = gptq(table, H of final_norm(x), grid)   # yielded last, the table read again
 
 Only one layer's weights (the layer computes with the stream's own tensors and GPTQ writes into
-them), its Hessians (one per distinct input, each factored in its own storage), two copies of the
-weight being rounded and the calibration activations are held (Gemma 7B: 1.1 GB of layer, 2.6 GB
-of Hessians, 0.3 GB for each copy of down_proj), then the table read again, its
+them), one Hessian (factored in its own storage), two copies of the weight being rounded, the
+calibration activations and attention's outputs are held (Gemma 7B: 1.1 GB of layer, 2.4 GB of
+down_proj's Hessian, 0.3 GB for each copy of down_proj), then the table read again, its
 GPTQ'd rows written back into it (7B: 3.1 GB in float32 at worst): memory.calibration_bytes.
 Between layers, the freed working memory is handed back to the system (release_freed_memory).
 The exporter fills its quantized layers from the stream as before, each calibrated one on the grid
@@ -44,6 +44,7 @@ from gemma_edge.checkpoints import Checkpoint, iter_weights, weight_shapes
 from gemma_edge.config import GemmaConfig
 from gemma_edge.errors import ConfigError, GemmaEdgeError
 from gemma_edge.exporters.gptq import add_gram, cat_grids, factor, gptq, mirrored
+from gemma_edge.exporters.rewrites import attend_new_keys_only
 from gemma_edge.exporters.streaming import release_freed_memory
 from gemma_edge.model import DecoderLayer, RMSNorm, rope_table, rotate_half_matrix
 
@@ -282,87 +283,101 @@ def layer_index(name: str) -> int | None:
 def calibrate_layer(index: int, tensors: dict[str, torch.Tensor], x: torch.Tensor, config: GemmaConfig, names: set[str],
                     choose: Choose, grids: dict[str, object]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Decoder layer `index` from its weights (full names): its calibrated weights (the others as
-    they came) and its output on x [chunks, tokens, hidden] computed with them."""
+    they came) and its output on x [chunks, tokens, hidden] computed with them (in x's storage).
+
+    True-sequential GPTQ: the layer goes forward over all the chunks one step at a time, each step up
+    to the next linear layers that read one input (q, k and v; o; gate and up; down), which are then
+    calibrated on that input as the layer computes it with the linears before them already rounded,
+    as the device will; the chunks go on from there. The layer runs once (gate's and up's products
+    twice: down's input is not held), attention's output held for all the chunks between its step
+    and o's ([chunks, tokens, heads * head_dim]). Gathering every Hessian on the float layer first took
+    a forward more (the real 270M's all-int4 .pte: build_model 93 -> 63 s, 2 cores)."""
     prefix = f"layers.{index}."
     layer = build_layer(index, tensors, config, x.shape[1])
     linears = {f"{prefix}{n}.weight": m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
-    linears = {n: m for n, m in linears.items() if n in names}
-    if not linears:  # nothing to learn here (the phone recipe calibrates the table alone): its output only
+    calibrated = {n: m for n, m in linears.items() if n in names}
+    if not calibrated:  # nothing to learn here (the phone recipe calibrates the table alone): its output only
         return tensors, run_layer(layer, x, config)
-    gather = _Gather(linears)
-    run_layer(layer, x, config, gather)
-    gather.remove()
     out = dict(tensors)
-    for first, group in gather.groups().items():  # each Hessian factored once for the linears sharing it
-        f = factor(mirrored(gather.hessians.pop(first)))  # in the Hessian's storage (down_proj's: 2.4 GB at 7B)
+
+    def calibrate(inputs: Iterator[torch.Tensor], *modules: torch.nn.Linear) -> None:
+        """GPTQ for those of modules that are calibrated, on the Hessian of the input they share,
+        each chunk's as `inputs` yields it (consumed whole, so the chunks' step is done either way)."""
+        group = [n for n, m in calibrated.items() if any(m is module for module in modules)]
+        hessian = None
+        for chunk in inputs:
+            if group:
+                chunk = chunk.reshape(-1, chunk.shape[-1]).float()
+                if hessian is None:
+                    hessian = chunk.new_zeros(chunk.shape[1], chunk.shape[1])
+                add_gram(hessian, chunk)
+        if not group:
+            return
+        release_freed_memory()
+        f = factor(mirrored(hessian))  # in the Hessian's storage (down_proj's: 2.4 GB at 7B)
+        del hessian
         for n in group:
-            weight = linears[n].weight
+            weight = calibrated[n].weight
             grids[n] = choose(n, weight)
             weight.copy_(gptq(weight, f, grids[n]))
             out[n] = weight.detach()  # the layer's own storage: no copy
-        del f
-    return out, run_layer(layer, x, config)
+
+    attn, mlp = layer.attn, layer.mlp
+    call = _call_inputs(layer, x.shape[1], config)
+    calibrate((layer.attn_norm(chunk) for chunk in x), attn.q_proj, attn.k_proj, attn.v_proj)
+    heads = torch.empty(*x.shape[:2], attn.o_proj.in_features)  # attention's outputs, o_proj's input
+
+    def attended() -> Iterator[torch.Tensor]:
+        for chunk, held in zip(x, heads):
+            attn.cache.reset()
+            held.copy_(_input_of(attn.o_proj, attn, layer.attn_norm(chunk), *call))
+            yield held
+    calibrate(attended(), attn.o_proj)
+
+    def attention_added() -> Iterator[torch.Tensor]:
+        for chunk, held in zip(x, heads):
+            h = attn.o_proj(held)
+            chunk += h if layer.attn_post_norm is None else layer.attn_post_norm(h)  # as DecoderLayer.forward
+            yield layer.ffn_norm(chunk)
+    calibrate(attention_added(), mlp.gate_proj, mlp.up_proj)
+    del heads
+    calibrate((_input_of(mlp.down_proj, mlp, layer.ffn_norm(chunk)) for chunk in x), mlp.down_proj)
+    for chunk in x:
+        h = mlp(layer.ffn_norm(chunk))
+        chunk += h if layer.ffn_post_norm is None else layer.ffn_post_norm(h)
+    return out, x
 
 
-class _Gathered(Exception):
-    """Every calibrated linear of the layer has read the chunk: the rest of its forward is not needed."""
+class _Read(Exception):
+    """The linear layer _input_of waits for has its input: the rest of the forward is not needed."""
 
 
-class _Gather:
-    """Forward pre-hooks on a layer's calibrated linears summing x x^T over each one's inputs: one
-    Hessian per distinct input tensor, under the first linear that read it (q for k and v, gate for
-    up: the same sums, made once), and the chunk's forward stopped (_Gathered) once every one of
-    them has read it (down_proj's product and what follows are not needed)."""
+def _input_of(linear: torch.nn.Linear, module: torch.nn.Module, *args) -> torch.Tensor:
+    """The input `linear` reads when module(*args) runs: module's forward up to linear's product (which
+    is not computed)."""
+    def hook(_, inputs):
+        raise _Read(inputs[0])
 
-    def __init__(self, linears: dict[str, torch.nn.Linear]):
-        self.hessians: dict[str, torch.Tensor] = {}
-        self.first: dict[str, str] = {}  # each linear -> the linear whose Hessian is its input's
-        self._read: dict[str, torch.Tensor] = {}  # this chunk's inputs, by the first linear that read each
-        self._pending: set[str] = set()
-        self._names = set(linears)
-        self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in linears.items()]
-
-    def start_chunk(self) -> None:
-        self._read.clear()
-        self._pending = set(self._names)
-
-    def _hook(self, name: str):
-        def hook(module, args):
-            x = args[0]
-            first = next((n for n, seen in self._read.items() if seen is x), None)
-            if first is None:
-                first, self._read[name] = name, x
-                inputs = x.reshape(-1, x.shape[-1]).float()
-                if name not in self.hessians:  # made once: not a [cols, cols] of zeros per chunk (setdefault's argument)
-                    self.hessians[name] = inputs.new_zeros(inputs.shape[1], inputs.shape[1])
-                add_gram(self.hessians[name], inputs)
-            if self.first.setdefault(name, first) != first:
-                raise RuntimeError(f"{name} read the input of {first} in one chunk, of {self.first[name]} in another")
-            self._pending.discard(name)
-            if not self._pending:
-                raise _Gathered
-        return hook
-
-    def groups(self) -> dict[str, list[str]]:
-        """Each Hessian's linear -> the linears that read its input, itself first."""
-        out: dict[str, list[str]] = {}
-        for name, first in self.first.items():
-            out.setdefault(first, []).append(name)
-        return out
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._read.clear()  # the last chunk's inputs (down_proj's: 50 MB at 7B)
+    handle = linear.register_forward_pre_hook(hook)
+    try:
+        module(*args)
+    except _Read as read:
+        return read.args[0]
+    finally:
+        handle.remove()
+    raise RuntimeError(f"{type(module).__name__} did not call the linear layer it was asked for")
 
 
 def build_layer(index: int, tensors: dict[str, torch.Tensor], config: GemmaConfig, tokens: int) -> DecoderLayer:
     """Decoder layer `index` in float32, its parameters the tensors given themselves where they are
     float32 (not copies: calibrate_layer overwrites the linear weights with GPTQ's values), else
-    float32 copies of them."""
+    float32 copies of them. Its attention reads each chunk's own keys alone (every chunk starts at
+    position 0, run_layer): the eager layer also multiplies by every slot of its empty cache and
+    masks them all, half of attention's products and of its softmax's work here (the real 270M's
+    calibration: attention 24 -> 10 s) for the same outputs, bit for bit."""
     prefix = f"layers.{index}."
     with torch.device("meta"):
-        layer = DecoderLayer(config, config.layer_types[index], tokens, torch.float32)
+        layer = attend_new_keys_only(DecoderLayer(config, config.layer_types[index], tokens, torch.float32))
     layer.to_empty(device="cpu").requires_grad_(False)
     layer.attn.cache.reset()
     for name, tensor in tensors.items():
@@ -374,26 +389,22 @@ def build_layer(index: int, tensors: dict[str, torch.Tensor], config: GemmaConfi
     return layer.eval()
 
 
-def run_layer(layer: DecoderLayer, x: torch.Tensor, config: GemmaConfig, gather: _Gather | None = None) -> torch.Tensor | None:
-    """The layer on each chunk of x [chunks, tokens, hidden] from position 0: [chunks, tokens, hidden];
-    with gather, each chunk only until gather's linears have read it (their Hessians), and None."""
-    tokens = x.shape[1]
-    positions = torch.arange(tokens)
-    cos, sin = rope_table(config, layer.layer_type, tokens)
-    mask = layer.attn.mask(positions, torch.float32)
-    rotate = rotate_half_matrix(config.head_dim)
+def run_layer(layer: DecoderLayer, x: torch.Tensor, config: GemmaConfig) -> torch.Tensor:
+    """The layer on each chunk of x [chunks, tokens, hidden] from position 0: [chunks, tokens, hidden]."""
+    inputs = _call_inputs(layer, x.shape[1], config)
     out = []
     for chunk in x:
         layer.attn.cache.reset()
-        if gather is None:
-            out.append(layer(chunk, positions, cos, sin, mask, rotate))
-            continue
-        gather.start_chunk()
-        try:
-            layer(chunk, positions, cos, sin, mask, rotate)
-        except _Gathered:
-            pass
-    return torch.stack(out) if gather is None else None
+        out.append(layer(chunk, *inputs))
+    return torch.stack(out)
+
+
+def _call_inputs(layer: DecoderLayer, tokens: int, config: GemmaConfig) -> tuple[torch.Tensor, ...]:
+    """What a layer's forward takes beside its input, for a chunk of `tokens` from position 0:
+    positions, cos, sin, mask, rotate."""
+    positions = torch.arange(tokens)
+    cos, sin = rope_table(config, layer.layer_type, tokens)
+    return positions, cos, sin, layer.attn.mask(positions, torch.float32), rotate_half_matrix(config.head_dim)
 
 
 def recipe_calibration(ckpt: Checkpoint, settings) -> Calibration | None:

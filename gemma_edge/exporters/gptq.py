@@ -27,13 +27,15 @@ import torch
 DAMPING = 0.01
 # Columns whose errors are spread lazily, as one matrix product per block (the paper's 128).
 BLOCK = 128
-# A Hessian wider than this (down_proj's at full size, and every one of Gemma 7B's) is summed a block
-# of this many rows at a time from its diagonal on (add_gram: 56% of the products of x^T x; Gemma 2B's
-# down_proj, 16384 wide: 8.8 -> 4.9 TFLOP at 16384 tokens), the lower triangle mirrored once
-# (symmetric), and factored by one Cholesky factorization and one triangular inverse, where the
-# narrow route takes two factorizations and an inverse (factor). One at most this wide (every Hessian
-# of the real 270M) is summed and factored as it always was: the same calibrated weights, bit for bit.
+# A Hessian wider than this (down_proj's at full size, and every one of Gemma 7B's) is factored by one
+# Cholesky factorization and one triangular inverse, where the narrow route takes two factorizations
+# and an inverse (factor).
 WIDE = 2048
+# A Hessian wider than this is summed a block of this many rows at a time from its diagonal on
+# (add_gram: Gemma 2B's down_proj, 16384 wide, 52% of the products of x^T x), the lower triangle
+# mirrored once (symmetric). Per 512-token chunk (2 threads): 2048 wide (the 270M's down_proj) 12.3
+# -> 8.6 ms, 16384 wide 886 -> 498 ms (518 in blocks of 2048); 640 wide the same.
+GRAM_BLOCK = 512
 
 
 class Grid(Protocol):
@@ -50,7 +52,7 @@ class Factor:
     inverse: torch.Tensor  # float32 [cols, cols], upper triangular
 
 
-def add_gram(h: torch.Tensor, x: torch.Tensor, block: int = WIDE) -> None:
+def add_gram(h: torch.Tensor, x: torch.Tensor, block: int = GRAM_BLOCK) -> None:
     """h [cols, cols] += x^T x for inputs x [tokens, cols]. Wider than `block`, only the blocks on and
     above the diagonal are summed (x^T x is symmetric): complete h with mirrored() before reading it."""
     cols = h.shape[0]
@@ -61,7 +63,7 @@ def add_gram(h: torch.Tensor, x: torch.Tensor, block: int = WIDE) -> None:
         h[start:start + block, start:].addmm_(x[:, start:start + block].T, x[:, start:])
 
 
-def mirrored(h: torch.Tensor, block: int = WIDE) -> torch.Tensor:
+def mirrored(h: torch.Tensor, block: int = GRAM_BLOCK) -> torch.Tensor:
     """h summed by add_gram, completed in its own storage: each block below the diagonal written from
     its mirror image above it."""
     for start in range(block, h.shape[0], block):

@@ -91,20 +91,22 @@ def expected_peak(config: GemmaConfig, settings: ExportSettings) -> int:
 def calibration_bytes(config: GemmaConfig, tokens: int) -> int:
     """What --recipe gptq holds beside the model being filled (exporters/calibration.py), at the wider
     of its two moments: a decoder layer's (its weights in float32, beside a bf16 checkpoint's own;
-    the Hessians of its linear layers; GPTQ's two copies of the widest weight; the calibration
-    activations in and out) and the output projection's (the table read again, float32 at worst as
-    random weights are, GPTQ's rows written back into it; a block of rows' working copies; the final
-    norm's outputs). random:gemma-2b's ONNX all-int4 export at 2048 tokens peaked at 4.08 GiB, where
+    the widest Hessian, one at a time; GPTQ's two copies of the widest weight; the calibration
+    activations, and attention's outputs for o_proj) and the output projection's (the table read
+    again, float32 at worst as random weights are, GPTQ's rows written back into it; a block of rows'
+    working copies; the final norm's outputs). Until 2026-12-07 every Hessian of a layer was held at
+    once, and the activations out beside those in (they are computed in place now): the figures below
+    were measured then. random:gemma-2b's ONNX all-int4 export at 2048 tokens peaked at 4.08 GiB, where
     expected_peak says 5.2 (2026-12-04; at the table's quantization, the rounding-to-nearest moment);
     one layer of Gemma 7B's shapes (4096-row table, ONNX, 2048 tokens) 4.93 GiB against 5.4 (2026-12-05)."""
     h, heads, inter = config.hidden_size, config.num_attention_heads * config.head_dim, config.intermediate_size
     kv = config.num_key_value_heads * config.head_dim
-    activations = 2 * tokens * h
+    activations = tokens * h
     layer = h * (heads + 2 * kv) + heads * h + 3 * h * inter
-    hessians = 2 * h * h + heads * heads + inter * inter  # one for q, k and v's input, one for gate and up's
+    hessian = max(h * h, heads * heads, inter * inter)  # one at a time: q, k and v's input, o's, gate and up's, down's
     rows = 1 << 13  # calibration.calibrate_head's block: in float32, GPTQ's two copies, on_grid_in's two
     table = config.vocab_size * h + 5 * rows * h  # (an untied int4 lm_head's moment is the same)
-    return 4 * (max(layer * 3 // 2 + hessians + 2 * inter * h, table) + activations)
+    return 4 * (max(layer * 3 // 2 + hessian + 2 * inter * h + tokens * heads, table) + activations)
 
 
 def smoothing_bytes(config: GemmaConfig) -> int:

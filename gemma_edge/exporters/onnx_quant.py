@@ -22,6 +22,7 @@ twin in PyTorch (tests hold the graph to it).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -87,10 +88,17 @@ class BlockGrid:
 
     def round(self, w: torch.Tensor, col: int) -> torch.Tensor:
         """Column col of a matrix, w [rows], rounded onto its block's grid and dequantized (gptq.Grid)."""
-        b = col // self.block
-        scale, zero = self.scales[:, b], self.zero[:, b]
-        q = (torch.round(w / torch.where(scale == 0, 1.0, scale)) + zero).clamp(0, (1 << self.bits) - 1)
+        scales, safe, zeros = self._by_block
+        scale, zero = scales[col // self.block], zeros[col // self.block]
+        q = (torch.round(w / safe[col // self.block]) + zero).clamp(0, (1 << self.bits) - 1)
         return (q - zero) * scale
+
+    @functools.cached_property
+    def _by_block(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The scales, the scales with 1 for 0 (a divisor) and the zero points, [blocks, rows] each:
+        a block's column of them contiguous, made once (GPTQ reads one for every column it rounds)."""
+        return (self.scales.T.contiguous(), torch.where(self.scales == 0, 1.0, self.scales).T.contiguous(),
+                self.zero.T.contiguous())
 
     def steps(self, cols: int) -> torch.Tensor:
         """float32 [rows, cols]: the grid's spacing at each column (its block's scale)."""
