@@ -176,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--recipe", default="auto", choices=RECIPES,
                         help="how 4-bit weights are rounded: rtn (to nearest, each group on its best clipping), gptq "
                              "(GPTQ on the same grids, calibrated on a text layer by layer: Gemma 3 270M all-int4 "
-                             "x1.04-1.05 perplexity instead of x1.14-1.29; 1-3 min more there, 38 min more at Gemma 2B), or auto: "
+                             "x1.01-1.07 perplexity instead of x1.14-1.29; about 1 min more there, 13 min more at Gemma 2B with "
+                             "--calibration-tokens 2048), or auto: "
                              "the best measured for the weights and format, gptq except for a .pte whose only 4-bit "
                              "weights are the table and for models of 1B and more (default: %(default)s)")
     export.add_argument("--calibration", metavar="FILE", default=None,
