@@ -312,38 +312,37 @@ def main() -> None:
 
 def quality_rows(ckpt, ours: list[Path], llama: dict[str, Path], genai: Path, threads: int | None) -> list[dict]:
     """Per row (ours, then llama.cpp's, then GenAI's: bench's order), {text: (ratio, top-1, KL)} and a name."""
-    from quality import quality, texts  # benchmarks/quality.py: the same texts and measure as our QUALITY.md
-    from tokenizers import Tokenizer
+    from quality import export_quality, quality, reference  # benchmarks/quality.py: the texts and measure of QUALITY.md
 
-    from gemma_edge.checkpoints import load_model
-    from gemma_edge.manifest import program_files, read_manifest
-    from gemma_edge.runtime.backend import native_log_captured, open_backend
-    from gemma_edge.runtime.eager import EagerBackend
+    from gemma_edge.runtime.backend import native_log_captured
 
-    ids = texts(Tokenizer.from_file(str(ckpt.hf_dir / "tokenizer.json")))
     say("quality: the fp32 reference")
-    reference = EagerBackend(load_model(ckpt, CONTEXT))
-    fp32 = {name: reference.forward(t, 0) for name, t in ids.items()}
-    del reference
+    ids, fp32 = reference(ckpt, CONTEXT)
     rows = []
+    for folder in ours:
+        say(f"quality: {folder.name}")
+        rows.append(ours_row(folder, export_quality(folder, ids, fp32, threads)))
 
     def add(name: str, model_bytes: int, logits_of) -> None:
         say(f"quality: {name}")
-        with native_log_captured():  # ExecuTorch's and llama.cpp's log lines
+        with native_log_captured():  # llama.cpp's log lines
             rows.append({"name": name, "model_bytes": model_bytes,
                          "quality": {text: quality(logits_of(t), fp32[text], t) for text, t in ids.items()}})
 
-    for folder in ours:
-        with native_log_captured():
-            backend = open_backend(folder, threads=threads)
-        manifest = read_manifest(folder)
-        add(folder.name, sum(manifest["files"][f]["bytes"] for f in program_files(manifest)), lambda t: backend.forward(t, 0))
-        del backend
     for name, path in llama.items():
         add(f"llama.cpp {name}", path.stat().st_size, lambda t: llama_logits(path, t, threads))
     add("ORT GenAI int4", sum(f.stat().st_size for f in genai.iterdir() if f.name.startswith("model.onnx")),
         lambda t: genai_logits(genai, t, threads))
     return rows
+
+
+def ours_row(folder: Path, measured: dict) -> dict:
+    """An export folder's row: its name, the bytes of its program files, its quality."""
+    from gemma_edge.manifest import program_files, read_manifest
+
+    manifest = read_manifest(folder)
+    return {"name": folder.name, "model_bytes": sum(manifest["files"][f]["bytes"] for f in program_files(manifest)),
+            "quality": measured}
 
 
 def machine() -> str:
@@ -354,8 +353,9 @@ def machine() -> str:
 def table(report: dict) -> tuple[list[str], list[list[str]]]:
     """The results' columns and one row of cells per export: the terminal's table and the Markdown's."""
     texts = list(report["exports"][0]["quality"])
+    exported = any(e.get("export_s") for e in report["exports"])  # benchmarks/speed.py's rows
     header = ["row", "model MiB", *(f"{t}: ppl ratio / top-1" for t in texts), "prefill tok/s", "decode tok/s",
-              "of ceiling", "first token ms", "peak RSS MiB"]
+              "of ceiling", "first token ms", "peak RSS MiB", *(["export s"] if exported else [])]
     rows = []
     for e in report["exports"]:
         decode, ceiling = e["median_decode_tokens_per_s"], report["bandwidth_bytes_per_s"] / max(e["weights_read_per_token"], 1)
@@ -363,7 +363,8 @@ def table(report: dict) -> tuple[list[str], list[list[str]]]:
                      *(f"x{e['quality'][t][0]:.3f} / {e['quality'][t][1]:.1%}" for t in texts),
                      f"{e['median_prefill_tokens_per_s']:,.0f} ±{e['spread_prefill_tokens_per_s']:.0%}",
                      f"{decode:.1f} ±{e['spread_decode_tokens_per_s']:.0%}", f"{decode / ceiling:.0%}",
-                     f"{e['median_ttft_s'] * 1000:.0f}", f"{e['peak_rss_bytes'] / MIB:,.0f}"])
+                     f"{e['median_ttft_s'] * 1000:.0f}", f"{e['peak_rss_bytes'] / MIB:,.0f}",
+                     *([f"{e['export_s']:.0f}" if e.get("export_s") else "-"] if exported else [])])
     return header, rows
 
 
@@ -372,21 +373,43 @@ def markdown(report: dict) -> str:
     return "\n".join("| " + " | ".join(cells) + " |" for cells in [header, ["---"] * len(header), *rows])
 
 
-def write_outputs(report: dict, args) -> None:
+def show(report: dict, title: str) -> None:
+    """The results' table in the terminal."""
     from rich.table import Table
 
-    from gemma_edge.commands.bench import plot
     from gemma_edge.commands.ui import results
-    from gemma_edge.files import write_atomic
 
     header, rows = table(report)
-    shown = Table(title=f"real Gemma 3 270M, {report['prompt_tokens']}-token prompt, {report['new_tokens']} greedy tokens, "
+    shown = Table(title=f"{title}, {report['prompt_tokens']}-token prompt, {report['new_tokens']} greedy tokens, "
                         f"median of {report['runs']} runs (± spread), {report['threads']} threads")
     for col in header:
         shown.add_column(col, justify="left" if col == "row" else "right")
     for cells in rows:
         shown.add_row(*cells)
     results().print(shown)
+
+
+def write_readme_table(name: str, report: dict, body: str) -> None:
+    """Put a Markdown table, stamped with its command, date and machine, between README.md's
+    <!-- NAME table --> and <!-- /NAME table --> lines."""
+    from gemma_edge.files import write_atomic
+
+    readme = HERE.parent / "README.md"
+    start, end = f"<!-- {name} table -->", f"<!-- /{name} table -->"
+    current = readme.read_text()
+    if start not in current or end not in current:
+        raise SystemExit(f"README.md has no {start} ... {end} section to replace")
+    head, rest = current.split(start, 1)
+    stamp = f"\n`{report['command']}`, {report['date']} ({report['machine']}):\n\n"
+    write_atomic(readme, (head + start + stamp + body + "\n" + end + rest.split(end, 1)[1]).encode())
+    say("updated README.md's table")
+
+
+def write_outputs(report: dict, args) -> None:
+    from gemma_edge.commands.bench import plot
+    from gemma_edge.files import write_atomic
+
+    show(report, "real Gemma 3 270M")
     write_atomic(args.out / "peers.json", json.dumps(report, indent=1).encode())
     plot(report, args.out / "peers.png")  # each row under its name
     body = markdown(report)
@@ -400,15 +423,7 @@ def write_outputs(report: dict, args) -> None:
     write_atomic(args.results, text.encode())
     say(f"wrote {args.results}, {args.out / 'peers.json'}, {args.out / 'peers.png'}")
     if args.readme:
-        readme = HERE.parent / "README.md"
-        start, end = "<!-- peers.py table -->", "<!-- /peers.py table -->"
-        current = readme.read_text()
-        if start not in current or end not in current:
-            raise SystemExit(f"README.md has no {start} ... {end} section to replace")
-        head, rest = current.split(start, 1)
-        stamp = f"\n`{report['command']}`, {report['date']} ({report['machine']}):\n\n"
-        write_atomic(readme, (head + start + stamp + body + "\n" + end + rest.split(end, 1)[1]).encode())
-        say("updated README.md's table")
+        write_readme_table("peers.py", report, body)
 
 
 if __name__ == "__main__":

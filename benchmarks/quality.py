@@ -42,6 +42,27 @@ def quality(logits, fp32, ids) -> tuple[float, float, float]:
     return ratio, top1, kl
 
 
+def reference(ckpt, context: int = 1024) -> tuple[dict[str, list[int]], dict]:
+    """The two texts' ids and the fp32 reference's logits over each (one prefill)."""
+    from tokenizers import Tokenizer
+
+    from gemma_edge.checkpoints import load_model
+    from gemma_edge.runtime.eager import EagerBackend
+
+    ids = texts(Tokenizer.from_file(str(ckpt.hf_dir / "tokenizer.json")))
+    model = EagerBackend(load_model(ckpt, context))
+    return ids, {name: model.forward(t, 0) for name, t in ids.items()}
+
+
+def export_quality(folder: Path, ids: dict[str, list[int]], fp32: dict, threads: int | None = None) -> dict:
+    """{text: (perplexity ratio, top-1, KL)} of an export folder against the reference's logits."""
+    from gemma_edge.runtime.backend import native_log_captured, open_backend
+
+    with native_log_captured():  # ExecuTorch's log lines
+        backend = open_backend(folder, threads=threads)
+        return {name: quality(backend.forward(t, 0), fp32[name], t) for name, t in ids.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for the exports (one subfolder each)")
@@ -50,18 +71,11 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="+", default=["rtn", "gptq"])
     args = parser.parse_args()
 
-    from tokenizers import Tokenizer
-
-    from gemma_edge.checkpoints import load_model, resolve
+    from gemma_edge.checkpoints import resolve
     from gemma_edge.exporters.settings import ExportSettings
-    from gemma_edge.runtime.backend import open_backend
-    from gemma_edge.runtime.eager import EagerBackend
 
     ckpt = resolve("gemma-3-270m")
-    ids = texts(Tokenizer.from_file(str(ckpt.hf_dir / "tokenizer.json")))
-    reference = EagerBackend(load_model(ckpt, 1024))
-    fp32 = {name: reference.forward(t, 0) for name, t in ids.items()}
-    del reference
+    ids, fp32 = reference(ckpt)
     rows = []
     for fmt in args.formats:
         if fmt == "pte":
@@ -76,8 +90,7 @@ def main() -> None:
                 result = export(ckpt, settings, folder, overwrite=True)
                 seconds = time.perf_counter() - start
                 load = next(v for k, v in result.seconds.items() if k.startswith("load"))
-                backend = open_backend(folder)
-                measured = {name: quality(backend.forward(t, 0), fp32[name], t) for name, t in ids.items()}
+                measured = export_quality(folder, ids, fp32)
                 size = sum(f["bytes"] for n, f in json.loads((folder / "gemma_edge.json").read_text())["files"].items()
                            if n.startswith("model.")) / 2**20
                 rows.append((fmt, weights, recipe, measured, size, seconds, load))

@@ -1,66 +1,110 @@
-"""Prefill and decode speed of exported folders (.pte or ONNX), through the runtime's backends.
+"""Our exports of the real Gemma 3 270M in both formats, made and measured in one run: each row
+exported by `gemma-edge export` (its wall-clock time taken, Python's start included), its quality
+against the fp32 reference on benchmarks/quality.py's two texts, its program files, and its speed
+and memory by `gemma-edge bench`'s protocol (each row in its own process, rows taking turns run by
+run, the machine's read bandwidth as decode's ceiling). Prints a table; writes --out/speed.json and
+--out/speed.png; `--readme` puts the table into README.md's "Our exports in more detail".
 
-One prefill of --prompt tokens in one call, then --decode single-token calls, repeated --repeats
-times; prints the best and the median of each. Wall-clock on a shared machine: compare exports
-measured in the same run.
+    .venv/bin/python benchmarks/speed.py --out /tmp/speed [--rows onnx-int4 pte-phone ...]
+        [--threads 2] [--runs 5] [--prompt-tokens 128] [--new-tokens 128] [--readme]
 
-    .venv/bin/python benchmarks/speed.py OUTDIR [OUTDIR ...] [--prompt 128] [--decode 64] [--repeats 3]
+The rows are the commands a user types (every option at its default but those named: `--recipe
+auto` calibrates all-int4 by GPTQ), in both formats: all-int4, the phone recipe (int8 layers, int4
+table; the `.pte` with its prefill method, as `make demo` makes it) and int8. Every run exports
+afresh into --out (each row's folder is replaced); `--ours DIR...` measures folders made before
+instead (their export time unknown: "-"). Asserts nothing.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import json
+import logging
+import subprocess
+import sys
 import time
+import warnings
 from pathlib import Path
 
+from peers import machine, markdown, ours_row, say, show, write_readme_table  # benchmarks/peers.py
 
-def measure(folder: Path, prompt: int, decode: int, repeats: int) -> tuple[list[float], list[float]]:
-    from gemma_edge.runtime.backend import open_backend
+ROWS = {  # row name: gemma-edge export gemma-3-270m arguments
+    "onnx-int4": ["--format", "onnx", "--quant", "int4"],
+    "onnx-phone": ["--format", "onnx", "--quant", "int8", "--embedding-quant", "int4"],  # make demo's
+    "onnx-int8": ["--format", "onnx", "--quant", "int8"],
+    "pte-int4": ["--format", "pte", "--quant", "int4"],
+    "pte-phone": ["--format", "pte", "--quant", "int8", "--embedding-quant", "int4", "--prefill-method"],  # make demo's
+    "pte-int8": ["--format", "pte", "--quant", "int8"],
+}
+COMMAND = "gemma-edge export gemma-3-270m"
 
-    backend = open_backend(folder)
-    if prompt + decode > backend.max_seq_len:
-        raise SystemExit(f"{folder}: --prompt + --decode must fit in its max_seq_len {backend.max_seq_len}")
-    ids = [(7 * i) % 1000 + 100 for i in range(prompt + decode)]  # ordinary vocabulary ids
-    prefill, steps = [], []
-    for _ in range(repeats):
-        backend.reset()
-        start = time.perf_counter()
-        backend.forward_last(ids[:prompt], 0)
-        prefill.append(prompt / (time.perf_counter() - start))
-        start = time.perf_counter()
-        for i in range(decode):
-            backend.forward_last([ids[prompt + i]], prompt + i)
-        steps.append(decode / (time.perf_counter() - start))
-    return prefill, steps
+
+def export(name: str, out: Path) -> float:
+    """Export a row into out/name with the command line, replacing what is there; its seconds."""
+    folder, log = out / name, out / f"{name}.log"
+    say(f"exporting {name} ({COMMAND} {' '.join(ROWS[name])})")
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        done = subprocess.run([str(Path(sys.executable).with_name("gemma-edge")), "export", "gemma-3-270m", *ROWS[name],
+                               "-o", str(folder), "--overwrite"], stdout=f, stderr=subprocess.STDOUT)
+    if done.returncode:
+        raise SystemExit(f"exporting {name} failed: see {log}")
+    return time.perf_counter() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folders", nargs="+", type=Path, help="export folders (gemma-edge export ... -o OUTDIR)")
-    parser.add_argument("--prompt", type=int, default=128, help="prefill length in tokens")
-    parser.add_argument("--decode", type=int, default=64, help="decode steps after the prefill")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, required=True, help="folder for the exports, speed.json and speed.png")
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), help="which exports (default: all)")
+    parser.add_argument("--ours", type=Path, nargs="+", help="measure these export folders instead of exporting --rows")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--readme", action="store_true", help="put the table into README.md's 'Our exports in more detail'")
     args = parser.parse_args()
+    command = "benchmarks/speed.py " + " ".join(sys.argv[1:])
+    logging.disable(logging.WARNING)  # the libraries' warnings (torchao's, torch's) are not results
+    warnings.simplefilter("ignore")
 
-    import json
+    from quality import export_quality, reference  # benchmarks/quality.py
 
-    from gemma_edge.commands import ui
-    from rich.table import Table
+    from gemma_edge.bench import bench
+    from gemma_edge.checkpoints import resolve
+    from gemma_edge.commands.bench import plot
+    from gemma_edge.files import write_atomic
 
-    table = Table(title=f"prefill {args.prompt} tokens, then {args.decode} decode steps; tok/s, best (median) of {args.repeats}")
-    for column in ("export", "format", "quant", "MiB", "prefill", "decode"):
-        table.add_column(column, justify="right")
-    console = ui.progress()
-    for folder in args.folders:
-        manifest = json.loads((folder / "gemma_edge.json").read_text())
-        with console.status(f"running {folder}"):
-            prefill, decode = measure(folder, args.prompt, args.decode, args.repeats)
-        size = sum(f["bytes"] for name, f in manifest["files"].items() if name.startswith("model.")) / (1 << 20)
-        table.add_row(str(folder), manifest["format"], manifest["export"]["quant"], f"{size:.1f}",
-                      f"{max(prefill):.0f} ({statistics.median(prefill):.0f})",
-                      f"{max(decode):.1f} ({statistics.median(decode):.1f})")
-    ui.results().print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    ckpt = resolve("gemma-3-270m")
+    seconds = {}
+    if args.ours:
+        folders = args.ours
+    else:
+        folders = [args.out / name for name in args.rows]
+        for name in args.rows:  # one after another, nothing else of ours running
+            seconds[name] = export(name, args.out)
+    say("quality: the fp32 reference")
+    ids, fp32 = reference(ckpt)
+    rows = []
+    for folder in folders:
+        say(f"quality: {folder.name}")
+        rows.append(ours_row(folder, export_quality(folder, ids, fp32, args.threads)))
+    say(f"speed: {len(folders)} rows taking turns, {args.runs} runs each after a warm-up")
+    measured, bandwidth = bench(folders, args.prompt_tokens, args.new_tokens, args.threads, args.runs, progress=say)
+    report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), "command": command,
+              "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "threads": args.threads, "runs": args.runs,
+              "bandwidth_bytes_per_s": bandwidth,
+              "exports": [{**e.as_dict(), **q, "export_s": seconds.get(q["name"]),
+                           "export_args": ROWS.get(q["name"]) if not args.ours else None}
+                          for e, q in zip(measured, rows)]}
+    show(report, "our exports of the real Gemma 3 270M")
+    write_atomic(args.out / "speed.json", json.dumps(report, indent=1).encode())
+    plot(report, args.out / "speed.png")
+    say(f"wrote {args.out / 'speed.json'}, {args.out / 'speed.png'}")
+    if args.readme:
+        commands = "".join(f"\n- `{e['name']}`: `{COMMAND} {' '.join(e['export_args'])}`"
+                           for e in report["exports"] if e["export_args"])
+        write_readme_table("speed.py", report, markdown(report) + ("\n" + commands if commands else ""))
 
 
 if __name__ == "__main__":
