@@ -312,28 +312,22 @@ def main() -> None:
 
 def quality_rows(ckpt, ours: list[Path], llama: dict[str, Path], genai: Path, threads: int | None) -> list[dict]:
     """Per row (ours, then llama.cpp's, then GenAI's: bench's order), {text: (ratio, top-1, KL)} and a name."""
-    from quality import export_quality, quality, reference  # benchmarks/quality.py: the texts and measure of QUALITY.md
+    from quality import measure, reference  # benchmarks/quality.py: the texts and measure of QUALITY.md
 
-    from gemma_edge.runtime.backend import native_log_captured
+    from gemma_edge.runtime.backend import native_log_captured, open_backend
 
-    say("quality: the fp32 reference")
+    say(f"quality: {len(ours) + len(llama) + 1} rows against the fp32 reference, a window of text at a time")
     ids, fp32 = reference(ckpt, CONTEXT)
-    rows = []
-    for folder in ours:
-        say(f"quality: {folder.name}")
-        rows.append(ours_row(folder, export_quality(folder, ids, fp32, threads)))
-
-    def add(name: str, model_bytes: int, logits_of) -> None:
-        say(f"quality: {name}")
-        with native_log_captured():  # llama.cpp's log lines
-            rows.append({"name": name, "model_bytes": model_bytes,
-                         "quality": {text: quality(logits_of(t), fp32[text], t) for text, t in ids.items()}})
-
-    for name, path in llama.items():
-        add(f"llama.cpp {name}", path.stat().st_size, lambda t: llama_logits(path, t, threads))
-    add("ORT GenAI int4", sum(f.stat().st_size for f in genai.iterdir() if f.name.startswith("model.onnx")),
-        lambda t: genai_logits(genai, t, threads))
-    return rows
+    with native_log_captured():  # ExecuTorch's and llama.cpp's log lines
+        backends = {folder.name: open_backend(folder, threads=threads) for folder in ours}
+        subjects = {name: lambda t, b=b: b.forward(t, 0) for name, b in backends.items()}
+        subjects.update({f"llama.cpp {name}": lambda t, path=path: llama_logits(path, t, threads) for name, path in llama.items()})
+        subjects["ORT GenAI int4"] = lambda t: genai_logits(genai, t, threads)
+        measured = measure(subjects, ids, fp32)
+    sizes = [*(path.stat().st_size for path in llama.values()),
+             sum(f.stat().st_size for f in genai.iterdir() if f.name.startswith("model.onnx"))]
+    return ([ours_row(folder, measured[folder.name]) for folder in ours]
+            + [{"name": name, "model_bytes": size, "quality": measured[name]} for name, size in zip(list(subjects)[len(ours):], sizes)])
 
 
 def ours_row(folder: Path, measured: dict) -> dict:

@@ -67,7 +67,7 @@ def main() -> None:
     logging.disable(logging.WARNING)  # the libraries' warnings (torchao's, torch's) are not results
     warnings.simplefilter("ignore")
 
-    from quality import export_quality, reference  # benchmarks/quality.py
+    from quality import exports_quality, reference  # benchmarks/quality.py
 
     from gemma_edge.bench import bench
     from gemma_edge.checkpoints import resolve
@@ -83,12 +83,10 @@ def main() -> None:
         folders = [args.out / name for name in args.rows]
         for name in args.rows:  # one after another, nothing else of ours running
             seconds[name] = export(name, args.out)
-    say("quality: the fp32 reference")
+    say(f"quality: {len(folders)} rows against the fp32 reference, a window of text at a time")
     ids, fp32 = reference(ckpt)
-    rows = []
-    for folder in folders:
-        say(f"quality: {folder.name}")
-        rows.append(ours_row(folder, export_quality(folder, ids, fp32, args.threads)))
+    quality = exports_quality(folders, ids, fp32, args.threads)
+    rows = [ours_row(folder, quality[folder.name]) for folder in folders]
     say(f"speed: {len(folders)} rows taking turns, {args.runs} runs each after a warm-up")
     measured, bandwidth = bench(folders, args.prompt_tokens, args.new_tokens, args.threads, args.runs, progress=say)
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), "command": command,

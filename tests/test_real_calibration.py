@@ -2,7 +2,8 @@
 on the default text: Python's module documentation), both formats, each against the same weights
 rounded to nearest (ONNX: that export; .pte: the eager model that export would compute): quality on
 two real texts the calibration never saw (verify's, the CPython reference manual; and transformers'
-modeling_gemma.py, code); and the phone recipe's hot rows.
+modeling_gemma.py, code, the whole file), held to the calibration issue's targets on both; and the
+phone recipe's hot rows.
 Exports are cached by content. (The phone recipe calibrated by GPTQ, not --recipe auto's choice, was
 measured here until 2026-12-06, below; its table's calibration is tested on the tiny models,
 tests/test_calibration.py: 12 minutes of a cold CI run for an option the defaults do not take.)"""
@@ -10,6 +11,7 @@ tests/test_calibration.py: 12 minutes of a cold CI run for an option the default
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,11 +19,14 @@ import pytest
 from export_cache import cached_export
 from gemma_edge.exporters.settings import ExportSettings
 from gemma_edge.runtime.backend import open_backend
-from test_real_executorch import MAX_SEQ_LEN, MIB, TOKENS, quality
+from test_real_executorch import MAX_SEQ_LEN, MIB, quality
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+from quality import CODE, measure, texts  # noqa: E402  benchmarks/quality.py: the README's and QUALITY.md's measure
 
 pytestmark = pytest.mark.slow
 
-# The issue's targets on verify's text (perplexity ratio, top-1 agreement): all-int4 ONNX <= 1.20
+# The issue's targets on verify's text and another (perplexity ratio, top-1 agreement): all-int4 ONNX <= 1.20
 # with >= 0.80, .pte <= 1.35; the phone recipe calibrated <= 1.05 with >= 0.88. Measured 2026-12-03
 # (ratio / top-1 on the manual, then on modeling_gemma.py):
 #   .pte int4   rtn x1.380 / 0.751, x1.908 / 0.765   gptq x1.106 / 0.826, x1.497 / 0.793
@@ -49,27 +54,39 @@ pytestmark = pytest.mark.slow
 # and 2026-12-07 (Intel Xeon), GPTQ true-sequential (calibration.calibrate_layer), KL in brackets:
 #   ONNX int4   gptq x1.008 / 0.888 (0.049), x1.282 / 0.853 (0.322)   (was KL 0.047, 0.359)
 #   .pte int4   gptq x1.073 / 0.867 (0.069), x1.318 / 0.849 (0.329)   (was KL 0.065, 0.378)
+# Every figure above on code is modeling_gemma.py's first 512 tokens, two thirds of them a banner and
+# the Apache License's header the model recites from memory. Since 2026-12-07 the whole file (12
+# windows, code_text), the same exports (Intel Xeon, 1 thread a test process):
+#   ONNX int4   rtn x1.308 / 0.794 (0.285)   gptq x1.099 / 0.887 (0.101)
+#   .pte int4   rtn x1.227 / 0.820 (0.187)   gptq x1.107 / 0.873 (0.109)
+#   ONNX phone  rtn x1.024 / 0.927 (0.035); every row 4-bit x1.070 / 0.878 (0.081)
 TARGETS = {"onnx": (1.20, 0.80), "pte": (1.35, 0.0)}  # all-int4
 
 
 @pytest.fixture(scope="module")
 def code_text(real):
-    """512 ids of Python code written by others (transformers' Gemma model) and their fp32 logits."""
-    import transformers
-
+    """Python code written by others, transformers' Gemma model: the whole file in windows of 512 ids
+    (benchmarks/quality.py's), and the fp32 model's forward over a window. Its first window alone was
+    measured until 2026-12-07: 351 of its 512 tokens are a generated-file banner and the Apache
+    License's header, which the model recites from memory (benchmarks/QUALITY.md, "The code text")."""
     from gemma_edge.checkpoints import load_model
     from gemma_edge.runtime.eager import EagerBackend
 
     ckpt, tokenizer = real[0], real[1]
-    code = Path(transformers.__file__).parent / "models" / "gemma" / "modeling_gemma.py"
-    ids = tokenizer.encode(code.read_text()).ids[:TOKENS]
-    return ids, EagerBackend(load_model(ckpt, MAX_SEQ_LEN)).forward(ids, 0)
+    reference = EagerBackend(load_model(ckpt, MAX_SEQ_LEN))
+    return {CODE: texts(tokenizer)[CODE]}, lambda window: reference.forward(window, 0)
+
+
+def code_quality(backends: dict, code_text) -> dict[str, dict[str, float]]:
+    """{name: {ppl_ratio, top1, kl}} of each backend on the code text, against the fp32 model."""
+    measured = measure({name: lambda w, b=b: b.forward(w, 0) for name, b in backends.items()}, *code_text)
+    return {name: dict(zip(("ppl_ratio", "top1", "kl"), q[CODE])) for name, q in measured.items()}
 
 
 @pytest.mark.parametrize("fmt", list(TARGETS))
 def test_gptq_keeps_the_real_model_where_rounding_to_nearest_loses_it(fmt, real, code_text):
     ckpt, _, ids, fp32 = real
-    got = {}
+    backends, got = {}, {}
     for rounding in ("rtn", "gptq"):
         settings = ExportSettings(format=fmt, quant="int4", max_seq_len=MAX_SEQ_LEN, recipe=rounding)
         if fmt == "pte" and rounding == "rtn":
@@ -79,54 +96,55 @@ def test_gptq_keeps_the_real_model_where_rounding_to_nearest_loses_it(fmt, real,
             from gemma_edge.exporters.executorch import build_model
             from gemma_edge.runtime.eager import EagerBackend
 
-            backend, size = EagerBackend(build_model(ckpt, settings)[0]), None
+            backends[rounding], size = EagerBackend(build_model(ckpt, settings)[0]), None
         else:
             folder = cached_export(ckpt, settings)
-            backend = open_backend(folder)
+            backends[rounding] = open_backend(folder)
             manifest = json.loads((folder / "gemma_edge.json").read_text())
             size = sum(f["bytes"] for n, f in manifest["files"].items() if n.startswith("model.")) / MIB
-        got[rounding] = {"manual": quality(backend.forward(ids, 0), fp32, ids),
-                         "code": quality(backend.forward(code_text[0], 0), code_text[1], code_text[0])}
+        got[rounding] = {"manual": quality(backends[rounding].forward(ids, 0), fp32, ids), "MiB": size}
+    for rounding, q in code_quality(backends, code_text).items():
+        got[rounding]["code"] = q
+        size = got[rounding]["MiB"]
         print(f"gemma-3-270m {fmt} int4 {rounding} ({'eager' if size is None else f'{size:.1f} MiB'}): " + ", ".join(
-            f"{text} x{q['ppl_ratio']:.3f} top-1 {q['top1']:.3f} KL {q['kl']:.3f}" for text, q in got[rounding].items()))
-        got[rounding]["MiB"] = size
+            f"{text} x{got[rounding][text]['ppl_ratio']:.3f} top-1 {got[rounding][text]['top1']:.3f} "
+            f"KL {got[rounding][text]['kl']:.3f}" for text in ("manual", "code")))
     gptq, rtn = got["gptq"], got["rtn"]
     ratio, top1 = TARGETS[fmt]
-    assert gptq["manual"]["ppl_ratio"] <= ratio and gptq["manual"]["top1"] >= top1, gptq
+    for text in ("manual", "code"):  # the issue's targets, on verify's text and on code
+        assert gptq[text]["ppl_ratio"] <= ratio and gptq[text]["top1"] >= top1, (text, gptq[text])
     if fmt == "onnx":  # the same layers, other values (the .pte's sizes: test_real_executorch.py's ideal size)
         assert gptq["MiB"] == rtn["MiB"]
-    # GPTQ takes off at least a third of what rounding to nearest lost: on the manual in both formats, on
-    # code in ONNX. The .pte's layers rounded to nearest are smoothed (smoothing.py), GPTQ's are not, and
-    # on code GPTQ gains less there: measured x1.464 -> x1.300 (KL 0.413 -> 0.378; Intel Xeon, 2026-12-06),
-    # x1.476 -> x1.243 (AMD EPYC, the rtn program), where GPTQ's own noise on code is ~0.09 (its bytes
-    # follow the CPU's LAPACK and the thread count): a third would be x1.309, inside that noise. There
-    # the test holds GPTQ below rounding to nearest and to the issue's .pte target, x1.35.
-    for text in ("manual", "code") if fmt == "onnx" else ("manual",):
+    # GPTQ takes off at least a third of what rounding to nearest lost, on both texts in both formats
+    # (the .pte's layers rounded to nearest are smoothed, smoothing.py, GPTQ's are not: on the code
+    # file's first window alone GPTQ gained less than a third there, x1.464 -> x1.300, within GPTQ's
+    # noise on that window; on the whole file x1.227 -> x1.107).
+    for text in ("manual", "code"):
         assert gptq[text]["ppl_ratio"] - 1 <= (2 / 3) * (rtn[text]["ppl_ratio"] - 1), (text, gptq[text], rtn[text])
-    if fmt == "pte":
-        assert gptq["code"]["ppl_ratio"] <= min(ratio, rtn["code"]["ppl_ratio"]), (gptq["code"], rtn["code"])
 
 
 def test_the_tables_hot_rows_keep_the_phone_recipe_on_both_texts(real, code_text):
     """ONNX, int8 layers and an int4 table rounded to nearest (--recipe auto's choice), with the
     calibration text's rows of the table 8-bit (HotRowsTable, the default) and without (every row
     4-bit): the issue's phone target, <= x1.05 and top-1 >= 0.88, on both texts, where every row at
-    4 bits misses it on both. Measured 2026-12-05 (ratio / top-1 / KL, manual then code): without
-    x1.091 / 0.810 / 0.103, x1.118 / 0.873 / 0.129; with x1.015 / 0.937 / 0.024, x1.028 / 0.930 /
-    0.063, for 3.76 MiB (8-bit copies of 4,557 rows, and each token's row among them)."""
+    4 bits misses it on both. Measured 2026-12-05 (ratio / top-1 / KL, manual then code's first 512
+    tokens): without x1.091 / 0.810 / 0.103, x1.118 / 0.873 / 0.129; with x1.015 / 0.937 / 0.024,
+    x1.028 / 0.930 / 0.063, for 3.76 MiB (8-bit copies of 4,557 rows, and each token's row among
+    them); 2026-12-07, code the whole file: without x1.070 / 0.878 / 0.081, with x1.024 / 0.927 / 0.035."""
     ckpt, _, ids, fp32 = real
-    got = {}
+    backends, got = {}, {}
     for hot, recipe in ((None, "auto"), (0, "rtn")):  # every row 4-bit: the same rounding, to compare the rows alone
         settings = ExportSettings(format="onnx", quant="int8", embedding_quant="int4", max_seq_len=MAX_SEQ_LEN,
                                   hot_tokens=hot, recipe=recipe)
         folder = cached_export(ckpt, settings)
         manifest = json.loads((folder / "gemma_edge.json").read_text())
         assert manifest["quantization"]["recipe"]["name"] == "rtn"  # auto's choice with the hot rows
-        backend = open_backend(folder)
-        got[hot] = {"manual": quality(backend.forward(ids, 0), fp32, ids),
-                    "code": quality(backend.forward(code_text[0], 0), code_text[1], code_text[0]),
+        backends[hot] = open_backend(folder)
+        got[hot] = {"manual": quality(backends[hot].forward(ids, 0), fp32, ids),
                     "MiB": sum(f["bytes"] for n, f in manifest["files"].items() if n.startswith("model.")) / MIB,
                     "rows": manifest["quantization"].get("hot_tokens", {}).get("rows", 0)}
+    for hot, q in code_quality(backends, code_text).items():
+        got[hot]["code"] = q
         print(f"gemma-3-270m onnx phone rtn, {got[hot]['rows']} rows 8-bit ({got[hot]['MiB']:.2f} MiB): " + ", ".join(
             f"{text} x{got[hot][text]['ppl_ratio']:.3f} top-1 {got[hot][text]['top1']:.3f} KL {got[hot][text]['kl']:.3f}"
             for text in ("manual", "code")))
@@ -134,6 +152,6 @@ def test_the_tables_hot_rows_keep_the_phone_recipe_on_both_texts(real, code_text
     assert 4000 < hot["rows"] < 5000 and every["rows"] == 0  # the default text's tokens and the special ones
     for text in ("manual", "code"):
         assert hot[text]["ppl_ratio"] <= 1.05 and hot[text]["top1"] >= 0.88, (text, hot[text])
-        assert every[text]["ppl_ratio"] > 1.05 and every[text]["top1"] < 0.88, (text, every[text])
+        assert every[text]["ppl_ratio"] > 1.05, (text, every[text])  # misses the target (on code by top-1 too, 0.878)
         assert hot[text]["kl"] <= 0.6 * every[text]["kl"], (text, hot[text], every[text])
     assert 3.5 < hot["MiB"] - every["MiB"] < 4
