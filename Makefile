@@ -17,9 +17,10 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# The main job on the built-in real Gemma 3 270M: export it to ONNX (int8 layers, int4 table rounded to
-# nearest with the calibration text's rows 8-bit: x1.015 / x1.028 on prose / code) and to a .pte of the same
-# recipe (the head's worst columns corrected, its int8 layers' inputs smoothed: x0.998 / x1.060), each in the
+# The main job on the built-in real Gemma 3 270M: export it to ONNX (int8 layers, int4 table calibrated by
+# GPTQ with the calibration text's rows 8-bit: x0.999 / x1.024 on prose / code) and to a .pte of the same
+# recipe (rounded to nearest, the head's worst columns corrected, its int8 layers' inputs smoothed:
+# x0.999 / x1.032), each in the
 # recipe --recipe auto picks (benchmarks/QUALITY.md), once (delete out/ to redo); the .pte with its prefill
 # method (prompts 1.4-1.75x faster, for a minute more of export); verify each against transformers, then
 # generate with each, with speeds.

@@ -10,7 +10,8 @@ What it does, once per --out (kept for the next run):
 - installs the peers into $GEMMA_EDGE_CACHE/peers (pip --target, apart from .venv): llama-cpp-python
   compiles llama.cpp for this CPU (about 4 minutes on 2 cores), onnxruntime-genai is a wheel;
 - exports our recipes with `gemma-edge export` (ONNX and .pte, all-int4 calibrated by GPTQ and the
-  phone recipe: int8 layers, int4 table; ONNX all-int4 rounded to nearest too), unless --ours names folders;
+  phone recipe: int8 layers, int4 table, in ONNX calibrated by GPTQ, in a .pte rounded to nearest, as
+  --recipe auto picks; ONNX all-int4 rounded to nearest too), unless --ours names folders;
 - llama.cpp: the GGUF as shipped (Q4_K_M: it is the source, so its weights *are* the fp32
   reference's: its quality row measures llama.cpp's arithmetic only), and Q4_0 / Q8_0 made from it
   by llama.cpp's own quantizer (llama_model_quantize with requantization: the Q4_K_M weights widened
@@ -19,7 +20,8 @@ What it does, once per --out (kept for the next run):
   our loader wrote from the GGUF (benchmarks/genai_builder.py adapts Gemma 3's RoPE settings to
   transformers 5 for it);
 - quality: perplexity ratio, top-1 agreement and mean KL against the fp32 reference on the two real
-  texts of benchmarks/quality.py (512 tokens each, one prefill, as verify computes them);
+  texts of benchmarks/quality.py (the manual's first 512 tokens, all of modeling_gemma.py in windows of
+  512, each one prefill, as verify computes them);
 - speed: `gemma-edge bench`'s protocol for every row, each in its own process, taking turns run by
   run (the peers through their own generation loops, greedy: llama.cpp's `generate` with temp 0,
   GenAI's Generator); the same token ids, the same 1024-position cache. A peer's prefill rate is
@@ -47,7 +49,7 @@ CONTEXT = 1024  # every row's cache: our exports' default --max-seq-len
 OURS = {  # folder name: gemma-edge export arguments (the best recipe of each, benchmarks/QUALITY.md; int4 also as plain)
     "ours-onnx-int4": ["--format", "onnx", "--quant", "int4", "--recipe", "rtn"],
     "ours-onnx-int4-gptq": ["--format", "onnx", "--quant", "int4", "--recipe", "gptq"],
-    "ours-onnx-phone": ["--format", "onnx", "--quant", "int8", "--embedding-quant", "int4", "--recipe", "rtn"],  # its hot rows 8-bit
+    "ours-onnx-phone": ["--format", "onnx", "--quant", "int8", "--embedding-quant", "int4", "--recipe", "gptq"],  # its hot rows 8-bit
     # the .pte rows with their prefill method (prompts at position 0: attention over the prompt's own keys)
     "ours-pte-int4-gptq": ["--format", "pte", "--quant", "int4", "--recipe", "gptq", "--prefill-method"],
     "ours-pte-phone": ["--format", "pte", "--quant", "int8", "--embedding-quant", "int4", "--recipe", "rtn",
@@ -409,7 +411,8 @@ def write_outputs(report: dict, args) -> None:
     body = markdown(report)
     text = (f"# gemma-edge and its peers, side by side\n\nWritten by `{report['command']}` on {report['date']}\n"
             f"({report['machine']}; memory read bandwidth {report['bandwidth_bytes_per_s'] / 2**30:.1f} GiB/s).\n\n"
-            f"Real Gemma 3 270M. Quality: against the fp32 reference on 512 tokens of each text (perplexity ratio, "
+            f"Real Gemma 3 270M. Quality: against the fp32 reference on the manual's first 512 tokens and all of "
+            f"modeling_gemma.py in windows of 512 (perplexity ratio, "
             f"top-1 agreement). Speed: a {report['prompt_tokens']}-token prompt, {report['new_tokens']} greedy tokens, "
             f"median of {report['runs']} runs taken in turns, {report['threads']} threads; \"of ceiling\": decode as a "
             f"fraction of bandwidth / bytes of weights read per token. llama.cpp Q4_K_M is the source GGUF itself (its "

@@ -191,8 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--hot-tokens", type=int, default=None, metavar="N",
                         help="a 4-bit table: also keep its rows of the calibration text's N most frequent tokens (and "
                              "of the special tokens) at 8 bits, read in place of the 4-bit ones: where most of the "
-                             "table's error reaches the logits (Gemma 3 270M, int8 layers, ONNX: x1.091 -> x1.015 on "
-                             "prose, x1.118 -> x1.028 on code, for 3.7 MiB); 0: every row 4-bit (default: 16384, at most "
+                             "table's error reaches the logits (Gemma 3 270M, int8 layers, ONNX: x1.087 -> x1.012 on "
+                             "prose, x1.070 -> x1.024 on code, for 3.7 MiB); 0: every row 4-bit (default: 16384, at most "
                              "a sixteenth of the vocabulary)")
     export.add_argument("--smooth", type=float, default=None, metavar="ALPHA",
                         help="a .pte's quantized layers: rescale each input channel by max|x|^ALPHA / max|W|^(1-ALPHA), "
@@ -203,8 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="--quant int4: the kinds of linear layer kept at 8 bits, comma-separated (q_proj, k_proj, "
                              "v_proj, o_proj, gate_proj, up_proj, down_proj), or none: every layer 4-bit. The keys' "
                              "and values' projections are 6%% of Gemma 3 270M's layer weights and much of what 4 bits "
-                             "cost it (ONNX, GPTQ: x1.393 -> x1.322 perplexity on code; rounded to nearest x2.132 -> "
-                             "x1.729; for 3 MiB) (default: k_proj,v_proj)")
+                             "cost it (ONNX, GPTQ: x1.393 -> x1.322 perplexity on 512 tokens of code; rounded to nearest "
+                             "x2.132 -> x1.729; for 3 MiB) (default: k_proj,v_proj)")
     export.add_argument("--prefill-method", action="store_true",
                         help=".pte only: add a second method for prompts at position 0, attention over the prompt's "
                              "own keys rather than every slot of the cache, sharing forward's weights and cache: "

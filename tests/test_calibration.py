@@ -397,11 +397,11 @@ def test_recipes_are_checked():
 
 def test_auto_takes_the_best_measured_recipe_where_calibration_costs_minutes():
     """--recipe auto (the default), resolved for a model (benchmarks/QUALITY.md's rows): GPTQ for 4-bit
-    layers and for ONNX's 4-bit table without hot rows, rounding to nearest for a table under int8
-    layers otherwise (ONNX: its hot rows 8-bit; .pte: the head's columns corrected),
-    nothing to calibrate without 4-bit weights; a calibration text calibrates 4-bit layers at any size
-    (and leaves the phone recipes' rounding as measured best: it chooses their hot rows); from Gemma 3
-    1B up, rounding to nearest unless asked (calibration takes tens of minutes there)."""
+    layers and for ONNX's 4-bit table under int8 layers, rounding to nearest for a .pte's table under
+    int8 layers (the head's columns corrected), nothing to calibrate without 4-bit weights; a
+    calibration text calibrates 4-bit weights at any size (and leaves the .pte phone recipe's rounding
+    as measured best: it chooses its hot rows); from Gemma 3 1B up, rounding to nearest unless asked
+    (calibration takes tens of minutes there)."""
     from gemma_edge.config import variant
     from gemma_edge.exporters.settings import best_recipe
 
@@ -412,15 +412,14 @@ def test_auto_takes_the_best_measured_recipe_where_calibration_costs_minutes():
 
     assert ExportSettings(format="onnx").recipe == "auto"  # until the model is known
     assert pick(small, format="onnx") == pick(small, format="pte") == "gptq"
-    assert pick(small, format="onnx", quant="int8", embedding_quant="int4") == "rtn"  # with the hot rows (8-bit)
-    assert pick(small, format="onnx", quant="int8", embedding_quant="int4", hot_tokens=0) == "gptq"
+    for hot in (None, 0):  # with the hot rows (8-bit) and without
+        assert pick(small, format="onnx", quant="int8", embedding_quant="int4", hot_tokens=hot) == "gptq"
+        assert pick(small, format="onnx", quant="int8", embedding_quant="int4", hot_tokens=hot, calibration="t.txt") == "gptq"
     assert pick(small, format="pte", quant="int8", embedding_quant="int4") == "rtn"
-    # a text of the user's keeps the phone recipes' best measured rounding: it chooses their hot rows (and smoothing)
-    for fmt in ("onnx", "pte"):
-        assert pick(small, format=fmt, quant="int8", embedding_quant="int4", calibration="t.txt") == "rtn"
-        assert "--calibration's rows of the table 8-bit" in best_recipe(
-            ExportSettings(format=fmt, quant="int8", embedding_quant="int4", calibration="t.txt"), small)[1]
-    assert pick(small, format="onnx", quant="int8", embedding_quant="int4", hot_tokens=0, calibration="t.txt") == "gptq"
+    # a text of the user's keeps the .pte phone recipe's best measured rounding: it chooses its hot rows (and smoothing)
+    assert pick(small, format="pte", quant="int8", embedding_quant="int4", calibration="t.txt") == "rtn"
+    assert "--calibration's rows of the table 8-bit" in best_recipe(
+        ExportSettings(format="pte", quant="int8", embedding_quant="int4", calibration="t.txt"), small)[1]
     assert pick(small, format="onnx", quant="int8") == pick(small, format="pte", quant="fp32") == "rtn"
     for config in (one_b, large):
         assert pick(config, format="onnx") == pick(config, format="pte") == "rtn"

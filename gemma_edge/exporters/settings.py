@@ -231,17 +231,17 @@ class ExportSettings:
 def best_recipe(settings: ExportSettings, config: GemmaConfig) -> tuple[str, str]:
     """--recipe auto: the recipe measured best for these weights in this format (benchmarks/QUALITY.md,
     the real Gemma 3 270M on two texts, perplexity ratio on the manual / on code), where calibrating
-    costs minutes. GPTQ wherever the decoder's layers are 4-bit (ONNX x1.476 / x2.306 -> x1.058 /
-    x1.398, .pte x1.380 / x1.908 -> x1.106 / x1.497) and for ONNX's 4-bit table without hot rows
-    (int8 layers: x1.085 / x1.116 -> x1.011 / x1.102). With the calibration text's rows 8-bit
-    (hot_tokens) ONNX's table under int8 layers rounds to nearest: x1.015 / x1.028 against GPTQ's
-    x1.002 / x1.049, in half the export time. A .pte whose only 4-bit weights are the table rounds it to nearest
-    and corrects the head's worst columns (head_correction.py): x1.048 / x1.121 against GPTQ's x1.033
-    / x1.154, in a third of the export time (with hot rows and smoothed int8 inputs: x0.998 / x1.060
-    against x1.003 / x1.122). Nothing 4-bit: nothing to calibrate. Those choices hold with a text of
-    the user's (--calibration: it then chooses the hot rows and the smoothing); for 4-bit layers a
-    calibration text asks for calibration at any size; without one, a model with more than AUTO_GPTQ_MAX_LAYER_WEIGHTS
-    in its layers is rounded to nearest (from Gemma 3 1B up: calibrating takes 21-38 minutes on 2 cores).
+    costs minutes. GPTQ wherever the decoder's layers are 4-bit (ONNX x1.288 / x1.308 -> x1.011 /
+    x1.100, .pte x1.150 / x1.224 -> x1.073 / x1.101) and for ONNX's 4-bit table under int8 layers
+    (with its hot rows: x1.012 / x1.024 -> x0.999 / x1.024, KL 0.023 / 0.035 -> 0.013 / 0.025; until
+    2026-12-07 code was measured on its first 512 tokens alone, where GPTQ lost, and this rounded to
+    nearest). A .pte whose only 4-bit weights are the table rounds it to nearest and corrects the
+    head's worst columns (head_correction.py), its int8 layers' inputs smoothed: x0.999 / x1.032
+    against GPTQ's x1.008 / x1.037, in 60% of the export time. Nothing 4-bit: nothing to calibrate.
+    Those choices hold with a text of the user's (--calibration: it then also chooses the hot rows
+    and the smoothing); for 4-bit weights a calibration text asks for calibration at any size; without
+    one, a model with more than AUTO_GPTQ_MAX_LAYER_WEIGHTS in its layers is rounded to nearest (from
+    Gemma 3 1B up: calibrating takes 21-38 minutes on 2 cores).
     Returns (recipe, why: a line for the user)."""
     if "int4" not in (settings.quant, settings.embedding_quant):
         return "rtn", "no 4-bit weights: nothing to calibrate"
@@ -252,9 +252,6 @@ def best_recipe(settings: ExportSettings, config: GemmaConfig) -> tuple[str, str
         smoothed = f", the int8 layers' inputs smoothed on {source}" if settings.smoothing() else ""
         return "rtn", (f"rounded to nearest, {rows}the head's worst columns corrected{smoothed}: the best measured "
                        "for a .pte with int8 layers (--recipe gptq calibrates the table)")
-    if settings.format == "onnx" and settings.quant != "int4" and settings.hot_rows():
-        return "rtn", (f"rounded to nearest, {text} rows of the table 8-bit: the best measured for ONNX "
-                       "with int8 layers (--recipe gptq calibrates the table)")
     if settings.calibration is not None:
         return "gptq", "GPTQ, calibrated on --calibration"
     weights = layer_weights(config)
