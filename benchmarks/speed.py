@@ -9,7 +9,7 @@ run, the machine's read bandwidth as decode's ceiling). Prints a table; writes -
         [--threads 2] [--runs 5] [--prompt-tokens 128] [--new-tokens 128] [--readme]
 
 The rows are the commands a user types (every option at its default but those named: `--recipe
-auto` calibrates all-int4 by GPTQ), in both formats: all-int4, the phone recipe (int8 layers, int4
+auto` calibrates all-int4 and the ONNX phone recipe by GPTQ), in both formats: all-int4, the phone recipe (int8 layers, int4
 table; the `.pte` with its prefill method, as `make demo` makes it) and int8. Every run exports
 afresh into --out (each row's folder is replaced); `--ours DIR...` measures folders made before
 instead (their export time unknown: "-"). Asserts nothing.
