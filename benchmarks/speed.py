@@ -20,13 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import subprocess
 import sys
 import time
 import warnings
 from pathlib import Path
 
-from peers import machine, markdown, ours_row, say, show, write_readme_table  # benchmarks/peers.py
+from peers import machine, markdown, ours_row, run_logged, say, show, write_readme_table  # benchmarks/peers.py
 
 ROWS = {  # row name: gemma-edge export gemma-3-270m arguments
     "onnx-int4": ["--format", "onnx", "--quant", "int4"],
@@ -44,11 +43,8 @@ def export(name: str, out: Path) -> float:
     folder, log = out / name, out / f"{name}.log"
     say(f"exporting {name} ({COMMAND} {' '.join(ROWS[name])})")
     start = time.perf_counter()
-    with open(log, "w") as f:
-        done = subprocess.run([str(Path(sys.executable).with_name("gemma-edge")), "export", "gemma-3-270m", *ROWS[name],
-                               "-o", str(folder), "--overwrite"], stdout=f, stderr=subprocess.STDOUT)
-    if done.returncode:
-        raise SystemExit(f"exporting {name} failed: see {log}")
+    run_logged([str(Path(sys.executable).with_name("gemma-edge")), "export", "gemma-3-270m", *ROWS[name],
+                "-o", str(folder), "--overwrite"], log)
     return time.perf_counter() - start
 
 
