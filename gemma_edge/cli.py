@@ -320,24 +320,56 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     in_main = threading.current_thread() is threading.main_thread()  # only it may handle signals
-    previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None  # unwinds like Ctrl-C: every `finally` runs
+    previous = {}
+    if in_main:
+        _received.clear()
+        previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _terminate)  # unwinds like Ctrl-C: every `finally` runs
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where Ctrl-C is ignored (a background job)
+            previous[signal.SIGINT] = signal.signal(signal.SIGINT, _interrupt)
     try:
         with _third_parties_quiet(not (args.third_party_output or args.debug)):
             return func(args)
-    except GemmaEdgeError as e:
+    except BaseException as e:
         if args.debug:
             raise
-        print(f"gemma-edge: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as e:
-        if args.debug:
-            raise
-        how = "terminated" if isinstance(e, Terminated) else "interrupted"
-        print(f"gemma-edge: {how}", file=sys.stderr)
-        return 143 if isinstance(e, Terminated) else 130
+        if _received or isinstance(e, KeyboardInterrupt):  # whatever a library made of the signal's exception
+            return _interrupted(e)
+        if isinstance(e, GemmaEdgeError):
+            print(f"gemma-edge: error: {e}", file=sys.stderr)
+            return 2
+        raise
     finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+_received: list[int] = []  # the signals that came while main()'s verb ran
+
+
+def _interrupt(signum, frame) -> None:
+    _received.append(signum)
+    raise KeyboardInterrupt()
+
+
+def _terminate(signum, frame) -> None:
+    _received.append(signum)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: cleaning up is not interrupted again
+    raise Terminated()
+
+
+def _interrupted(e: BaseException) -> int:
+    """Ctrl-C or SIGTERM, once every `finally` has cleaned up: one line and 130 or 143. Recorded by
+    our handlers because a library may turn their exception into its own on the way out (torch's
+    ONNX exporter, cut in its dispatch mode: RuntimeError "Attempted to unset ProxyTorchDispatchMode",
+    wrapped in a ConversionError)."""
+    terminated = _received[0] == signal.SIGTERM if _received else isinstance(e, Terminated)
+    print(f"gemma-edge: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+    # CPython marks the interpreter as stopped by Ctrl-C when a KeyboardInterrupt leaves any exec()
+    # or eval() of a string (a dataclass being defined, torch.fx's generated code), caught later or
+    # not; under `python -m` it then ends the process by SIGINT whatever the exit code (-2, not 130).
+    # The next string exec clears that mark as it starts.
+    exec("pass", {})
+    return 143 if terminated else 130
 
 
 @contextlib.contextmanager
@@ -363,11 +395,6 @@ def _third_parties_quiet(quiet: bool) -> Iterator[None]:
             yield
     finally:
         logging.disable(previous)
-
-
-def _terminate(signum, frame) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: cleaning up is not interrupted again
-    raise Terminated()
 
 
 if __name__ == "__main__":

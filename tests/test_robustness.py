@@ -206,6 +206,44 @@ def test_a_signal_during_an_export_leaves_the_earlier_export_and_nothing_else(ck
     assert tree(out) == before and leftovers(out) == []
 
 
+CONVERTED = """
+    try:
+        signal.raise_signal(signal.{})
+    except KeyboardInterrupt as e:
+        raise RuntimeError("Attempted to unset ProxyTorchDispatchMode, but there wasn't one active.") from e"""
+VERBS_CUT_BY_A_SIGNAL = {
+    # A KeyboardInterrupt out of a string exec (a dataclass being defined as a module is imported,
+    # torch.fx's generated code): CPython then ended `python -m gemma_edge.cli` by SIGINT (-2).
+    "in-exec": '\n    exec("raise KeyboardInterrupt", {})',
+    # A library turning the signal's exception into its own (torch's ONNX exporter cut in its
+    # dispatch mode raises RuntimeError, wrapped in a ConversionError): a traceback and exit 1.
+    "SIGINT-converted": CONVERTED.format("SIGINT"),
+    "SIGTERM-converted": CONVERTED.format("SIGTERM"),
+}
+
+
+@pytest.mark.parametrize("how", VERBS_CUT_BY_A_SIGNAL)
+def test_a_signal_ends_the_command_with_its_code_whatever_a_library_made_of_it(tmp_path, how):
+    """Found by sending Ctrl-C at random moments of an export (6 of 80 just after "✓ resolve" under
+    load ended by SIGINT, 1 of 40 in the trace exited 1 with torch's traceback): each cause alone,
+    through `python -m gemma_edge.cli`'s way of running (a module's sys.exit) as the tests run it."""
+    (tmp_path / "cut.py").write_text(f"""import signal, sys
+from gemma_edge import cli
+
+def verb(args):{VERBS_CUT_BY_A_SIGNAL[how]}
+
+cli._variants = verb
+sys.exit(cli.main(["variants"]))
+""")
+    path = os.pathsep.join(filter(None, [str(Path(gemma_edge.__file__).parents[1]), os.environ.get("PYTHONPATH")]))
+    process = subprocess.run([sys.executable, "-m", "cut"], cwd=tmp_path, capture_output=True, text=True,
+                             env={**os.environ, "PYTHONPATH": path}, timeout=120,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    terminated = how.startswith("SIGTERM")
+    assert process.returncode == (143 if terminated else 130), process.stderr
+    assert process.stderr == f"gemma-edge: {'terminated' if terminated else 'interrupted'}\n"
+
+
 def test_after_a_kill_the_next_export_removes_the_dead_runs_partial_folder(ckpt, earlier, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(earlier["onnx"], out)
