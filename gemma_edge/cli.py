@@ -376,7 +376,9 @@ def _interrupted(e: BaseException) -> int:
 def _third_parties_quiet(quiet: bool) -> Iterator[None]:
     """Hide the libraries' Python warnings, log lines (torch's, torchao's, onnxscript's all go through
     `logging`) and progress bars while a verb runs: they are not ours, and a user reads them as
-    breakage. Restored afterwards (main() is also called from Python)."""
+    breakage. Their errors too: what fails reaches us as an exception (torch logged "fake tensor
+    raised TypeError" with a traceback for a Ctrl-C in its trace, which then ended as it should).
+    Restored afterwards (main() is also called from Python)."""
     if not quiet:
         yield
         return
@@ -388,7 +390,7 @@ def _third_parties_quiet(quiet: bool) -> Iterator[None]:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")
-    logging.disable(logging.WARNING)
+    logging.disable(logging.CRITICAL)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -116,3 +116,22 @@ def test_our_lines_only_unless_verbose(tiny_exports, tiny_with_tokenizers):
     assert verified.returncode == 0 and not_ours(verified.stderr) == [], verified.stderr
     verbose = run("--verbose", "verify", folder, *reference, "--prefill", "16", "--decode", "4", "--greedy", "4")
     assert verbose.returncode == 0 and any("torchao" in line or "torch/" in line for line in not_ours(verbose.stderr)), verbose.stderr
+
+
+def test_a_library_s_error_log_is_hidden_unless_verbose(capsys, monkeypatch):
+    """torch logs an ERROR with a traceback when Ctrl-C cuts its fake-tensor dispatch in a trace (found
+    by benchmarks/interrupts.py), then the export ends as interrupted: that log is not ours."""
+    import logging
+
+    from gemma_edge import cli
+
+    library = logging.getLogger("a.library")
+    monkeypatch.setattr(library, "propagate", False)
+    monkeypatch.setattr(library, "handlers", [logging.StreamHandler(sys.stderr)])  # capsys's stderr
+
+    def verb(args):
+        library.error("fake tensor raised TypeError")
+        return 0
+    monkeypatch.setattr(cli, "_variants", verb)
+    assert cli.main(["variants"]) == 0 and capsys.readouterr().err == ""
+    assert cli.main(["--verbose", "variants"]) == 0 and capsys.readouterr().err == "fake tensor raised TypeError\n"
