@@ -332,8 +332,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BaseException as e:
         if args.debug:
             raise
-        if _received or isinstance(e, KeyboardInterrupt):  # whatever a library made of the signal's exception
-            return _interrupted(e)
+        signals = _received if in_main else []  # another thread's main() has no signals of its own
+        if signals or isinstance(e, KeyboardInterrupt):  # whatever a library made of the signal's exception
+            return _interrupted(signals[0] if signals else signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
         if isinstance(e, GemmaEdgeError):
             print(f"gemma-edge: error: {e}", file=sys.stderr)
             return 2
@@ -357,12 +358,12 @@ def _terminate(signum, frame) -> None:
     raise Terminated()
 
 
-def _interrupted(e: BaseException) -> int:
+def _interrupted(signum: int) -> int:
     """Ctrl-C or SIGTERM, once every `finally` has cleaned up: one line and 130 or 143. Recorded by
     our handlers because a library may turn their exception into its own on the way out (torch's
     ONNX exporter, cut in its dispatch mode: RuntimeError "Attempted to unset ProxyTorchDispatchMode",
     wrapped in a ConversionError)."""
-    terminated = _received[0] == signal.SIGTERM if _received else isinstance(e, Terminated)
+    terminated = signum == signal.SIGTERM
     print(f"gemma-edge: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
     # CPython marks the interpreter as stopped by Ctrl-C when a KeyboardInterrupt leaves any exec()
     # or eval() of a string (a dataclass being defined, torch.fx's generated code), caught later or
