@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import signal
 import sys
 import threading
@@ -16,6 +17,7 @@ from typing import Callable, Iterator, Sequence
 from gemma_edge import __version__
 from gemma_edge.errors import GemmaEdgeError, Terminated
 from gemma_edge.exporters.settings import RECIPES
+from gemma_edge.files import signals_received
 
 DEFAULT_MODEL = "gemma-3-270m"
 MODEL_HELP = ("a local Hugging Face folder, a .gguf file, 'gemma-3-270m' (the real model, built in) "
@@ -321,18 +323,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     in_main = threading.current_thread() is threading.main_thread()  # only it may handle signals
     previous = {}
+    unraisablehook = sys.unraisablehook
     if in_main:
-        _received.clear()
+        signals_received.clear()
         previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _terminate)  # unwinds like Ctrl-C: every `finally` runs
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where Ctrl-C is ignored (a background job)
             previous[signal.SIGINT] = signal.signal(signal.SIGINT, _interrupt)
+        if not args.debug:
+            sys.unraisablehook = functools.partial(_signal_lost_quietly, unraisablehook)
+    signals = signals_received if in_main else []  # another thread's main() has no signals of its own
     try:
         with _third_parties_quiet(not (args.third_party_output or args.debug)):
-            return func(args)
+            code = func(args)
+        # A signal whose exception Python lost (raised inside a finalizer) and the verb ended anyway:
+        # what it wrote was not committed (files.staged_folder), and the command says it was cut.
+        return _interrupted(signals[0]) if signals else code
     except BaseException as e:
         if args.debug:
             raise
-        signals = _received if in_main else []  # another thread's main() has no signals of its own
         if signals or isinstance(e, KeyboardInterrupt):  # whatever a library made of the signal's exception
             return _interrupted(signals[0] if signals else signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
         if isinstance(e, GemmaEdgeError):
@@ -340,22 +348,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         raise
     finally:
+        sys.unraisablehook = unraisablehook
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
 
-_received: list[int] = []  # the signals that came while main()'s verb ran
-
-
 def _interrupt(signum, frame) -> None:
-    _received.append(signum)
+    signals_received.append(signum)
     raise KeyboardInterrupt()
 
 
 def _terminate(signum, frame) -> None:
-    _received.append(signum)
+    signals_received.append(signum)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: cleaning up is not interrupted again
     raise Terminated()
+
+
+def _signal_lost_quietly(report: Callable, unraisable) -> None:
+    """Python prints a KeyboardInterrupt raised inside a finalizer as "Exception ignored in ..." and
+    goes on; ours are recorded (signals_received) and end the command as interrupted, so the report
+    is not shown (with --debug it is). Everything else goes to the hook that was there (report)."""
+    if not (isinstance(unraisable.exc_value, KeyboardInterrupt) and signals_received):
+        report(unraisable)
 
 
 def _interrupted(signum: int) -> int:

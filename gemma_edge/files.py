@@ -21,7 +21,7 @@ import threading
 from pathlib import Path
 from typing import Callable, Iterator
 
-from gemma_edge.errors import OutputFolderError
+from gemma_edge.errors import OutputFolderError, Terminated
 
 # What the disk or the file system says when an output cannot be written, in the user's words.
 WRITE_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
@@ -71,6 +71,18 @@ def make_temp_dir(parent: Path, prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent))
 
 
+# SIGINT and SIGTERM as the command line's handlers received them (cli.main clears it per command).
+# Each also raised its exception, but Python loses one raised inside a finalizer or a weakref callback
+# (it prints "Exception ignored in ..." and goes on): a folder is committed only while this is empty.
+signals_received: list[int] = []
+
+
+def stop_if_signalled() -> None:
+    """Raise the exception of a signal received earlier whose own was lost on the way."""
+    if signals_received:
+        raise Terminated() if signals_received[0] == signal.SIGTERM else KeyboardInterrupt()
+
+
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
     """Hold Ctrl-C and SIGTERM until the block is done (a pair of renames must not be cut in two);
@@ -118,7 +130,8 @@ def check_output_folder(target: Path, overwrite: bool) -> None:
 def staged_folder(target: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `target`; on success it becomes `target` in one rename.
 
-    An interrupted or failed export leaves no half-written target and no temporary folder; an
+    An interrupted or failed export leaves no half-written target and no temporary folder (a signal
+    whose exception was lost on the way stops it before the rename: signals_received); an
     existing target is replaced only if it is an earlier export (check_output_folder), with
     overwrite=True, once the new one is complete. Leftovers of a killed run are removed first.
     """
@@ -134,6 +147,7 @@ def staged_folder(target: Path, overwrite: bool = False) -> Iterator[Path]:
             yield tmp
             tmp.chmod(0o755)
             with signals_deferred():
+                stop_if_signalled()
                 _replace(tmp, target)
     finally:
         if tmp is not None:
