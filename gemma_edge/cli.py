@@ -351,6 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.unraisablehook = unraisablehook
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        if in_main:
+            signals_received.clear()  # this command's: what the process does next commits its own work
 
 
 def _interrupt(signum, frame) -> None:

@@ -258,6 +258,18 @@ def test_a_signal_whose_exception_python_lost_still_stops_the_export_before_its_
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "__pycache__") == ["cut.py"]  # no out, no partial
 
 
+def test_a_command_s_signals_are_its_own(monkeypatch, tmp_path, capsys):
+    """What the process does after an interrupted command (a notebook, a test) commits its work."""
+    from gemma_edge import cli
+    from gemma_edge.files import signals_received, staged_folder
+
+    monkeypatch.setattr(cli, "_variants", lambda args: signals_received.append(signal.SIGINT) or 0)  # as if lost
+    assert main(["variants"]) == 130 and capsys.readouterr().err == "gemma-edge: interrupted\n"
+    with staged_folder(tmp_path / "out") as tmp:
+        (tmp / "done").write_text("x")
+    assert (tmp_path / "out" / "done").is_file()
+
+
 def run_as_verb(folder: Path, body: str, header: str = "") -> subprocess.CompletedProcess:
     """`python -m gemma_edge.cli`'s way of running (a module's sys.exit), with a verb made of body."""
     (folder / "cut.py").write_text(f"""import signal, sys
