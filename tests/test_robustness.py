@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 
 import gemma_edge
-from gemma_edge.cli import main
 from gemma_edge import native_build
+from gemma_edge.cli import main
 from gemma_edge.errors import (CheckpointError, ConcurrentUseError, DamagedExportError, MissingDependencyError,
                                OutputFolderError, UnsafeManifestError)
 from gemma_edge.manifest import MANIFEST
