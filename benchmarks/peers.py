@@ -219,6 +219,68 @@ def genai_worker(folder: str, threads: int | None, conn) -> None:
     serve(conn, lambda: og.Model(genai_config(folder, threads)), run)
 
 
+def genai_profile_worker(folder: str, threads: int | None, prompt: list[int], steps: int, conn) -> None:
+    """ONNX Runtime's profile of `steps` decode steps of the GenAI model after the prompt, read as
+    gemma_edge.profiling reads ours (its profiler on for the session, its file written when the model
+    is released); the step's wall time through GenAI's Generator."""
+    import contextlib
+    import io
+    import tempfile
+
+    import onnxruntime_genai as og
+
+    from gemma_edge.profiling import DecodeProfile, grouped, onnx_profile
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()), tempfile.TemporaryDirectory() as tmp:
+            def step_ms(config) -> float:
+                """ms a decode step after the prompt and its first token; the session ends with it."""
+                model = og.Model(config)
+                params = og.GeneratorParams(model)
+                params.set_search_options(max_length=CONTEXT, do_sample=False)
+                generator = og.Generator(model, params)
+                generator.append_tokens(prompt)
+                generator.generate_next_token()  # the prompt's first token
+                start = time.perf_counter()
+                for _ in range(steps):
+                    generator.generate_next_token()
+                return (time.perf_counter() - start) / steps * 1000
+
+            plain_ms = min(step_ms(genai_config(folder, threads)) for _ in range(2))
+            config = genai_config(folder, threads)
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": {"enable_profiling": f"{tmp}/genai"}}}}))
+            wall_ms = step_ms(config)  # ONNX Runtime writes its profile when the session ends
+            runtime_ms, operators = onnx_profile(max(Path(tmp).glob("genai*.json")), steps)
+        operators = dict(sorted(operators.items(), key=lambda kv: -kv[1]))
+        conn.send(DecodeProfile(folder, "ORT GenAI", steps, len(prompt), wall_ms, plain_ms, runtime_ms, operators,
+                                grouped(wall_ms, runtime_ms, operators)).as_dict())
+    except Exception as e:
+        conn.send({"error": f"{type(e).__name__}: {e}"})
+
+
+def profiles(ours: list[Path], genai: Path, args, vocab_size: int) -> list:
+    """Where a decode step goes in each of our exports and in GenAI's model (llama.cpp has no per-operator
+    profile in its Python package), as `gemma-edge bench --profile` shows ours."""
+    import multiprocessing
+
+    from gemma_edge.bench import bench_prompt
+    from gemma_edge.profiling import DecodeProfile, profile
+
+    steps = args.new_tokens - 1
+    found = profile(ours, args.threads, args.prompt_tokens, steps, progress=say)
+    say(f"profiling {steps} decode steps of {genai}")
+    parent, child = multiprocessing.get_context("spawn").Pipe()
+    process = multiprocessing.get_context("spawn").Process(
+        target=genai_profile_worker, args=(str(genai), args.threads, bench_prompt(vocab_size, args.prompt_tokens), steps, child))
+    process.start()
+    child.close()
+    answer = parent.recv()
+    process.join()
+    if "error" in answer:
+        raise SystemExit(f"profiling {genai} failed: {answer['error']}")
+    return found + [DecodeProfile(**answer)]
+
+
 def peer_subjects(llama: dict[str, Path], genai: Path, config: dict):
     from gemma_edge.bench import ExportBench, Subject
 
@@ -282,6 +344,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--results", type=Path, default=HERE / "RESULTS.md", help="the Markdown report to write")
     parser.add_argument("--readme", action="store_true", help="also put the table into README.md's 'Where it stands'")
+    parser.add_argument("--profile", action="store_true",
+                        help="then show where a decode step goes in our exports and GenAI's (each runtime's profiler), "
+                             "as `gemma-edge bench --profile` does; into peers.json too")
     args = parser.parse_args()
     command = "benchmarks/peers.py " + " ".join(sys.argv[1:])
     logging.disable(logging.WARNING)  # the libraries' warnings (torchao's, torch's) are not results
@@ -309,7 +374,15 @@ def main() -> None:
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), "command": command,
               "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "threads": args.threads, "runs": args.runs,
               "bandwidth_bytes_per_s": bandwidth, "exports": [{**e.as_dict(), **q} for e, q in zip(measured, rows)]}
+    found = profiles(ours, genai, args, config["vocab_size"]) if args.profile else []
+    if found:
+        report["profiles"] = [p.as_dict() for p in found]
     write_outputs(report, args)
+    if found:
+        from gemma_edge.commands.bench import profile_table
+        from gemma_edge.commands.ui import results
+
+        results().print(profile_table(found))
 
 
 def quality_rows(ckpt, ours: list[Path], llama: dict[str, Path], genai: Path, threads: int | None) -> list[dict]:
@@ -369,6 +442,21 @@ def markdown(report: dict) -> str:
     return "\n".join("| " + " | ".join(cells) + " |" for cells in [header, ["---"] * len(header), *rows])
 
 
+def profile_markdown(profiles: list[dict]) -> str:
+    """--profile's table: where a decode step goes in each row (gemma_edge.profiling.GROUPS)."""
+    from gemma_edge.profiling import GROUPS
+
+    p0 = profiles[0]
+    header = ["row", "step ms", "unprofiled", *GROUPS]
+    rows = [[Path(p["folder"]).name, f"{p['wall_ms']:.2f}", f"{p['plain_ms']:.2f}",
+             *(f"{p['groups'][g]:.2f} ({p['groups'][g] / p['wall_ms']:.0%})" for g in GROUPS)] for p in profiles]
+    lines = ["| " + " | ".join(cells) + " |" for cells in [header, ["---"] * len(header), *rows]]
+    return (f"Where a decode step goes (`--profile`): ms a step and share, {p0['steps']} steps after a {p0['prompt_tokens']}-token "
+            "prompt, each runtime's own profiler (ONNX Runtime's; ExecuTorch's ETDump, the .pte in its Python bindings), "
+            "rows one after another; \"unprofiled\": the same step in the same process just before, profiling off "
+            "(README.md, \"Where a decode step goes\").\n\n" + "\n".join(lines) + "\n")
+
+
 def show(report: dict, title: str) -> None:
     """The results' table in the terminal."""
     from rich.table import Table
@@ -417,6 +505,8 @@ def write_outputs(report: dict, args) -> None:
             f"median of {report['runs']} runs taken in turns, {report['threads']} threads; \"of ceiling\": decode as a "
             f"fraction of bandwidth / bytes of weights read per token. llama.cpp Q4_K_M is the source GGUF itself (its "
             f"weights are the reference's). How each row is made: benchmarks/peers.py's docstring.\n\n{body}\n")
+    if report.get("profiles"):
+        text += "\n" + profile_markdown(report["profiles"])
     write_atomic(args.results, text.encode())
     say(f"wrote {args.results}, {args.out / 'peers.json'}, {args.out / 'peers.png'}")
     if args.readme:

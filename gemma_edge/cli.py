@@ -310,6 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--runs", type=int, default=5, help="measured runs per export, after one warm-up (default: %(default)s)")
     bench.add_argument("--json", metavar="FILE", help="also write every run's figures as JSON")
     bench.add_argument("--plot", metavar="FILE.png", help="also draw speed and memory per export (matplotlib)")
+    bench.add_argument("--profile", action="store_true",
+                       help="then profile --new-tokens - 1 decode steps of each export with its runtime's profiler and "
+                            "show where a step goes: quantized and float products, attention, norms, other operators, "
+                            "the runtime between them, the generation loop")
     bench.set_defaults(func=_bench)
 
     variants = verbs.add_parser("variants", help="list the named architectures (for random:<variant>)",

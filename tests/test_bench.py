@@ -18,10 +18,12 @@ def test_bench_measures_exports_side_by_side(tiny_exports, tiny_with_tokenizers,
     onnx, pte = tiny_exports("tiny-gemma3", "onnx", "fp32"), tiny_exports("tiny-gemma3", "pte", "fp32")
     report, plot = tmp_path / "bench.json", tmp_path / "bench.png"
     code = main(["bench", str(onnx), str(pte), "--prompt-tokens", "8", "--new-tokens", "8", "--runs", "2",
-                 "--threads", "1", "--json", str(report), "--plot", str(plot)])
+                 "--threads", "1", "--json", str(report), "--plot", str(plot), "--profile"])
     out = capsys.readouterr().out
     assert code == 0
     data = json.loads(report.read_text())
+    check_profiles(data["profiles"], [onnx, pte])
+    assert "where a decode step goes" in out
     # --runtime auto: the .pte in the native runner where it can be built (named so), else the bindings
     name = f"{pte} (native runner)" if data["exports"][1]["runtime"] == "native" else str(pte)
     assert f"{name} vs {onnx}: decode x" in out and "memory read bandwidth" in out
@@ -43,6 +45,40 @@ def test_bench_measures_exports_side_by_side(tiny_exports, tiny_with_tokenizers,
     assert second["kv_cache_bytes"] == eager < first["kv_cache_bytes"]  # the .pte's sliding layers keep a ring
     # a decode step of the ONNX export reads its whole program (the tied table is stored once, as the head)
     assert first["weights_read_per_token"] == read_manifest(onnx)["files"]["model.onnx"]["bytes"]
+
+
+def check_profiles(profiles: list[dict], folders) -> None:
+    """--profile's rows for float32 exports: 7 decode steps each (the prompt's call left out: profiling
+    raises when the runtime recorded another count), no quantized product, the layers' products and
+    attention's each found among the operators, and the groups adding up to the step."""
+    from gemma_edge.profiling import GROUPS
+
+    assert [p["folder"] for p in profiles] == [str(f) for f in folders]
+    for p in profiles:
+        groups, ops = p["groups"], p["operators"]
+        assert p["steps"] == 7 and p["prompt_tokens"] == 8 and list(groups) == list(GROUPS)
+        assert abs(sum(groups.values()) - p["wall_ms"]) < 1e-6 * p["wall_ms"]
+        assert 0 < p["runtime_ms"] < p["wall_ms"] and groups["between operators"] >= 0 and p["plain_ms"] > 0
+        assert groups["quantized products"] == 0 and groups["float products"] > 0 and groups["attention"] > 0
+        # which operators: ONNX Runtime's node types, XNNPACK's operator names
+        weights, attention = (("Gemm (weights)", "GroupQueryAttention") if p["format"] == "onnx"
+                              else ("Fully Connected (NC, F32) GEMM", "Batch Matrix Multiply (NC, F32) GEMM"))
+        assert ops[weights] > 0 and ops[attention] > 0, ops
+
+
+def test_profile_groups_operators_by_what_they_compute():
+    from gemma_edge.profiling import group_of
+
+    expected = {"MatMulNBits": "quantized products", "GatherBlockQuantized": "quantized products",
+                "Fully Connected (NC, QDU8, F32, QB4W) GEMM": "quantized products",
+                "Fully Connected (NC, QDU8, F32, QC8W) GEMM": "quantized products",
+                "Fully Connected (NC, F32) GEMM": "float products", "MatMul (weights)": "float products",
+                "Gemm (weights)": "float products", "MatMul": "attention", "FusedMatMul": "attention",
+                "GroupQueryAttention": "attention", "Softmax (NC, F32)": "attention",
+                "Batch Matrix Multiply (NC, F32) GEMM": "attention", "Copy (NC, X32)": "attention",
+                "SkipSimplifiedLayerNormalization": "norms", "RMSNormalization": "norms",
+                "Add (ND)": "other operators", "index_put_ (outside XNNPACK)": "other operators", "Reshape": "other operators"}
+    assert {op: group_of(op) for op in expected} == expected
 
 
 def _counting_worker(source: str, threads, conn) -> None:

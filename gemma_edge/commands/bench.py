@@ -47,12 +47,40 @@ def run(args: argparse.Namespace) -> int:
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.machine(), "processor": platform.processor(),
               "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "threads": args.threads, "runs": args.runs,
               "bandwidth_bytes_per_s": bandwidth, "exports": [e.as_dict() for e in exports]}
+    if args.profile:
+        from gemma_edge.profiling import profile
+
+        with console.status("starting") as status:
+            profiles = profile(list(dict.fromkeys(Path(e.folder) for e in exports)), args.threads, args.prompt_tokens,
+                               args.new_tokens - 1, progress=status.update)
+        out.print(profile_table(profiles))
+        out.print("each runtime's own profiler (a .pte in ExecuTorch's Python bindings), which times every operator: "
+                  "profiled steps run somewhat slower than measured above; README.md, 'Where a decode step goes'",
+                  soft_wrap=True)
+        report["profiles"] = [p.as_dict() for p in profiles]
     if args.json:
         write_json(args.json, report)
     if args.plot:
         plot(report, Path(args.plot))
         out.print(f"plot: {args.plot}", soft_wrap=True)
     return 0
+
+
+def profile_table(profiles):
+    """Where a decode step goes, a row per export: ms a step per group (profiling.GROUPS) and its share."""
+    from rich.table import Table
+
+    from gemma_edge.profiling import GROUPS
+
+    p0 = profiles[0]
+    table = Table(title=f"where a decode step goes: ms a step (share), {p0.steps} steps after a {p0.prompt_tokens}-token "
+                        "prompt, profiling on")
+    for col in ("export", "step ms", "unprofiled", *GROUPS):
+        table.add_column(col, justify="left" if col == "export" else "right", overflow="fold" if col == "export" else "ellipsis")
+    for p in profiles:
+        table.add_row(p.folder, f"{p.wall_ms:.2f}", f"{p.plain_ms:.2f}",
+                      *(f"{p.groups[g]:.2f} ({p.groups[g] / p.wall_ms:.0%})" for g in GROUPS))
+    return table
 
 
 def plot(report: dict, path: Path) -> None:

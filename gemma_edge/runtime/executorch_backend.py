@@ -15,7 +15,9 @@ KERNEL_MODULES = ("executorch.kernels.quantized",)
 
 
 class ExecuTorchBackend:
-    def __init__(self, folder: str | Path, threads: int | None = None):
+    def __init__(self, folder: str | Path, threads: int | None = None, etdump: bool = False):
+        """etdump: ExecuTorch's profiler on, every operator's time recorded until write_etdump()
+        (gemma_edge/profiling.py)."""
         folder = Path(folder)
         self.manifest = read_manifest(folder)
         self.max_seq_len = int(self.manifest["max_seq_len"])
@@ -46,12 +48,14 @@ class ExecuTorchBackend:
         data = [n for n in files if n != name]
         try:
             with native_log_captured() as log:  # ExecuTorch logs the reason; the exception has only a code
-                program = Runtime.get().load_program(folder / name, data_path=folder / data[0] if data else None)
+                program = Runtime.get().load_program(folder / name, data_path=folder / data[0] if data else None,
+                                                     enable_etdump=etdump)
                 # The bindings' methods (the Runtime API's Method wraps one and always clones its outputs)
                 self._method = program.load_method(self.manifest["io"]["method"])._method
                 # Calls at position 0 (exports since the prefill method; it shares forward's cache).
                 prefill = self.manifest["io"].get("prefill_method")
                 self._prefill = program.load_method(prefill)._method if prefill else self._method
+            self._program = program
         except RuntimeError as e:  # "Failed to load program, error: 0x23"
             reason = next((line.split("] ", 1)[-1] for line in reversed(log) if "] " in line), "")
             named = name + (f" (or its weights, {data[0]})" if data else "")
@@ -81,6 +85,11 @@ class ExecuTorchBackend:
             # overwrites: copied here, once, by numpy.
             logits = method([tokens, pos], clone_outputs=False)[0][0]
         return logits.numpy().copy()
+
+    def write_etdump(self, path: Path) -> None:
+        """Write what ETDump recorded since loading or the last write (which clears it) to path: a
+        backend made with etdump=True."""
+        self._program.write_etdump_result_to_file(str(path), str(path.with_suffix(".debug")))
 
     def forward(self, token_ids: Sequence[int], start_pos: int) -> np.ndarray:
         """Logits [len(token_ids), vocab]. The program returns the last row only, so every row

@@ -18,7 +18,9 @@ from gemma_edge.runtime.backend import first_line, pages_released_while_loading
 
 
 class OnnxBackend:
-    def __init__(self, folder: str | Path, threads: int | None = None):
+    def __init__(self, folder: str | Path, threads: int | None = None, profile_dir: Path | None = None):
+        """profile_dir: ONNX Runtime's profiler on, its events written there by session.end_profiling()
+        (gemma_edge/profiling.py)."""
         folder = Path(folder)
         self.manifest = read_manifest(folder)
         if self.manifest.get("format") != "onnx":
@@ -33,6 +35,9 @@ class OnnxBackend:
         options.log_severity_level = 3  # errors only: not the note that logits_to_keep is an overridable initializer
         if threads:
             options.intra_op_num_threads = threads
+        if profile_dir is not None:
+            options.enable_profiling = True
+            options.profile_file_prefix = str(Path(profile_dir) / "onnxruntime")
         io = self.manifest["io"]
         data = [folder / name for name in io.get("files") or [] if name != io["program"]]
         try:
