@@ -54,9 +54,9 @@ def run(args: argparse.Namespace) -> int:
             profiles = profile(list(dict.fromkeys(Path(e.folder) for e in exports)), args.threads, args.prompt_tokens,
                                args.new_tokens - 1, progress=status.update)
         out.print(profile_table(profiles))
-        out.print("each runtime's own profiler (a .pte in ExecuTorch's Python bindings), which times every operator: "
-                  "profiled steps run somewhat slower than measured above; README.md, 'Where a decode step goes'",
-                  soft_wrap=True)
+        out.print("each runtime's own profiler, which times every operator (a .pte in ExecuTorch's Python bindings); "
+                  "'unprofiled': the same step in the same process just before, profiling off; README.md, "
+                  "'Where a decode step goes'", soft_wrap=True)
         report["profiles"] = [p.as_dict() for p in profiles]
     if args.json:
         write_json(args.json, report)
