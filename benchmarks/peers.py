@@ -261,21 +261,13 @@ def genai_profile_worker(folder: str, threads: int | None, prompt: list[int], st
 def profiles(ours: list[Path], genai: Path, args, vocab_size: int) -> list:
     """Where a decode step goes in each of our exports and in GenAI's model (llama.cpp has no per-operator
     profile in its Python package), as `gemma-edge bench --profile` shows ours."""
-    import multiprocessing
-
     from gemma_edge.bench import bench_prompt
-    from gemma_edge.profiling import DecodeProfile, profile
+    from gemma_edge.profiling import DecodeProfile, answer_in_process, profile
 
     steps = args.new_tokens - 1
     found = profile(ours, args.threads, args.prompt_tokens, steps, progress=say)
     say(f"profiling {steps} decode steps of {genai}")
-    parent, child = multiprocessing.get_context("spawn").Pipe()
-    process = multiprocessing.get_context("spawn").Process(
-        target=genai_profile_worker, args=(str(genai), args.threads, bench_prompt(vocab_size, args.prompt_tokens), steps, child))
-    process.start()
-    child.close()
-    answer = parent.recv()
-    process.join()
+    answer = answer_in_process(genai_profile_worker, (str(genai), args.threads, bench_prompt(vocab_size, args.prompt_tokens), steps))
     if "error" in answer:
         raise SystemExit(f"profiling {genai} failed: {answer['error']}")
     return found + [DecodeProfile(**answer)]
@@ -444,17 +436,16 @@ def markdown(report: dict) -> str:
 
 def profile_markdown(profiles: list[dict]) -> str:
     """--profile's table: where a decode step goes in each row (gemma_edge.profiling.GROUPS)."""
-    from gemma_edge.profiling import GROUPS
+    from gemma_edge.profiling import DecodeProfile, table_rows
 
-    p0 = profiles[0]
-    header = ["row", "step ms", "unprofiled", *GROUPS]
-    rows = [[Path(p["folder"]).name, f"{p['wall_ms']:.2f}", f"{p['plain_ms']:.2f}",
-             *(f"{p['groups'][g]:.2f} ({p['groups'][g] / p['wall_ms']:.0%})" for g in GROUPS)] for p in profiles]
-    lines = ["| " + " | ".join(cells) + " |" for cells in [header, ["---"] * len(header), *rows]]
-    return (f"Where a decode step goes (`--profile`): ms a step and share, {p0['steps']} steps after a {p0['prompt_tokens']}-token "
-            "prompt, each runtime's own profiler (ONNX Runtime's; ExecuTorch's ETDump, the .pte in its Python bindings), "
-            "rows one after another; \"unprofiled\": the same step in the same process just before, profiling off "
-            "(README.md, \"Where a decode step goes\").\n\n" + "\n".join(lines) + "\n")
+    found = [DecodeProfile(**p) for p in profiles]
+    header, rows = table_rows(found)
+    lines = ["| " + " | ".join(cells) + " |"
+             for cells in [["row", *header], ["---"] * (len(header) + 1), *([Path(p.folder).name, *r] for p, r in zip(found, rows))]]
+    return (f"Where a decode step goes (`--profile`): ms a step and share, {found[0].steps} steps after a "
+            f"{found[0].prompt_tokens}-token prompt, each runtime's own profiler (ONNX Runtime's; ExecuTorch's ETDump, "
+            "the .pte in its Python bindings), rows one after another; \"unprofiled\": the same step in the same process "
+            "just before, profiling off (README.md, \"Where a decode step goes\").\n\n" + "\n".join(lines) + "\n")
 
 
 def show(report: dict, title: str) -> None:

@@ -197,27 +197,42 @@ def _worker(folder: str, threads: int | None, prompt_tokens: int, steps: int, co
         conn.send({"error": f"{type(e).__name__}: {e}"})
 
 
+def answer_in_process(target: Callable, args: tuple) -> dict:
+    """target(*args, conn) in a fresh (spawned) process: what it sent, or {"error": ...} if it died first.
+    benchmarks/peers.py profiles ONNX Runtime GenAI's model this way too."""
+    context = multiprocessing.get_context("spawn")
+    parent, child = context.Pipe()
+    process = context.Process(target=target, args=(*args, child), daemon=True)
+    process.start()
+    child.close()  # the worker's end: a worker that dies ends recv() with EOFError
+    try:
+        return parent.recv()
+    except EOFError:
+        process.join(5)
+        return {"error": f"its process ended without an answer (exit code {process.exitcode})"}
+    finally:
+        process.join(timeout=30)
+        if process.is_alive():
+            process.kill()
+
+
 def profile(folders: Sequence[Path], threads: int | None = None, prompt_tokens: int = 128, steps: int = 64,
             progress: Callable[[str], None] = lambda message: None) -> list[DecodeProfile]:
     """profile_decode of each folder, one after another, each in a fresh process."""
-    context = multiprocessing.get_context("spawn")
     profiles = []
     for folder in folders:
         progress(f"profiling {steps} decode steps of {folder}")
-        parent, child = context.Pipe()
-        process = context.Process(target=_worker, args=(str(folder), threads, prompt_tokens, steps, child), daemon=True)
-        process.start()
-        child.close()  # the worker's end: a worker that dies ends recv() with EOFError
-        try:
-            answer = parent.recv()
-        except EOFError:
-            process.join(5)
-            answer = {"error": f"its process ended without an answer (exit code {process.exitcode})"}
-        finally:
-            process.join(timeout=30)
-            if process.is_alive():
-                process.kill()
+        answer = answer_in_process(_worker, (str(folder), threads, prompt_tokens, steps))
         if "error" in answer:
             raise GemmaEdgeError(f"{folder}: profiling failed: {answer['error']}")
         profiles.append(DecodeProfile(**answer))
     return profiles
+
+
+def table_rows(profiles: Sequence[DecodeProfile]) -> tuple[list[str], list[list[str]]]:
+    """The header and a row per profile (after its name) of where a decode step goes: the step, profiled and
+    not, and each group's ms and share (bench's table, peers.py's Markdown)."""
+    header = ["step ms", "unprofiled", *GROUPS]
+    rows = [[f"{p.wall_ms:.2f}", f"{p.plain_ms:.2f}", *(f"{p.groups[g]:.2f} ({p.groups[g] / p.wall_ms:.0%})" for g in GROUPS)]
+            for p in profiles]
+    return header, rows

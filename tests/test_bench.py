@@ -50,14 +50,14 @@ def test_bench_measures_exports_side_by_side(tiny_exports, tiny_with_tokenizers,
 def check_profiles(profiles: list[dict], folders) -> None:
     """--profile's rows for float32 exports: 7 decode steps each (the prompt's call left out: profiling
     raises when the runtime recorded another count), no quantized product, the layers' products and
-    attention's each found among the operators, and the groups adding up to the step."""
+    attention's each found among the operators, whose times fit inside the runtime's, itself inside the
+    step's."""
     from gemma_edge.profiling import GROUPS
 
     assert [p["folder"] for p in profiles] == [str(f) for f in folders]
     for p in profiles:
         groups, ops = p["groups"], p["operators"]
         assert p["steps"] == 7 and p["prompt_tokens"] == 8 and list(groups) == list(GROUPS)
-        assert abs(sum(groups.values()) - p["wall_ms"]) < 1e-6 * p["wall_ms"]
         assert 0 < p["runtime_ms"] < p["wall_ms"] and groups["between operators"] >= 0 and p["plain_ms"] > 0
         assert groups["quantized products"] == 0 and groups["float products"] > 0 and groups["attention"] > 0
         # which operators: ONNX Runtime's node types, XNNPACK's operator names

@@ -70,16 +70,17 @@ def profile_table(profiles):
     """Where a decode step goes, a row per export: ms a step per group (profiling.GROUPS) and its share."""
     from rich.table import Table
 
-    from gemma_edge.profiling import GROUPS
+    from gemma_edge.profiling import table_rows
 
     p0 = profiles[0]
     table = Table(title=f"where a decode step goes: ms a step (share), {p0.steps} steps after a {p0.prompt_tokens}-token "
                         "prompt, profiling on")
-    for col in ("export", "step ms", "unprofiled", *GROUPS):
-        table.add_column(col, justify="left" if col == "export" else "right", overflow="fold" if col == "export" else "ellipsis")
-    for p in profiles:
-        table.add_row(p.folder, f"{p.wall_ms:.2f}", f"{p.plain_ms:.2f}",
-                      *(f"{p.groups[g]:.2f} ({p.groups[g] / p.wall_ms:.0%})" for g in GROUPS))
+    header, rows = table_rows(profiles)
+    table.add_column("export", overflow="fold")
+    for col in header:
+        table.add_column(col, justify="right")
+    for p, cells in zip(profiles, rows):
+        table.add_row(p.folder, *cells)
     return table
 
 
